@@ -1,0 +1,137 @@
+"""Single-file training checkpoints: model, EMA, optimizer, step, RNG states and the resolved config.
+
+Written atomically (temporary file in the same folder, fsync, ``os.replace``) so a reader sees the old file or
+the new one, never a partial one; read with ``torch.load(weights_only=True)`` so loading runs no pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+CHECKPOINT_RE = re.compile(r"^ckpt_(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or lacks required entries; ``path`` names it."""
+
+    def __init__(self, path: os.PathLike | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+
+
+def atomic_write_bytes(path: os.PathLike | str, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+REQUIRED = ("model", "ema", "optimizer", "step", "config")
+
+
+def save_checkpoint(path: os.PathLike | str, state: dict[str, Any]) -> None:
+    """Atomically save ``state``: it must hold model, ema, optimizer (state dicts), step and config (plain data).
+
+    The config is the resolved model/diffusion config, so a sampler can rebuild the network from the file alone.
+    """
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {', '.join(missing)}")
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: os.PathLike | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing pickled code; raise :class:`CheckpointError` naming a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, wrong format: all mean "unreadable"
+        raise CheckpointError(path, f"unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        raise CheckpointError(path, f"not a training checkpoint (needs {', '.join(REQUIRED)})")
+    return state
+
+
+def checkpoint_path(folder: os.PathLike | str, step: int) -> Path:
+    return Path(folder) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(folder: os.PathLike | str) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def load_latest(
+    folder: os.PathLike | str, map_location: str | torch.device = "cpu", warn=None
+) -> Optional[dict[str, Any]]:
+    """The newest readable checkpoint in ``folder``, or None. Corrupt newer files are skipped and reported
+    through ``warn(message)``, so a run resumes from the previous valid one."""
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            if warn is not None:
+                warn(f"skipping {e}; falling back to the previous checkpoint")
+    return None
+
+
+def prune_checkpoints(folder: os.PathLike | str, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; return the removed paths."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    ckpts = list_checkpoints(folder)
+    removed = [p for _, p in ckpts[:-keep]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+

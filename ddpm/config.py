@@ -1,0 +1,317 @@
+"""The one configuration tree: ``params.yaml`` read once into typed, validated, frozen sections.
+
+Every error names the dotted key and what is accepted (``train.lr: must be greater than 0, got -1``) and is
+raised before any compute starts. Stages receive the whole :class:`Config` and read their own section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from .unet import UNetConfig, UNetConfigError
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
+# Native (channels, side) of the built-in datasets; image-folder takes both from data.*.
+NATIVE_SHAPES = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. ``key`` is the dotted key at fault (or the file), ``str(e)`` one readable line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+PosInt = Field(gt=0)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "image-folder"] = "digits"
+    root: str = "data/raw"  # where source files are (or are downloaded to, with download: true)
+    download: StrictBool = False
+    image_size: Optional[int] = Field(default=None, gt=0)  # null: the dataset's native size
+    channels: Optional[Literal[1, 3]] = None  # null: native; image-folder defaults to 3
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)  # for datasets with no official test split
+    max_train: Optional[int] = Field(default=None, gt=0)  # cap the training split (quick experiments)
+    seed: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the pipeline trains on."""
+        c, s = NATIVE_SHAPES.get(self.dataset, (3, None))
+        c = self.channels or c
+        s = self.image_size or s
+        return (c, s, s)
+
+
+class ModelConfig(_Section):
+    ch: int = Field(default=64, gt=0)
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = Field(default=2, gt=0)
+    attn_resolutions: tuple[int, ...] = (4,)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    num_groups: int = Field(default=32, gt=0)
+
+
+class DiffusionConfig(_Section):
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(default=1000, gt=0)
+    beta_start: float = Field(default=1e-4, gt=0, lt=1)
+    beta_end: float = Field(default=0.02, gt=0, lt=1)
+    cosine_s: float = Field(default=0.008, ge=0)
+    objective: Literal["eps", "x0", "v"] = "eps"
+
+    def schedule_kwargs(self) -> dict[str, float]:
+        if self.schedule == "linear":
+            return {"beta_start": self.beta_start, "beta_end": self.beta_end}
+        return {"s": self.cosine_s}
+
+
+class TrainConfig(_Section):
+    steps: int = Field(default=2000, gt=0)
+    batch_size: int = Field(default=128, gt=0)  # global, split over workers
+    lr: float = Field(default=2e-4, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 turns clipping off
+    ema_decay: float = Field(default=0.9999, ge=0, lt=1)
+    random_flip: StrictBool = False
+    seed: int = 0
+    checkpoint_every: int = Field(default=500, gt=0)
+    keep_checkpoints: int = Field(default=3, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    num_workers: int = Field(default=2, gt=0)
+    use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, on GPU only
+    max_failures: int = Field(default=3, ge=0)  # Ray restarts after a worker dies
+
+
+class SampleConfig(_Section):
+    num_samples: int = Field(default=1000, gt=0)
+    shard_size: int = Field(default=250, gt=0)
+    batch_size: int = Field(default=250, gt=0)
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = Field(default=100, gt=0)  # DDIM steps; DDPM always uses diffusion.timesteps
+    eta: float = Field(default=0.0, ge=0)
+    variance: Literal["fixedlarge", "fixedsmall"] = "fixedlarge"
+    clip_denoised: StrictBool = True
+    use_ema: StrictBool = True
+    seed: int = Field(default=0, ge=0)  # sample i uses seed + i
+    num_workers: int = Field(default=2, gt=0)
+    use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
+    grid_size: int = Field(default=100, gt=0)
+
+
+class ClassifierConfig(_Section):
+    steps: int = Field(default=600, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    width: int = Field(default=32, gt=0)
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    feature_extractor: Literal["auto", "classifier", "inception-v3-compat"] = "auto"
+    inception_weights: Optional[str] = None  # path to pt_inception-2015-12-05 weights for offline use
+    fid: StrictBool = True
+    kid: StrictBool = True
+    isc: Literal["auto"] | StrictBool = "auto"  # auto: on for RGB datasets
+    prc: StrictBool = False
+    kid_subset_size: int = Field(default=100, gt=1)
+    batch_size: int = Field(default=250, gt=0)
+    seed: int = 0
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None  # RAY_ADDRESS wins; null starts a local Ray sized to this machine
+    num_cpus: Optional[int] = Field(default=None, gt=0)
+    object_store_mb: int = Field(default=512, ge=78)
+    storage: str = ".ray_results"  # made absolute: Ray workers change directory
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        d = self.data
+        if d.dataset == "image-folder" and d.image_size is None:
+            raise ValueError("data.image_size: image-folder needs an image size (the side length to crop to)")
+        if self.diffusion.schedule == "linear" and self.diffusion.beta_start > self.diffusion.beta_end:
+            raise ValueError(
+                f"diffusion.beta_start: {self.diffusion.beta_start} exceeds diffusion.beta_end {self.diffusion.beta_end}"
+            )
+        try:
+            self.unet_config()
+        except UNetConfigError as e:
+            key = "data.image_size" if e.field == "image_size" else f"model.{e.field}"
+            raise ValueError(f"{key}: {str(e).split(': ', 1)[1]}") from None
+        s = self.sample
+        if s.sampler == "ddim" and s.steps > self.diffusion.timesteps:
+            raise ValueError(f"sample.steps: {s.steps} DDIM steps exceed diffusion.timesteps {self.diffusion.timesteps}")
+        if self.evaluate.kid and self.evaluate.kid_subset_size > s.num_samples:
+            raise ValueError(
+                f"evaluate.kid_subset_size: {self.evaluate.kid_subset_size} exceeds sample.num_samples "
+                f"{s.num_samples}; KID needs at least that many samples"
+            )
+        return self
+
+    def unet_config(self) -> UNetConfig:
+        c, size, _ = self.data.shape
+        m = self.model
+        return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """SHA-256 of the named sections' resolved values (what a stage's cache key depends on)."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _error_key(loc: tuple) -> str:
+    """Dotted key of a pydantic error location, without the union/literal branch names pydantic adds."""
+    parts: list[str] = []
+    model: Any = Config
+    for p in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is not None and p in fields:
+            parts.append(str(p))
+            model = fields[p].annotation
+        elif isinstance(p, int):
+            parts.append(str(p))
+        elif fields is not None:  # an unknown key (extra_forbidden) is still the key at fault
+            parts.append(str(p))
+            break
+    return ".".join(parts)
+
+
+def _format_errors(errors: list[Mapping[str, Any]]) -> tuple[str, str]:
+    """One line for the first key at fault, merging the branches of a union (``true, false or 'auto'``)."""
+    first = errors[0]
+    key = _error_key(first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        section = _SECTIONS.get(parent, Config) if parent else Config
+        return key, f"unknown key; known keys{' of ' + parent if parent else ''}: {', '.join(section.model_fields)}"
+    if first["type"] == "value_error":  # cross checks already say "dotted.key: message"
+        text = first["msg"].removeprefix("Value error, ")
+        head, _, rest = text.partition(": ")
+        return (head, rest) if rest and head.count(".") == 1 else (key or "params", text)
+    same = [e for e in errors if _error_key(e["loc"]) == key]
+    msgs = []
+    for e in same:
+        m = e["msg"][0].lower() + e["msg"][1:]
+        if m not in msgs:
+            msgs.append(m)
+    return key, f"{' or '.join(msgs)}, got {first.get('input')!r}"
+
+
+_SECTIONS = {name: f.annotation for name, f in Config.model_fields.items()}
+
+
+def from_dict(raw: Mapping[str, Any] | None) -> Config:
+    """Validate a plain mapping (as read from YAML) into a :class:`Config`; raise :class:`ConfigError`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("params", f"expected a mapping of sections ({', '.join(_SECTIONS)}), got {type(raw).__name__}")
+    try:
+        return Config.model_validate(dict(raw))
+    except ValidationError as e:
+        key, msg = _format_errors(e.errors())
+        raise ConfigError(key, msg) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like section.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads "1e-4" as a string; accept the scientific notation users type.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(ch in parsed for ch in "eE.") else parsed
+        except ValueError:
+            pass
+    return key, parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted-key overrides applied (``{"train.steps": 10}`` or ``["train.steps=10"]``)."""
+    out = json.loads(json.dumps(dict(raw or {})))
+    if not overrides:
+        return out
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(key, f"overrides take section.key with a section among {', '.join(_SECTIONS)}")
+        section, name = parts
+        if name not in _SECTIONS[section].model_fields:
+            known = ", ".join(_SECTIONS[section].model_fields)
+            raise ConfigError(key, f"unknown key; known keys of {section}: {known}")
+        sec = out.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(section, f"expected a mapping, got {type(sec).__name__}")
+        sec[name] = value
+    return out
+
+
+def read_yaml(path: os.PathLike | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"not valid YAML{where}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(str(path), f"expected a mapping of sections, got {type(raw).__name__}")
+    return raw or {}
+
+
+def load_config(
+    path: os.PathLike | str | None = "params.yaml",
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> Config:
+    """Read ``path`` (None: defaults only), apply dotted overrides, validate. Raises :class:`ConfigError`."""
+    raw = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def write_resolved(cfg: Config, folder: os.PathLike | str, name: str = "config.json") -> Path:
+    """Write the resolved config beside a stage's outputs (atomically)."""
+    from .checkpoint import atomic_write_bytes
+
+    path = Path(folder) / name
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode() + b"\n"))
+    return path

@@ -1,0 +1,61 @@
+"""Shared test fixtures: offline environment, small thread counts, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402
+
+from ddpm.config import Config, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+# Small enough that a train/sample stage runs in seconds on 2 CPU cores.
+TINY = {
+    "data": {"dataset": "digits", "holdout_fraction": 0.2},
+    "model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
+              "num_groups": 8},
+    "diffusion": {"timesteps": 100},
+    "train": {"steps": 6, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1, "num_workers": 1,
+              "use_gpu": False, "ema_decay": 0.9},
+    "sample": {"num_samples": 24, "shard_size": 8, "batch_size": 8, "sampler": "ddim", "steps": 5,
+               "num_workers": 1, "use_gpu": False, "grid_size": 16},
+    "classifier": {"steps": 30, "batch_size": 64, "width": 8},
+    "evaluate": {"kid_subset_size": 10},
+    "ray": {"num_cpus": 2, "object_store_mb": 100},
+}
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: ``tiny_config({"train.steps": 3})`` -> a validated tiny :class:`Config`."""
+
+    def make(overrides: dict | None = None) -> Config:
+        import json
+
+        from ddpm.config import apply_overrides, from_dict
+
+        return from_dict(apply_overrides(json.loads(json.dumps(TINY)), overrides))
+
+    return make
+
+
+@pytest.fixture
+def default_config() -> Config:
+    return load_config(REPO / "params.yaml")
