@@ -1,0 +1,460 @@
+"""Dataset loaders for the fetch stage: each source read from its official on-disk format into uint8 arrays.
+
+Every loader returns a :class:`Source`: a training split, the official test split when the dataset has one
+(``None`` otherwise), class names and where the files came from. :func:`prepare` then applies the ``data.*``
+settings in one fixed order (holdout split -> ``max_train`` cap -> resize -> channels) so that the result
+depends on the config and the source files only.
+
+Layouts read (``root`` = ``data.root``):
+
+- ``digits``: bundled with scikit-learn, nothing to fetch.
+- ``mnist`` / ``fashion-mnist``: the four IDX files in ``<root>/MNIST/raw/`` (``<root>/FashionMNIST/raw/``),
+  gzipped (``.gz``) or not; torchvision's layout and reader.
+- ``cifar10``: the python-pickle batches in ``<root>/cifar-10-batches-py/`` (the extracted official archive).
+- ``image-folder``: every PNG/JPEG under ``<root>``, recursively. When every image sits in a first-level
+  subfolder and there are at least two such subfolders, the subfolder names are the classes (torchvision's
+  ``ImageFolder`` convention); otherwise the images are unlabeled (label -1).
+
+Missing files raise :class:`~tasks.common.DataError` naming the files and the folder they belong in; no loader
+downloads anything unless ``data.download`` is true *and* files are missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ddpm.config import DataConfig
+
+from .common import DataError, Split
+
+# ITU-R BT.601 luma weights, the ones PIL's convert("L") uses.
+LUMA = (0.299, 0.587, 0.114)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_RESIZE_CHUNK = 2048  # images per float32 resize batch: bounds memory on CIFAR-sized sets
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset as read from disk, before the ``data.*`` transforms.
+
+    ``train``/``test`` images are uint8 [N, C, H, W]; ``test`` is None when the dataset has no official test
+    split. ``classes`` is empty for unlabeled data. ``source`` says where the files were read (as configured,
+    not resolved, so that the fetch output does not depend on the machine).
+    """
+
+    train: Split
+    test: Optional[Split]
+    classes: list[str]
+    source: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The fetch stage's result: train and holdout splits (uint8 [N, C, H, W], int64 [N]) plus provenance."""
+
+    train: Split
+    holdout: Split
+    classes: list[str]
+    source: str
+    split: dict  # how the holdout was made: {"kind": "official-test"} or {"kind": "random-split", ...}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+# -- digits ---------------------------------------------------------------------------------------------------------
+def load_digits() -> Source:
+    """scikit-learn's bundled 8x8 digits: 1,797 images [1797, 1, 8, 8], values 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    # 16 is the maximum ink level; np.rint keeps the levels exact (8 -> 127.5 -> 128).
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    return Source(Split(images, labels), None, [str(c) for c in bunch.target_names], "sklearn.datasets.load_digits")
+
+
+# -- MNIST / Fashion-MNIST ------------------------------------------------------------------------------------------
+_IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803 (uint8, 3 dims), 0x0801 (uint8, 1 dim)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (torchvision's download errors span several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mnist_class(dataset: str):
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    return {"mnist": MNIST, "fashion-mnist": FashionMNIST}[dataset]
+
+
+def mnist_files(dataset: str) -> list[str]:
+    """The four IDX file names torchvision reads, uncompressed (``train-images-idx3-ubyte``, ...)."""
+    return [os.path.splitext(name)[0] for name, _md5 in _mnist_class(dataset).resources]
+
+
+def mnist_raw_folder(dataset: str, root: str | os.PathLike) -> Path:
+    """``<root>/MNIST/raw`` or ``<root>/FashionMNIST/raw``: where torchvision looks for the IDX files."""
+    return Path(root) / _mnist_class(dataset).__name__ / "raw"
+
+
+def _missing_mnist(dataset: str, raw: Path) -> list[str]:
+    return [n for n in mnist_files(dataset) if not (raw / n).is_file() and not (raw / f"{n}.gz").is_file()]
+
+
+def _check_idx(path: Path, kind: str, shown: Path) -> int:
+    """Validate an uncompressed IDX file's header against its size; return the item count. Errors name
+    ``shown``, the user's file (``path`` may be a decompressed copy).
+
+    torchvision's reader only asserts, so a truncated or swapped file would surface as a bare AssertionError.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(16 if kind == "images" else 8)
+    except OSError as e:
+        raise DataError(f"{shown}: cannot read ({e.strerror or e})") from None
+    if len(header) < 8:
+        raise DataError(f"{shown}: not an IDX file (only {size} bytes)")
+    magic, count = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    if magic != _IDX_MAGIC[kind]:
+        raise DataError(f"{shown}: not an IDX {kind} file (magic number {magic}, expected {_IDX_MAGIC[kind]})")
+    expected = 8 + count
+    if kind == "images":
+        if len(header) < 16:
+            raise DataError(f"{shown}: truncated IDX header ({size} bytes)")
+        rows, cols = int.from_bytes(header[8:12], "big"), int.from_bytes(header[12:16], "big")
+        if (rows, cols) != (28, 28):  # data.shape promises the native 28x28 of both datasets
+            raise DataError(f"{shown}: holds {rows}x{cols} images, expected 28x28")
+        expected = 16 + count * rows * cols
+    if size != expected:
+        what = "bytes uncompressed" if shown.suffix == ".gz" else "bytes"
+        raise DataError(f"{shown}: {size} {what}, but its header describes {expected} (truncated or corrupt)")
+    return count
+
+
+def _stage_mnist(dataset: str, raw: Path, tmp: Path) -> Path:
+    """Return a root torchvision can read: the configured one when every IDX file is uncompressed, else ``tmp``
+    holding the uncompressed files (links) and the ``.gz`` ones decompressed. torchvision 0.29 reads only
+    uncompressed files, and decompressing beside the originals would modify a folder DVC may track as an input."""
+    names = mnist_files(dataset)
+    if all((raw / n).is_file() for n in names):
+        return raw.parent.parent
+    staged = tmp / raw.parent.name / "raw"
+    staged.mkdir(parents=True)
+    for n in names:
+        if (raw / n).is_file():
+            os.symlink((raw / n).resolve(), staged / n)
+            continue
+        try:
+            with gzip.open(raw / f"{n}.gz", "rb") as src, open(staged / n, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{raw / (n + '.gz')}: not a readable gzip file ({e})") from None
+    return tmp
+
+
+def load_mnist(dataset: str, root: str | os.PathLike, download: bool = False) -> Source:
+    """MNIST or Fashion-MNIST through torchvision: train [60000, 1, 28, 28], official test split [10000, 1, 28, 28].
+
+    ``dataset`` is ``"mnist"`` or ``"fashion-mnist"``. With ``download`` and files missing, torchvision fetches
+    them into ``<root>/<Class>/raw``.
+    """
+    cls = _mnist_class(dataset)
+    raw = mnist_raw_folder(dataset, root)
+    missing = _missing_mnist(dataset, raw)
+    if missing and download:
+        try:
+            cls(str(root), train=True, download=True)  # fetches all four files
+        except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
+            raise DataError(f"{dataset}: download into {raw} failed: {_one_line(e)}") from None
+        missing = _missing_mnist(dataset, raw)
+    if missing:
+        raise DataError(
+            f"{dataset}: missing {', '.join(missing)} in {raw}/ (put the four IDX files "
+            f"{', '.join(mnist_files(dataset))} there, .gz or not; data.download: true fetches them on a "
+            "connected machine)"
+        )
+    with tempfile.TemporaryDirectory(prefix="fetch-mnist-") as tmp:
+        read_root = _stage_mnist(dataset, raw, Path(tmp))
+        read_raw = Path(read_root) / cls.__name__ / "raw"
+        counts = {}
+        for n in mnist_files(dataset):
+            shown = raw / n if (raw / n).is_file() else raw / f"{n}.gz"
+            counts[n] = _check_idx(read_raw / n, "images" if "images" in n else "labels", shown)
+        splits = []
+        for train, prefix in ((True, "train"), (False, "t10k")):
+            img, lab = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+            if counts[img] != counts[lab]:
+                raise DataError(f"{raw}: {img} holds {counts[img]} images but {lab} {counts[lab]} labels")
+            try:
+                ds = cls(str(read_root), train=train, download=False)
+            except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+                raise DataError(f"{raw}: unreadable {img} or {lab} ({type(e).__name__}: {e})") from None
+            splits.append(Split(ds.data.numpy()[:, None].copy(), ds.targets.numpy().astype(np.int64)))
+    return Source(splits[0], splits[1], list(cls.classes), str(raw))
+
+
+# -- CIFAR-10 -------------------------------------------------------------------------------------------------------
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_TEST = "test_batch"
+CIFAR10_META = "batches.meta"
+
+
+def _unpickle(path: Path) -> dict:
+    # The official batches are python-2 pickles of dicts with bytes keys; they are trusted input (like a
+    # checkpoint): only point data.root at files you would unpickle anyway.
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as e:  # noqa: BLE001 - unpickling raises anything from EOFError to UnpicklingError
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR-10 python batch (a pickled {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def read_cifar_batch(path: Path) -> Split:
+    """One CIFAR-10 batch: ``b'data'`` uint8 [N, 3072] (R, G, B planes, row-major) -> images [N, 3, 32, 32]."""
+    batch = _unpickle(path)
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if data is None or labels is None:
+        raise DataError(f"{path}: CIFAR-10 batch without b'data' and b'labels' keys (has {sorted(batch)})")
+    data = np.asarray(data)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise DataError(
+            f"{path}: expected b'data' uint8 [N, 3072] and N b'labels', got {data.dtype} {data.shape} and "
+            f"{labels.shape[0] if labels.ndim else 'scalar'} labels"
+        )
+    return Split(data.reshape(-1, 3, 32, 32), labels)
+
+
+def load_cifar10(root: str | os.PathLike, download: bool = False) -> Source:
+    """CIFAR-10 from its python batches: train [50000, 3, 32, 32], official test split [10000, 3, 32, 32]."""
+    folder = Path(root) / CIFAR10_FOLDER
+    expected = [*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META]
+    missing = [n for n in expected if not (folder / n).is_file()]
+    if missing and download:
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
+            raise DataError(f"cifar10: download into {root} failed: {_one_line(e)}") from None
+        missing = [n for n in expected if not (folder / n).is_file()]
+    if missing:
+        raise DataError(
+            f"cifar10: missing {', '.join(missing)} in {folder}/ (extract the official cifar-10-python.tar.gz "
+            f"into {root}; data.download: true fetches it on a connected machine)"
+        )
+    parts = [read_cifar_batch(folder / n) for n in CIFAR10_TRAIN]
+    train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+    test = read_cifar_batch(folder / CIFAR10_TEST)
+    names = _unpickle(folder / CIFAR10_META).get(b"label_names")
+    if not isinstance(names, (list, tuple)):
+        raise DataError(f"{folder / CIFAR10_META}: no b'label_names' list")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return Source(train, test, classes, str(folder))
+
+
+# -- image folder ---------------------------------------------------------------------------------------------------
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every PNG/JPEG under ``root`` (recursive), sorted by relative path so that the order is reproducible."""
+    root = Path(root)
+    return sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def folder_classes(root: Path, paths: Sequence[Path]) -> tuple[list[str], np.ndarray]:
+    """Class names from first-level subfolders, and int64 labels [N]; ([], all -1) when the folder is unlabeled.
+
+    Labeled only when every image sits in a subfolder and there are at least two: one subfolder, or images
+    loose at the top, say "a pile of images", not a classification.
+    """
+    tops = [p.relative_to(root).parts for p in paths]
+    if any(len(t) < 2 for t in tops):
+        return [], np.full(len(paths), -1, dtype=np.int64)
+    classes = sorted({t[0] for t in tops})
+    if len(classes) < 2:
+        return [], np.full(len(paths), -1, dtype=np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.array([index[t[0]] for t in tops], dtype=np.int64)
+
+
+def _decode(path: Path, mode: str):
+    """PIL image in ``mode`` ("RGB" or "L"), EXIF orientation applied; raises OSError/ValueError if unreadable."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)  # phone JPEGs store rotation as a tag; crop what a viewer shows
+        return im.convert(mode)  # convert() forces the full decode, so truncated files fail here
+
+
+def load_image_folder(root: str | os.PathLike, image_size: int, channels: int = 3) -> Source:
+    """Every PNG/JPEG under ``root``: shorter side resized to ``image_size``, center-cropped -> [N, C, S, S].
+
+    Grayscale conversion is PIL's ``convert("L")`` (ITU-R 601 luma). Unreadable files are collected and
+    reported together rather than skipped: a silently smaller dataset is worse than an error.
+    """
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+    from tqdm import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image-folder: {root} is not a folder (set data.root to the folder of PNG/JPEG images)")
+    paths = list_images(root)
+    if not paths:
+        raise DataError(f"image-folder: no PNG or JPEG images under {root} (searched recursively)")
+    classes, labels = folder_classes(root, paths)
+    mode = "RGB" if channels == 3 else "L"
+    images = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
+    bad: list[str] = []
+    # disable=None: a bar on a terminal, silence in captured logs (CI, DVC) where it would be noise.
+    for i, path in enumerate(tqdm(paths, desc="decode", unit="img", disable=None)):
+        try:
+            im = _decode(path, mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            bad.append(path.relative_to(root).as_posix())
+            continue
+        t = F.pil_to_tensor(im)  # uint8 [C, H, W]
+        images[i] = resize_and_crop(t[None], image_size)[0].numpy()
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise DataError(f"image-folder: {len(bad)} unreadable image file(s) under {root}: {shown}")
+    return Source(Split(images, labels), None, classes, str(root))
+
+
+# -- transforms -----------------------------------------------------------------------------------------------------
+def resize_and_crop(images, size: int):
+    """uint8 tensor [N, C, H, W] -> uint8 [N, C, size, size]: shorter side to ``size`` (antialiased bilinear,
+    computed in float32, rounded to the nearest level), then center crop. A no-op at the target size."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    x = F.resize(images.to(torch.float32), [size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    x = F.center_crop(x, [size, size])
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, C, H, W] -> uint8 [N, C, size, size] (see :func:`resize_and_crop`), in bounded chunks."""
+    import torch
+
+    if images.shape[-2:] == (size, size):
+        return images
+    out = np.empty((len(images), images.shape[1], size, size), dtype=np.uint8)
+    for start in range(0, len(images), _RESIZE_CHUNK):
+        chunk = torch.from_numpy(images[start : start + _RESIZE_CHUNK])
+        out[start : start + len(chunk)] = resize_and_crop(chunk, size).numpy()
+    return out
+
+
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 [N, C, H, W] -> [N, channels, H, W]: gray to RGB repeats the plane; RGB to gray is the ITU-R 601
+    luma ``0.299 R + 0.587 G + 0.114 B`` rounded to the nearest level."""
+    c = images.shape[1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return np.repeat(images, 3, axis=1)
+    if c == 3 and channels == 1:
+        luma = np.tensordot(np.asarray(LUMA, dtype=np.float64), images.astype(np.float64), axes=([0], [1]))
+        return np.rint(luma).clip(0, 255).astype(np.uint8)[:, None]
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def split_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split, bool]:
+    """Seeded random split into (train, holdout, stratified). Stratified by label when the data is labeled and
+    every class can be represented on both sides; scikit-learn rounds the holdout size up (ceil(fraction * N)).
+    Both parts keep the source order."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(split.labels)
+    index = np.arange(n)
+    labeled = bool(n) and bool((split.labels >= 0).all())
+    try:
+        train_idx, hold_idx = train_test_split(
+            index, test_size=fraction, random_state=seed, stratify=split.labels if labeled else None
+        )
+        stratified = labeled
+    except ValueError:
+        # Stratifying needs >= 2 images per class and a holdout at least as large as the class count;
+        # small folders fall back to a plain random split rather than failing.
+        try:
+            train_idx, hold_idx = train_test_split(index, test_size=fraction, random_state=seed)
+        except ValueError:
+            raise DataError(
+                f"cannot split {n} image(s) into train and holdout with data.holdout_fraction {fraction} "
+                "(each side needs at least one)"
+            ) from None
+        stratified = False
+    train_idx, hold_idx = np.sort(train_idx), np.sort(hold_idx)
+    take = lambda idx: Split(split.images[idx], split.labels[idx])  # noqa: E731
+    return take(train_idx), take(hold_idx), stratified
+
+
+def cap(split: Split, max_items: Optional[int], seed: int) -> Split:
+    """A seeded random subset of ``max_items`` (source order kept); the split itself when it is small enough."""
+    n = len(split.labels)
+    if max_items is None or n <= max_items:
+        return split
+    # A stream separate from the holdout split's, so changing max_train never changes the holdout.
+    rng = np.random.default_rng([seed, 0x6D6178])
+    idx = np.sort(rng.choice(n, size=max_items, replace=False))
+    return Split(split.images[idx], split.labels[idx])
+
+
+# -- the whole recipe -----------------------------------------------------------------------------------------------
+def load_source(data: DataConfig) -> Source:
+    """Read ``data.dataset`` from ``data.root`` (or scikit-learn) with no transforms but image-folder's decode."""
+    if data.dataset == "digits":
+        return load_digits()
+    if data.dataset in ("mnist", "fashion-mnist"):
+        return load_mnist(data.dataset, data.root, data.download)
+    if data.dataset == "cifar10":
+        return load_cifar10(data.root, data.download)
+    if data.dataset == "image-folder":
+        return load_image_folder(data.root, data.image_size, data.shape[0])
+    raise ValueError(f"unknown dataset {data.dataset!r}")  # unreachable: the config validates the name
+
+
+def prepare(data: DataConfig) -> Prepared:
+    """Load and transform per ``data.*``: holdout split (datasets without a test split) -> ``max_train`` cap ->
+    resize to ``data.image_size`` -> ``data.channels``. Returns splits of shape ``data.shape``."""
+    src = load_source(data)
+    if src.test is not None:
+        train, holdout, how = src.train, src.test, {"kind": "official-test"}
+    else:
+        train, holdout, stratified = split_holdout(src.train, data.holdout_fraction, data.seed)
+        how = {"kind": "random-split", "fraction": data.holdout_fraction, "seed": data.seed,
+               "stratified": stratified}
+    train = cap(train, data.max_train, data.seed)
+    c, size, _ = data.shape
+
+    def finish(s: Split) -> Split:
+        images = convert_channels(resize_images(s.images, size), c)
+        return Split(np.ascontiguousarray(images), s.labels.astype(np.int64))
+
+    out = Prepared(finish(train), finish(holdout), src.classes, src.source, how)
+    assert out.shape == data.shape, (out.shape, data.shape)  # a bug here, not a user error
+    return out
