@@ -1,0 +1,369 @@
+"""Stage `train`: Algorithm 1 under Ray Train (DDP over gloo on CPU, nccl on GPU), resumable.
+
+One flat loop per worker: uniform t, eps-prediction MSE (L_simple), Adam with linear warm-up, grad-norm
+clipping, EMA. Rank 0 alone writes files: atomic checkpoints every ``train.checkpoint_every`` steps (the last
+``train.keep_checkpoints`` kept) and the loss log, rewritten beside each checkpoint so it never holds steps
+that a resume will recompute. Rerunning the stage continues from the newest valid checkpoint made with the same
+params; checkpoints made with other params (another lr, another dataset) are set aside and training restarts.
+
+    python -m tasks.train --params params.yaml --data data/dataset --checkpoints checkpoints \
+        --log metrics/train_loss.tsv --metrics metrics/train.json
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ddpm.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_latest,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ddpm.config import Config, from_dict, write_resolved
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.ema import EMA
+from ddpm.schedules import make_betas
+from ddpm.unet import UNet
+
+from .common import (
+    StageError,
+    absolute,
+    atomic_write_bytes,
+    config_from_args,
+    ensure_ray,
+    load_dataset,
+    read_json,
+    run_cli,
+    stage_parser,
+    write_json,
+)
+
+# Keys that may change without invalidating checkpoints: how long and how often, not what is learned.
+RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
+                  "max_failures"}
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
+
+
+class NonFiniteLoss(StageError):
+    """The loss became NaN or infinite; the last good checkpoint is kept untouched."""
+
+
+def run_key(cfg: Config, data_sha: str) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: data, model, diffusion, learning params."""
+    d = cfg.to_dict()
+    return {
+        "data_sha256": data_sha,
+        "model": d["model"],
+        "diffusion": d["diffusion"],
+        "train": {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS},
+    }
+
+
+def build_diffusion(diffusion_cfg: dict[str, Any]) -> GaussianDiffusion:
+    """The diffusion process from a config dict (as stored in checkpoints)."""
+    from ddpm.config import DiffusionConfig
+
+    dc = DiffusionConfig(**diffusion_cfg)
+    return GaussianDiffusion(make_betas(dc.schedule, dc.timesteps, **dc.schedule_kwargs()), dc.objective)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up over ``warmup_steps`` (the paper: 5,000), then constant or cosine decay to 0."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        span = max(1, t.steps - t.warmup_steps)
+        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - t.warmup_steps) / span)))
+    return t.lr
+
+
+def write_loss_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    def write(f):
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        f.write(buf.getvalue().encode())
+
+    atomic_write_bytes(path, write)
+
+
+def read_loss_log(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """Rows of an earlier run's log up to ``upto_step`` (the resumed checkpoint), to continue it."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f, delimiter="\t") if r.get("step", "").isdigit()]
+    return [r for r in rows if int(r["step"]) <= upto_step]
+
+
+def _set_aside_incompatible(ckpt_dir: Path, key: dict[str, Any], say) -> None:
+    """Remove checkpoints made with other params, so a changed lr or dataset trains from scratch."""
+    ckpts = list_checkpoints(ckpt_dir)
+    if not ckpts:
+        return
+    marker = ckpt_dir / "run_key.json"
+    old = read_json(marker) if marker.is_file() else None
+    if old == key:
+        return
+    changed = sorted(k for k in key if old is None or old.get(k) != key.get(k)) if old else ["unknown"]
+    say(f"checkpoints in {ckpt_dir} were made with other params ({', '.join(changed)} differ); training from scratch")
+    for _, p in ckpts:
+        p.unlink()
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """The body each Ray Train worker runs. ``loop_cfg`` carries the resolved params and absolute paths."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    cfg = from_dict(loop_cfg["params"])
+    tc = cfg.train
+    ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(loop_cfg["threads_per_worker"])))
+    device = ray.train.torch.get_device()
+    is_main = rank == 0
+
+    if tc.batch_size % world:
+        raise StageError(f"train.batch_size: {tc.batch_size} is not divisible by {world} workers")
+    local_batch = tc.batch_size // world
+
+    ds = load_dataset(loop_cfg["data"])
+    images = torch.from_numpy(ds.train.images)  # uint8 [N, C, H, W], kept as bytes in memory
+    if images.shape[0] < tc.batch_size:
+        raise StageError(f"train.batch_size: {tc.batch_size} exceeds the {images.shape[0]} training images")
+    sampler = DistributedSampler(TensorDataset(images), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=tc.seed, drop_last=True)
+    loader = DataLoader(TensorDataset(images), batch_size=local_batch, sampler=sampler, drop_last=True)
+    steps_per_epoch = len(loader)
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = UNet.from_config(cfg.unet_config()).to(device)
+    ema = EMA(model, tc.ema_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    diffusion = build_diffusion(cfg.diffusion.model_dump())
+
+    step, rows = 0, []
+    state = load_latest(ckpt_dir, map_location="cpu", warn=print if is_main else None)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        if is_main:
+            rows = read_loss_log(log_path, step)
+            print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def save(at_step: int) -> None:
+        if not is_main:
+            return
+        save_checkpoint(checkpoint_path(ckpt_dir, at_step), {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": at_step, "rng": rng_state(),
+            "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
+                       "params": cfg.to_dict(), "data_sha256": loop_cfg["data_sha256"]},
+        })
+        write_loss_log(log_path, rows)
+        prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+
+    amp = device.type == "cuda" and tc.precision == "bf16"
+    bar = None
+    if is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", mininterval=2.0)
+    ddp_model.train()
+    epoch, offset = divmod(step, steps_per_epoch)
+    t_log, seen = time.perf_counter(), 0
+    while step < tc.steps:
+        sampler.set_epoch(epoch)
+        for i, (batch,) in enumerate(loader):
+            if i < offset:  # resume mid-epoch exactly where the checkpoint stopped
+                continue
+            # One seed per (step, rank): t, noise and dropout are the same whether or not the run was resumed.
+            torch.manual_seed((tc.seed * 1_000_003 + step) * 1009 + rank)
+            x0 = batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            if tc.random_flip:
+                flip = torch.rand(x0.shape[0], device=device) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = diffusion.training_loss(ddp_model, x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(
+                    f"loss became {loss_value} at step {step + 1}; stopped without saving, the last good checkpoint "
+                    f"in {ckpt_dir} is kept (lower train.lr or enable train.grad_clip)"
+                )
+            opt.step()
+            ema.update(model)
+            step += 1
+            seen += x0.shape[0] * world
+            if bar is not None:
+                bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                rows.append({"step": step, "loss": f"{loss_value:.6f}", "lr": f"{lr:.6g}",
+                             "grad_norm": f"{float(grad_norm):.4f}", "images_per_s": f"{seen / (now - t_log):.1f}"})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+                t_log, seen = now, 0
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                save(step)
+            if step >= tc.steps:
+                break
+        epoch, offset = epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    ray.train.report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
+
+
+def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None) -> dict[str, Any]:
+    """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
+
+    ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data_dir, ckpt_dir, log_path = absolute(data_dir), absolute(ckpt_dir), absolute(log_path)
+    ds_meta = load_dataset(data_dir).meta
+    if tuple(ds_meta["shape"]) != cfg.data.shape:
+        raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "
+                         f"{list(cfg.data.shape)}; rerun the fetch stage")
+    key = run_key(cfg, ds_meta["sha256"])
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_incompatible(ckpt_dir, key, print)
+    write_json(ckpt_dir / "run_key.json", key)
+    write_resolved(cfg, ckpt_dir)
+    done = list_checkpoints(ckpt_dir)
+    if done and done[-1][0] >= cfg.train.steps:
+        print(f"already trained: {done[-1][1].name} reaches train.steps={cfg.train.steps}")
+
+    t0 = time.perf_counter()
+    how = ensure_ray(cfg)
+    t_ray = time.perf_counter() - t0
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    use_gpu = cfg.train.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    workers = cfg.train.num_workers
+    cpus_per_worker = max(1, total_cpus // workers) if not use_gpu else 1
+    if not use_gpu and workers > total_cpus:
+        raise StageError(f"train.num_workers: {workers} workers need {workers} CPUs, the Ray cluster has {total_cpus}")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "params": cfg.to_dict(), "data": str(data_dir), "checkpoints": str(ckpt_dir), "log": str(log_path),
+            "data_sha256": ds_meta["sha256"], "threads_per_worker": cpus_per_worker,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu),
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"train-{key_digest(key)}",
+            storage_path=str(absolute(cfg.ray.storage)),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    t1 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise _user_error_from(e) from None
+    t_fit = time.perf_counter() - t1
+    rows = read_loss_log(log_path, cfg.train.steps)
+    summary = {
+        "steps": int(list_checkpoints(ckpt_dir)[-1][0]) if list_checkpoints(ckpt_dir) else 0,
+        "final_loss": float(rows[-1]["loss"]) if rows else None,
+        "images_per_s": _median([float(r["images_per_s"]) for r in rows[1:]] or [0.0]),
+        "num_workers": workers,
+        "use_gpu": bool(use_gpu),
+        "ray": how,
+        "ray_startup_s": round(t_ray, 2),
+        "fit_wall_s": round(t_fit, 2),
+        "checkpoint": str(list_checkpoints(ckpt_dir)[-1][1]) if list_checkpoints(ckpt_dir) else None,
+    }
+    if result.error is not None:
+        raise _user_error_from(result.error)
+    if metrics_path:
+        write_json(metrics_path, summary)
+    return summary
+
+
+def key_digest(key: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _user_error_from(e: BaseException) -> BaseException:
+    """Ray wraps worker exceptions; surface our own user errors (NaN loss, bad batch size) as themselves."""
+    seen = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, StageError):
+            return cur
+        for attr in ("cause", "__cause__", "worker_failures"):
+            nxt = getattr(cur, attr, None)
+            if isinstance(nxt, dict) and nxt:
+                nxt = next(iter(nxt.values()))
+            if isinstance(nxt, BaseException):
+                cur = nxt
+                break
+        else:
+            cur = None
+    text = str(e).strip().splitlines()
+    return StageError(f"training failed: {text[-1] if text else type(e).__name__}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    p = stage_parser("Train the DDPM UNet with Ray Train (Algorithm 1); resumes from the newest checkpoint.")
+    p.add_argument("--data", default="data/dataset", help="dataset folder from the fetch stage")
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (resumed from when present)")
+    p.add_argument("--log", default="metrics/train_loss.tsv", help="per-step loss log (TSV)")
+    p.add_argument("--metrics", default="metrics/train.json", help="training summary (JSON)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    summary = run(cfg, args.data, args.checkpoints, args.log, args.metrics)
+    print(f"trained to step {summary['steps']}: loss {summary['final_loss']}, {summary['images_per_s']} images/s, "
+          f"Ray start-up {summary['ray_startup_s']} s, fit {summary['fit_wall_s']} s -> {summary['checkpoint']}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
