@@ -130,15 +130,29 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """The body each Ray Train worker runs. ``loop_cfg`` carries the resolved params and absolute paths."""
     import ray.train
     import ray.train.torch
+
+    ctx = ray.train.get_context()
+    train_loop(loop_cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+               wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False), report=ray.train.report)
+
+
+def train_loop(
+    loop_cfg: dict[str, Any],
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    wrap=lambda m: m,
+    report=lambda metrics: None,
+) -> None:
+    """One flat training loop (Algorithm 1). Under Ray, ``wrap`` is DDP and ``report`` Ray's; alone (rank 0 of
+    1, e.g. for benchmarks) it is the same loop in this process."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     cfg = from_dict(loop_cfg["params"])
     tc = cfg.train
     ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(loop_cfg["threads_per_worker"])))
-    device = ray.train.torch.get_device()
+    device = torch.device(device)
     is_main = rank == 0
 
     if tc.batch_size % world:
@@ -172,7 +186,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if is_main:
             rows = read_loss_log(log_path, step)
             print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    ddp_model = wrap(model)
 
     def save(at_step: int) -> None:
         if not is_main:
@@ -241,18 +255,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         epoch, offset = epoch + 1, 0
     if bar is not None:
         bar.close()
-    ray.train.report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
+    report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
 
 
-def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None) -> dict[str, Any]:
-    """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
-
-    ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
-    """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def prepare(cfg: Config, data_dir, ckpt_dir, log_path) -> dict[str, Any]:
+    """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config;
+    return the loop's config (absolute paths: Ray workers change directory)."""
     data_dir, ckpt_dir, log_path = absolute(data_dir), absolute(ckpt_dir), absolute(log_path)
     ds_meta = load_dataset(data_dir).meta
     if tuple(ds_meta["shape"]) != cfg.data.shape:
@@ -266,6 +274,30 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     done = list_checkpoints(ckpt_dir)
     if done and done[-1][0] >= cfg.train.steps:
         print(f"already trained: {done[-1][1].name} reaches train.steps={cfg.train.steps}")
+    return {"params": cfg.to_dict(), "data": str(data_dir), "checkpoints": str(ckpt_dir), "log": str(log_path),
+            "data_sha256": ds_meta["sha256"], "run_key": key}
+
+
+def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] = None,
+              device: str = "cpu") -> dict[str, Any]:
+    """The same loop in this process, without Ray (benchmarks, debugging). Returns the loop config."""
+    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path)
+    train_loop({**loop_cfg, "threads_per_worker": threads or torch.get_num_threads()}, device=device)
+    return loop_cfg
+
+
+def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None) -> dict[str, Any]:
+    """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
+
+    ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path)
+    ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
+    key = loop_cfg["run_key"]
 
     t0 = time.perf_counter()
     how = ensure_ray(cfg)
@@ -281,10 +313,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "params": cfg.to_dict(), "data": str(data_dir), "checkpoints": str(ckpt_dir), "log": str(log_path),
-            "data_sha256": ds_meta["sha256"], "threads_per_worker": cpus_per_worker,
-        },
+        train_loop_config={**loop_cfg, "threads_per_worker": cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu),
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
