@@ -36,7 +36,7 @@ TINY = {
               "use_gpu": False, "ema_decay": 0.9},
     "sample": {"num_samples": 24, "shard_size": 8, "batch_size": 8, "sampler": "ddim", "steps": 5,
                "num_workers": 1, "use_gpu": False, "grid_size": 16},
-    "classifier": {"steps": 30, "batch_size": 64, "width": 8},
+    "classifier": {"steps": 150},
     "evaluate": {"kid_subset_size": 10},
     "ray": {"num_cpus": 2, "object_store_mb": 100},
 }
@@ -59,3 +59,11 @@ def tiny_config():
 @pytest.fixture
 def default_config() -> Config:
     return load_config(REPO / "params.yaml")
+
+
+@pytest.fixture
+def tiny_params() -> dict:
+    """A fresh copy of the tiny params as a plain mapping (to write a params.yaml)."""
+    import json
+
+    return json.loads(json.dumps(TINY))

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import TINY
-
 pytestmark = pytest.mark.slow
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
@@ -41,8 +39,8 @@ def _clone(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def _params(dest: Path, **changes) -> None:
-    p = json.loads(json.dumps(TINY))
+def _params(dest: Path, base: dict, **changes) -> None:
+    p = json.loads(json.dumps(base))
     p["ray"]["storage"] = str(dest / ".ray_results")
     for key, value in changes.items():
         section, name = key.split(".")
@@ -64,9 +62,10 @@ def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def test_dvc_repro_end_to_end(tmp_path, repo_root):
+def test_dvc_repro_end_to_end(tmp_path, repo_root, tiny_params):
+    TINY = tiny_params
     dest = _clone(repo_root, tmp_path / "proj")
-    _params(dest)
+    _params(dest, TINY)
 
     first = _dvc(dest, "repro")
     assert _ran(first.stdout) == ["fetch", "train_classifier", "train", "sample", "evaluate"]
@@ -84,7 +83,7 @@ def test_dvc_repro_end_to_end(tmp_path, repo_root):
     second = _dvc(dest, "repro")
     assert _ran(second.stdout) == []
 
-    _params(dest, **{"train.lr": 5e-4})
+    _params(dest, TINY, **{"train.lr": 5e-4})
     third = _dvc(dest, "repro")
     assert _ran(third.stdout) == ["train", "sample", "evaluate"]
 
