@@ -196,6 +196,7 @@ def ensure_ray(cfg: Config) -> str:
         object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
         log_to_driver=True,
         configure_logging=False,
+        _node_ip_address="127.0.0.1",  # local Ray stays on loopback
     )
     return f"started local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs"
 
