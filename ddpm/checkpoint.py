@@ -14,6 +14,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d{8,})\.pt$")
 
 
@@ -31,6 +33,7 @@ def atomic_write_bytes(path: os.PathLike | str, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

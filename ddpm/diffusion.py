@@ -70,7 +70,8 @@ class GaussianDiffusion:
         self.alphas_cumprod = alphas_cumprod
         self.alphas_cumprod_prev = alphas_cumprod_prev
         self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
+        self.one_minus_alphas_cumprod = 1.0 - alphas_cumprod
+        self.sqrt_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / alphas_cumprod - 1.0).sqrt()
 
@@ -105,7 +106,8 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0) (Eq. 4)."""
         mean = self._coef("sqrt_alphas_cumprod", t, x0.shape) * x0
-        var = 1.0 - self._coef("alphas_cumprod", t, x0.shape)
+        # Not 1 - float32(abar): near t=0 that cancellation loses ~3 of float32's 7 digits.
+        var = self._coef("one_minus_alphas_cumprod", t, x0.shape)
         return mean, var, torch.log(var)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -20,6 +20,9 @@ class EMA(AveragedModel):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.decay = decay
+        # AveragedModel *copies* the weights on its first update (n_averaged == 0); the copy made above is already
+        # theta_0, so count it, and every update, the first included, is the EMA step documented above.
+        self.n_averaged.fill_(1)
         self.module.eval()
         self.module.requires_grad_(False)
 

@@ -2,7 +2,10 @@
 
 Sample ``i`` draws all of its noise (x_T and every z) from its own generator seeded with ``seeds[i]``, so the
 images do not depend on how a set of seeds is split into batches, shards or workers (EDM's convention).
-Reproducibility holds per device type: CPU and CUDA generators give different streams for the same seed.
+Reproducibility holds per device type: CPU and CUDA generators give different streams for the same seed. Bit for
+bit it also needs the network's kernels to be batch-size invariant; on CPU, oneDNN/MKL pick GEMM kernels by the
+number of rows, so with some widths and batch sizes (e.g. 1-2 rows, or 8 vs 16 rows at ch=128) the network's
+output differs by ~1e-6, and so do the samples. A fixed ``shard_size``/``batch_size`` gives identical files.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def ddpm_sample(
     with _eval_mode(model), torch.inference_mode():
         for i, step in enumerate(_progress(steps, progress, "DDPM")):
             t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
-            z = noise.draw() if step > 0 else None
+            # Zeros, not None, at the last step: p_sample would otherwise draw (unused) noise from the global RNG.
+            z = noise.draw() if step > 0 else torch.zeros_like(x)
             x, x0 = diffusion.p_sample(model, x, t, z, variance, clip_denoised, return_x0=True)
             if callback is not None:
                 callback(i, step, x, x0)
@@ -130,7 +134,7 @@ def ddim_sample(
             b = x.shape[0]
             t = torch.full((b,), step, device=device, dtype=torch.long)
             t_prev = torch.full((b,), prev, device=device, dtype=torch.long)
-            z = noise.draw() if eta > 0 and prev >= 0 else None
+            z = noise.draw() if eta > 0 and prev >= 0 else torch.zeros_like(x)
             x, x0 = diffusion.ddim_step(model, x, t, t_prev, eta, z, clip_denoised, return_x0=True)
             if callback is not None:
                 callback(i, step, x, x0)

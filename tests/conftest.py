@@ -18,7 +18,9 @@ from ddpm.config import Config, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny networks gain nothing from intra-op threads, and two spinning OpenMP threads on a busy 2-core machine can
+# slow each op a hundredfold. Stages that want more threads (Ray workers, samplers) set their own.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
