@@ -8,11 +8,15 @@ export DVC_NO_ANALYTICS := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test test-fast clean help
+.PHONY: install demo serve mlflow-ui test test-fast clean help
 
 help:
-	@echo "make demo   - install (once) and run the train-eval pipeline on the embedded digits dataset"
+	@echo "make demo   - install (once) and run the train-eval flow on the embedded digits dataset (no server)"
+	@echo "make serve  - a local Prefect server on 127.0.0.1:4200 + the train-eval deployments (Ctrl-C stops both)"
+	@echo "make mlflow-ui - the MLflow UI over this project's runs (mlflow.db, mlruns/) at http://127.0.0.1:5000"
 	@echo "make test   - install (once) and run the whole test suite"
 
 $(PY):
@@ -26,11 +30,20 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The main job: the whole pipeline (fetch -> train_classifier -> train -> sample -> evaluate) on the embedded
-# digits with params.yaml, through DVC so a second `make demo` reruns only what changed.
+# The main job: the train-eval Prefect flow in this process (fetch -> train_classifier -> train -> sample ->
+# evaluate) on the embedded digits with params.yaml; Prefect starts a temporary local API, no server needed.
+# A second `make demo` reruns nothing. `dvc repro` runs the same stages as a DVC pipeline.
 demo: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	@$(PY) -m tasks.summary
+	$(PY) -m flows.train_eval
+
+# A local Prefect server (SQLite under PREFECT_HOME) and prefect.yaml's deployments, served from this folder.
+serve: install
+	$(PY) -m flows.serve --start-server --port 4200
+
+# The MLflow UI over the local tracking store the stages write by default; loopback only.
+mlflow-ui: install
+	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns
 
 test: install
 	$(PY) -m pytest

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from ddpm.config import Config
 
+from . import tracking
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
 from .classifier import load_classifier
 from .common import (
@@ -253,6 +254,7 @@ def run(
     floor_s = ", ".join(f"{k} {floor[k]:.4g}" for k in ("fid", "kid_mean", "isc_mean") if k in floor)
     print(f"{n_gen} samples vs train ({extractor}): {summary}; real-vs-real floor ({len(holdout)} held-out): "
           f"{floor_s} -> {metrics_path}")
+    tracking.log_evaluation(cfg, result, data.meta.get("sha256"), samples_dir, metrics_path)
     return result
 
 

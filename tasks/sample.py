@@ -26,6 +26,7 @@ from ddpm.config import Config, write_resolved
 from ddpm.samplers import ddim_sample, ddpm_sample
 from ddpm.unet import UNet
 
+from . import tracking
 from .common import (
     DataError,
     StageError,
@@ -233,6 +234,7 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
         "grid": str(grid),
     }
     write_json(manifest_path, summary)
+    tracking.log_samples(cfg, summary, out_dir)
     return summary
 
 

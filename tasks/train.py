@@ -36,6 +36,7 @@ from ddpm.ema import EMA
 from ddpm.schedules import make_betas
 from ddpm.unet import UNet
 
+from . import tracking
 from .common import (
     StageError,
     absolute,
@@ -187,6 +188,7 @@ def train_loop(
             rows = read_loss_log(log_path, step)
             print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
     ddp_model = wrap(model)
+    tracker = tracking.TrainTracker.open(loop_cfg.get("tracking") if is_main else None, cfg, step, rows)
 
     def save(at_step: int) -> None:
         if not is_main:
@@ -245,16 +247,19 @@ def train_loop(
                 now = time.perf_counter()
                 rows.append({"step": step, "loss": f"{loss_value:.6f}", "lr": f"{lr:.6g}",
                              "grad_norm": f"{float(grad_norm):.4f}", "images_per_s": f"{seen / (now - t_log):.1f}"})
+                tracker.log_row(rows[-1])
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}")
                 t_log, seen = now, 0
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 save(step)
+            tracker.grid(step, ema.module, diffusion)
             if step >= tc.steps:
                 break
         epoch, offset = epoch + 1, 0
     if bar is not None:
         bar.close()
+    tracker.finish(step, ema.module)
     report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
 
 
@@ -275,7 +280,8 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path) -> dict[str, Any]:
     if done and done[-1][0] >= cfg.train.steps:
         print(f"already trained: {done[-1][1].name} reaches train.steps={cfg.train.steps}")
     return {"params": cfg.to_dict(), "data": str(data_dir), "checkpoints": str(ckpt_dir), "log": str(log_path),
-            "data_sha256": ds_meta["sha256"], "run_key": key}
+            "data_sha256": ds_meta["sha256"], "run_key": key,
+            "tracking": tracking.start_training(cfg, ds_meta["sha256"], fresh=not done)}
 
 
 def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] = None,
@@ -326,6 +332,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     try:
         result = trainer.fit()
     except Exception as e:
+        tracking.training_failed(loop_cfg["tracking"])
         raise _user_error_from(e) from None
     t_fit = time.perf_counter() - t1
     rows = read_loss_log(log_path, cfg.train.steps)
@@ -341,6 +348,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         "checkpoint": str(list_checkpoints(ckpt_dir)[-1][1]) if list_checkpoints(ckpt_dir) else None,
     }
     if result.error is not None:
+        tracking.training_failed(loop_cfg["tracking"])
         raise _user_error_from(result.error)
     if metrics_path:
         write_json(metrics_path, summary)

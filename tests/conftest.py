@@ -41,6 +41,7 @@ TINY = {
     "classifier": {"steps": 150},
     "evaluate": {"kid_subset_size": 10},
     "ray": {"num_cpus": 2, "object_store_mb": 100},
+    "tracking": {"enabled": False},  # tests of tracking turn it on against their own store
 }
 
 

@@ -1,0 +1,329 @@
+"""MLflow tracking (tasks/tracking.py): the stages against a real `mlflow server` on loopback, read back through its
+REST API; the default local SQLite store without any server; and the small pure pieces (run identity, URIs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.checkpoint import load_checkpoint
+from ddpm.unet import UNet
+from tasks import evaluate, fetch, sample, train, train_classifier, tracking
+
+ON = {"tracking.enabled": True}  # explicit: the tiny test params may turn tracking off for the other tests
+
+
+# -- pure pieces (fast) --------------------------------------------------------------------------------------------
+def test_params_hash_names_what_is_computed(tiny_config):
+    base = tracking.params_hash(tiny_config())
+    # How long, how fast, where: the same pipeline run (a rerun with more steps continues it).
+    for same in ({"train.steps": 60}, {"train.log_every": 5}, {"train.num_workers": 2}, {"sample.num_workers": 2},
+                 {"sample.batch_size": 5}, {"evaluate.batch_size": 10}, {"ray.num_cpus": 1},
+                 {"tracking.grid_every": 7}, {"tracking.uri": "http://127.0.0.1:1"}):
+        assert tracking.params_hash(tiny_config(same)) == base, same
+    # What is learned, sampled or measured: another pipeline run.
+    for other in ({"train.lr": 5e-4}, {"model.ch": 8}, {"diffusion.schedule": "cosine"}, {"sample.steps": 4},
+                  {"sample.seed": 1}, {"evaluate.kid_subset_size": 12}, {"data.holdout_fraction": 0.25}):
+        assert tracking.params_hash(tiny_config(other)) != base, other
+
+
+def test_flat_params_are_dotted_and_read_like_params_yaml(tiny_config):
+    p = tracking.flat_params(tiny_config({"tracking.register_model": "ddpm-digits"}))
+    assert p["train.lr"] == "0.001" and p["model.ch"] == "16" and p["model.ch_mult"] == "[1, 2]"
+    assert p["data.dataset"] == "digits" and p["data.image_size"] == "null" and p["sample.clip_denoised"] == "true"
+    assert p["tracking.register_model"] == "ddpm-digits"
+    assert len(p) == sum(len(v) for v in tiny_config().to_dict().values())
+
+
+def test_tracking_uri_precedence_and_absolute_paths(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri(tiny_config()) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking._artifact_root(f"sqlite:///{tmp_path}/mlflow.db", "my exp") == str(tmp_path / "mlruns/my_exp")
+    assert tracking._artifact_root("http://127.0.0.1:5000", "digits") is None  # the server decides
+    # Relative SQLite paths become absolute: Ray workers run elsewhere.
+    assert tracking.resolve_uri(tiny_config({"tracking.uri": "sqlite:///db/t.db"})) == f"sqlite:///{tmp_path}/db/t.db"
+    assert tracking.resolve_uri(tiny_config({"tracking.uri": "http://10.0.0.1:5000"})) == "http://10.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert tracking.resolve_uri(tiny_config({"tracking.uri": "http://10.0.0.1:5000"})) == "http://127.0.0.1:5001"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))  # dvc exp run --temp runs in a copy
+    assert tracking.resolve_uri(tiny_config()) == f"sqlite:///{tmp_path}/project/mlflow.db"
+
+
+def test_disabled_or_unreachable_tracking_never_fails_a_stage(tiny_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.start_training(tiny_config({"tracking.enabled": False}), "sha", fresh=True) is None
+    assert tracking.find_run(tiny_config(ON)) is None  # read-only: no store yet, none created
+    assert not (tmp_path / "mlflow.db").exists()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = tiny_config({**ON, "tracking.uri": dead})
+    t0 = time.monotonic()
+    assert tracking.start_training(cfg, "sha", fresh=True) is None
+    assert tracking.log_evaluation(cfg, {"fid": 1.0}, "sha", tmp_path, tmp_path / "eval.json") is None
+    assert time.monotonic() - t0 < 30  # no minutes of HTTP retries
+    assert "unreachable" in capsys.readouterr().err
+    tracker = tracking.TrainTracker.open(None, cfg, 0, [])  # other ranks: every call is a no-op
+    tracker.log_row({"step": 1, "loss": "0.5"})
+    tracker.grid(1, None, None)
+    tracker.finish(1, None)
+
+
+def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(ON)
+    first = tracking.start_training(cfg, "sha-1", fresh=True)
+    assert first["uri"] == f"sqlite:///{tmp_path}/mlflow.db" and tracking.find_run(cfg)["run_id"] == first["run_id"]
+    client = MlflowClient(first["uri"])
+    client.log_metric(first["run_id"], "loss", 0.5, step=1)
+    # A resume (and, with more steps, the same params hash) continues the run; a changed value becomes a tag.
+    resumed = tracking.start_training(tiny_config({**ON, "train.steps": 12}), "sha-1", fresh=False)
+    assert resumed["run_id"] == first["run_id"]
+    assert client.get_run(first["run_id"]).data.tags["latest.train.steps"] == "12"
+    assert tracking.log_evaluation(cfg, {"fid": 2.5, "floor": {"fid": 1.25}, "fid_ratio": 2.0}, "sha-1", tmp_path,
+                                   tmp_path / "none.json") == first["run_id"]
+    # Training from step 0 where the run already has a loss curve: a new run, the old one points to it.
+    restarted = tracking.start_training(cfg, "sha-1", fresh=True)
+    assert restarted["run_id"] != first["run_id"] and tracking.find_run(cfg)["run_id"] == restarted["run_id"]
+    old = client.get_run(first["run_id"])
+    assert old.data.tags["superseded_by"] == restarted["run_id"] and old.info.status == "FINISHED"
+    assert old.data.metrics == {"loss": 0.5, "fid": 2.5, "floor_fid": 1.25, "fid_ratio": 2.0}
+    # Other params: another run.
+    assert tracking.start_training(tiny_config({**ON, "train.lr": 5e-4}), "sha-1", fresh=True)["run_id"] not in (
+        first["run_id"], restarted["run_id"])
+
+
+def test_fluent_scope_restores_the_process_tracking_uri(monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    before = mlflow.get_tracking_uri()
+    with tracking._Fluent("http://127.0.0.1:9", {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}):
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert mlflow.get_tracking_uri() == before
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_grid_image_is_an_rgb_grid():
+    images = np.zeros((16, 1, 8, 8), dtype=np.uint8)
+    images[3] = 200
+    grid = tracking.grid_image(images)
+    # 4x4 cells of 8 px upscaled to 32, 2 px padding around each.
+    assert grid.dtype == np.uint8 and grid.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
+    assert grid[2:34, 2 + 3 * 34:34 + 3 * 34].min() == 200 and grid[2:34, 2:34].max() == 0
+
+
+# -- end to end (real Ray, real MLflow server) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store and proxied artifacts; killed at the end.
+
+    Yields a callable waiting for its /health (so the caller can do other work while it starts)."""
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    log = open(root / "server.log", "w")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def ready(timeout: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                    return uri
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"mlflow server not healthy after {timeout} s:\n{(root / 'server.log').read_text()[-3000:]}")
+
+    yield ready
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def _history_steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _image_steps(client, run_id: str, key: str) -> list[int]:
+    """Steps of the stepped images ``key`` (files images/<key>+step+<n>+timestamp+...png)."""
+    names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+    return sorted(int(n.split("+")[2]) for n in names if n.startswith(f"{key}+step+") and n.endswith(".png"))
+
+
+@pytest.mark.slow
+def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, ray_local, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    import mlflow.pytorch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny training lasts a few seconds
+    monkeypatch.setenv(tracking.PREFECT_ENV, "flow-run-1234")
+    over = {**ON, "ray.storage": str(tmp_path / "ray"), "train.steps": 6, "train.checkpoint_every": 3,
+            "tracking.grid_every": 3, "tracking.grid_samples": 4, "tracking.grid_steps": 3,
+            "tracking.register_model": "ddpm-tiny"}
+    data, clf, clf_metrics = tmp_path / "data", tmp_path / "classifier.pt", tmp_path / "classifier.json"
+    ckpts, samples, eval_json = tmp_path / "ckpt", tmp_path / "samples", tmp_path / "eval.json"
+
+    # Stages that do not log run while the server starts.
+    cfg = tiny_config(over)
+    meta = fetch.run(cfg, data)
+    train_classifier.run(cfg, data, clf, clf_metrics)
+    uri = mlflow_server()
+    cfg = tiny_config({**over, "tracking.uri": uri})
+    train.run(cfg, data, ckpts, tmp_path / "loss.tsv")
+    sample.run(cfg, ckpts, samples)
+    result = evaluate.run(cfg, data, samples, clf, tmp_path / "ref", eval_json, clf_metrics)
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("digits")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "every stage logs into the one pipeline run"
+    run = runs[0]
+    assert tracking.find_run(cfg) == {"run_id": run.info.run_id, "experiment_id": exp.experiment_id, "uri": uri,
+                                      "url": f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"}
+    run_id, data_ = run.info.run_id, run.data
+    assert run.info.status == "FINISHED"
+
+    # Tags and params.
+    assert data_.tags[tracking.PARAMS_HASH_TAG] == tracking.params_hash(cfg)
+    assert data_.tags[tracking.DATASET_TAG] == meta["sha256"]
+    assert data_.tags[tracking.PREFECT_TAG] == "flow-run-1234"
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if git.returncode == 0:
+        assert data_.tags[tracking.GIT_TAG] == git.stdout.strip()
+    assert data_.params == tracking.flat_params(cfg)
+
+    # Training curves: one point per logged step (train.log_every = 1), from rank 0 only.
+    for key in tracking.TRAIN_METRICS:
+        assert _history_steps(client, run_id, key) == [1, 2, 3, 4, 5, 6], key
+    with open(tmp_path / "loss.tsv") as f:
+        tsv = [line.split("\t") for line in f.read().splitlines()[1:]]
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert [loss[int(r[0])] for r in tsv] == pytest.approx([float(r[1]) for r in tsv])
+    assert any(k.startswith("system/") for k in data_.metrics), sorted(data_.metrics)
+    assert _image_steps(client, run_id, "train_samples") == [3, 6]
+
+    # Sample stage: the grid as an artifact and as the image "samples" at the checkpoint's step.
+    artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert {"samples/grid.png", "samples/samples.json"} <= artifacts
+    assert _image_steps(client, run_id, "samples") == [6]
+    assert data_.metrics["sample_count"] == 24 and data_.tags["sample.sampler"] == "ddim-5"
+
+    # Evaluate stage: the metrics of eval.json, the floor, the classifier's accuracy.
+    for key in ("fid", "kid_mean", "kid_std", "fid_ratio", "classifier_accuracy", "num_generated"):
+        assert data_.metrics[key] == pytest.approx(result[key]), key
+    for key in ("fid", "kid_mean", "kid_std", "num_holdout"):
+        assert data_.metrics[f"floor_{key}"] == pytest.approx(result["floor"][key]), key
+    assert _history_steps(client, run_id, "fid") == [6]
+    assert "evaluate/eval.json" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
+
+    # The EMA UNet: loads back (through the server's artifact proxy) and computes what the checkpoint's EMA does.
+    (model,) = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert model.name == tracking.MODEL_NAME and model.params["unet.image_size"] == "8"
+    local = download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model"),
+                               tracking_uri=uri)
+    loaded = mlflow.pytorch.load_model(local)
+    state = load_checkpoint(ckpts / "ckpt_00000006.pt")
+    ref = UNet.from_config(state["config"]["model"])
+    ref.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")})
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 50, 99])
+    with torch.no_grad():
+        out = loaded.eval()(x, t)
+        assert out.shape == (3, 1, 8, 8)
+        assert torch.allclose(out, ref.eval()(x, t), atol=1e-6)
+    (version,) = client.search_model_versions("name = 'ddpm-tiny'")
+    assert version.run_id == run_id
+
+    # More steps, on 2 DDP workers: the train stage continues the same run, each step once (rank 0 alone logs);
+    # the grids continue at 9.
+    cfg9 = tiny_config({**over, "tracking.uri": uri, "train.steps": 9, "train.num_workers": 2})
+    train.run(cfg9, data, ckpts, tmp_path / "loss.tsv")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert _history_steps(client, run_id, "loss") == list(range(1, 10))
+    assert _image_steps(client, run_id, "train_samples") == [3, 6, 9]
+    assert runs[0].data.params["train.steps"] == "6" and runs[0].data.tags["latest.train.steps"] == "9"
+    assert len(client.search_model_versions("name = 'ddpm-tiny'")) == 2
+
+
+@pytest.mark.slow
+def test_default_local_store_without_a_server(tiny_config, tmp_path, ray_local, monkeypatch):
+    """tracking.uri and MLFLOW_TRACKING_URI unset: the stage writes sqlite:///<cwd>/mlflow.db and <cwd>/mlruns, from
+    the Ray worker too (whose working directory is elsewhere)."""
+    from mlflow import MlflowClient
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", tracking.PREFECT_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config({**ON, "ray.storage": str(tmp_path / "ray"), "train.steps": 2, "tracking.grid_every": 2,
+                       "tracking.grid_samples": 4, "tracking.grid_steps": 2})
+    assert cfg.tracking.uri is None
+    fetch.run(cfg, "data")
+    train.run(cfg, "data", "ckpt", "loss.tsv")
+
+    db = tmp_path / "mlflow.db"
+    assert db.is_file()
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("digits")
+    assert exp.artifact_location == str(tmp_path / "mlruns" / "digits")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags[tracking.PARAMS_HASH_TAG] == tracking.params_hash(cfg)
+    assert run.info.status == "FINISHED"
+    assert tracking.find_run(cfg)["run_id"] == run.info.run_id
+    assert _history_steps(client, run.info.run_id, "loss") == [1, 2]
+    assert _image_steps(client, run.info.run_id, "train_samples") == [2]
+    assert list((tmp_path / "mlruns").rglob("train_samples+step+2+*.png"))
+    assert list((tmp_path / "mlruns").rglob("MLmodel"))
+    assert json.loads((tmp_path / "ckpt" / "run_key.json").read_text())["data_sha256"] == \
+        run.data.tags[tracking.DATASET_TAG]
