@@ -1,0 +1,342 @@
+"""The ``train-eval`` Prefect flow (flows/): its deployment against a real Prefect server on loopback, served by
+``python -m flows.serve`` and launched with ``prefect deployment run … --watch``; a failing stage, skipping on the
+rerun, the command line; and what needs no server (prefect.yaml's entrypoints, cache keys, the stage table)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddpm.config import load_config
+from flows import serve as flows_serve
+from flows import train_eval as te
+from flows.fingerprint import ABSENT, fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+STAGE_NAMES = list(te.STAGES)
+
+
+# -- no server ------------------------------------------------------------------------------------------------------
+def test_prefect_yaml_entrypoints_load_the_train_eval_flow():
+    deployments = flows_serve.read_deployments(REPO / "prefect.yaml")
+    by_name = {d["name"]: d for d in deployments}
+    assert {"local", "cifar10"} <= set(by_name)
+    for d in deployments:
+        flow = flows_serve.load_flow(d["entrypoint"], REPO)  # a stale file or function name raises here
+        assert flow.name == "train-eval", d["entrypoint"]
+        params = d.get("parameters") or {}
+        assert set(params) <= set(inspect.signature(flow.fn).parameters), d["name"]
+        load_config(REPO / params.get("params", "params.yaml"), params.get("overrides"))  # its preset is valid
+    assert by_name["local"].get("parameters") in (None, {})  # the default params
+    assert by_name["cifar10"]["parameters"]["params"] == "configs/cifar10.yaml"
+    assert [d.name for d in flows_serve.runner_deployments(REPO / "prefect.yaml")] == list(by_name)
+    with pytest.raises(Exception):
+        flows_serve.load_flow("flows/train_eval.py:no_such_flow", REPO)
+
+
+def test_stage_table_mirrors_dvc_yaml():
+    """The flow's cache keys cover what DVC tracks for each stage: its params sections, code and data inputs."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(dvc) == STAGE_NAMES
+    layout = set(te.LAYOUT.values())
+    for name, spec in te.STAGES.items():
+        stage = dvc[name]
+        assert tuple(stage["params"]) == spec.params, name
+        assert sorted(d for d in stage["deps"] if d not in layout) == sorted(spec.code), name
+        dvc_inputs = {d for d in stage["deps"] if d in layout}
+        inputs = {te.LAYOUT[i] for i in spec.inputs}
+        # evaluate also reads the classifier's accuracy (a DVC metrics file, not a dep there).
+        assert dvc_inputs <= inputs and inputs - dvc_inputs <= {"metrics/classifier.json"}, name
+        outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])}
+        assert {te.LAYOUT[o] for o in spec.outputs} <= outs, name
+        assert all((REPO / c).exists() for c in spec.code), name
+
+
+def test_cache_key_follows_content_and_params_not_paths(tiny_config, tmp_path):
+    def layout(root: Path) -> dict[str, str]:
+        return {k: str(root / v) for k, v in te.LAYOUT.items()}
+
+    for root in (tmp_path / "a", tmp_path / "b"):
+        d = root / "data" / "dataset"
+        d.mkdir(parents=True)
+        (d / "train.npz").write_bytes(b"x" * 100)
+        (d / "dataset.json").write_text("{}")
+        (d / ".train.npz.123.tmp").write_bytes(b"half-written")  # an interrupted atomic write is not content
+    (tmp_path / "b" / "data" / "dataset" / ".train.npz.123.tmp").write_bytes(b"other")
+    cfg = tiny_config()
+    key = te.stage_key("train", cfg, layout(tmp_path / "a"))
+    assert re.fullmatch(r"train-[0-9a-f]{64}", key)
+    assert te.stage_key("train", cfg, layout(tmp_path / "b")) == key  # the same bytes in another folder
+    assert te.stage_key("train", tiny_config({"sample.steps": 4}), layout(tmp_path / "a")) == key  # not its params
+    assert te.stage_key("train", tiny_config({"train.lr": 5e-4}), layout(tmp_path / "a")) != key
+    assert te.stage_key("train_classifier", cfg, layout(tmp_path / "a")) != key
+    (tmp_path / "b" / "data" / "dataset" / "train.npz").write_bytes(b"x" * 101)
+    assert te.stage_key("train", cfg, layout(tmp_path / "b")) != key
+    assert fingerprint(tmp_path / "nothing") == ABSENT != fingerprint(tmp_path)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    r = subprocess.run([sys.executable, "-m", "flows.train_eval", "--params", str(REPO / "params.yaml"),
+                        "--set", "train.lr=-1", "--out", str(tmp_path / "out")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_base_env())
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == ["error: train.lr: input should be greater than 0, got -1"]
+    assert r.stdout == "" and not (tmp_path / "out").exists()
+    # The same frame in-process, for the other kinds of bad input.
+    assert te.main(["--params", str(tmp_path / "nope.yaml")]) == 2
+    assert te.main(["--params", str(REPO / "params.yaml"), "--set", "nokey"]) == 2
+    assert te.main(["--params", str(REPO / "params.yaml"), "--set", "train.nope=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [f"error: {tmp_path / 'nope.yaml'}: params file not found",
+                       "error: nokey: an override must look like section.key=value"]
+    assert err[2].startswith("error: train.nope: unknown key; known keys of train: steps, ") and len(err) == 3
+
+
+# -- a real Prefect server on loopback, the deployments served by `python -m flows.serve` ----------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", te.FLOW_RUN_ENV):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME (its SQLite database), once per module."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = _base_env(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    log = home / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not flows_serve.api_healthy(url):
+            assert proc.poll() is None, f"prefect server exited with {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"prefect server not healthy after 180 s:\n{_tail(log)}"
+            time.sleep(1.0)
+        yield {"url": url, "home": home, "env": env}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_api, tmp_path_factory):
+    """`python -m flows.serve` in a temporary working folder: prefect.yaml's deployments, runs executed there."""
+    work = tmp_path_factory.mktemp("work")
+    log = work / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=work, env=prefect_api["env"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not all(_deployment_exists(prefect_api["url"], n) for n in ("local", "cifar10")):
+            assert proc.poll() is None, f"flows.serve exited with {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"deployments not registered after 180 s:\n{_tail(log)}"
+            time.sleep(1.0)
+        yield {**prefect_api, "work": work, "log": log}
+    finally:
+        _stop(proc)
+
+
+def _deployment_exists(url: str, name: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/deployments/name/train-eval/{name}", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _deployment_run(api: dict, name: str, **params) -> tuple[subprocess.CompletedProcess, str, float]:
+    """`prefect deployment run 'train-eval/<name>' --param k=v … --watch`: the result, flow-run id, seconds."""
+    args = [PREFECT, "deployment", "run", f"train-eval/{name}", "--watch", "--watch-timeout", "900"]
+    for key, value in params.items():
+        args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    t0 = time.monotonic()
+    r = subprocess.run(args, cwd=api["work"], env=api["env"], capture_output=True, text=True, timeout=960)
+    seconds = time.monotonic() - t0
+    found = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout)
+    assert found, f"no flow run created:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    print(f"prefect deployment run train-eval/{name} {params}: exit {r.returncode} after {seconds:.1f} s")
+    return r, found.group(1), seconds
+
+
+@contextmanager
+def _settings(api: dict):
+    """This process talks to the test's server (flows run in-process report there too)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with temporary_settings({PREFECT_API_URL: api["url"], PREFECT_HOME: str(api["home"])}):
+        try:
+            yield
+        finally:  # flush this process's log and event senders while the server still answers
+            APILogWorker.drain_all(timeout=10, at_exit=False)
+            EventsWorker.drain_all(timeout=10, at_exit=False)
+
+
+@contextmanager
+def _client(api: dict):
+    from prefect.client.orchestration import get_client
+
+    with _settings(api), get_client(sync_client=True) as client:
+        yield client
+
+
+def _task_runs(client, flow_run_id: str) -> dict[str, list]:
+    """The flow run's task runs by stage, oldest first."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_stage: dict[str, list] = {}
+    for tr in sorted(runs, key=lambda t: t.expected_start_time or t.created):
+        by_stage.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr)
+    return by_stage
+
+
+def _states(client, flow_run_id: str) -> dict[str, str]:
+    return {stage: runs[-1].state.name for stage, runs in _task_runs(client, flow_run_id).items()}
+
+
+def _output(r: subprocess.CompletedProcess) -> str:
+    return f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served, tiny_params):
+    work = served["work"]
+    params = work / "params.yaml"
+    tiny_params["tracking"] = {"enabled": True}  # the MLflow run must carry the flow-run id (part 3)
+    params.write_text(yaml.safe_dump(tiny_params))
+    out = work / "run"
+    missing = work / "no-such-weights.pth"
+
+    # 1. The evaluate stage cannot run (Inception weights missing): Failed with the stage's one-line message.
+    r1, run1, _ = _deployment_run(served, "local", params=str(params), out=str(out), overrides={
+        "evaluate.feature_extractor": "inception-v3-compat", "evaluate.inception_weights": str(missing)})
+    assert r1.returncode == 1, _output(r1) + _tail(served["log"])
+    with _client(served) as c:
+        state = c.read_flow_run(run1).state
+        assert state.type.value == "FAILED"
+        assert state.message.startswith(f"evaluate: evaluate.inception_weights: {missing} not found"), state.message
+        assert _states(c, run1) == {"fetch": "Completed", "train_classifier": "Completed", "train": "Completed",
+                                    "sample": "Completed", "evaluate": "Failed"}
+    ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    assert [p.name for p in ckpts][-1] == f"ckpt_{tiny_params['train']['steps']:08d}.pt"
+    stamps = {p: p.stat().st_mtime_ns for p in [*ckpts, out / "samples" / "grid.png", out / "models" / "classifier.pt"]}
+
+    # 2. Cause fixed (the default, classifier features): only evaluate runs, the rest comes from the cache.
+    r2, run2, seconds = _deployment_run(served, "local", params=str(params), out=str(out))
+    assert r2.returncode == 0, _output(r2) + _tail(served["log"])
+    assert "Flow run finished successfully in 'Completed'" in r2.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing upstream was rewritten
+    metrics = json.loads((out / "metrics" / "eval.json").read_text())
+    assert metrics["feature_extractor"] == "ddpm-classifier" and metrics["num_generated"] == 24
+    with _client(served) as c:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        assert c.read_flow_run(run2).state.name == "Completed"
+        assert _states(c, run2) == {"fetch": "Cached", "train_classifier": "Cached", "train": "Cached",
+                                    "sample": "Cached", "evaluate": "Completed"}
+        artifacts = {a.key: a for a in c.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run2])))}
+    assert {"train-eval-summary", "train-eval-metrics"} <= set(artifacts)
+    summary = artifacts["train-eval-summary"]
+    assert summary.type == "markdown"
+    assert "| evaluate | ran |" in summary.data and "| train | cached |" in summary.data
+    assert f"| FID | {metrics['fid']:.4g} | {metrics['floor']['fid']:.4g} |" in summary.data
+    assert str(out / "samples" / "grid.png") in summary.data and run2 in summary.data
+    table = artifacts["train-eval-metrics"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    fid = next(row for row in rows if row["metric"] == "FID")
+    assert fid["samples"] == pytest.approx(metrics["fid"]) and fid["real-vs-real floor"] == pytest.approx(
+        metrics["floor"]["fid"])
+    print(f"rerun after the fix: `prefect deployment run` to Completed in {seconds:.1f} s")
+
+    # 3. The MLflow run the evaluate stage logged into carries this flow run's id.
+    from mlflow import MlflowClient
+
+    ml = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = ml.get_experiment_by_name("digits")
+    tagged = ml.search_runs([exp.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{run2}'")
+    assert tagged and tagged[0].data.metrics["fid"] == pytest.approx(metrics["fid"])
+
+
+@pytest.mark.slow
+def test_invalid_override_fails_the_flow_before_any_stage(served, tiny_params, tmp_path, monkeypatch):
+    monkeypatch.delenv(te.FLOW_RUN_ENV, raising=False)  # the flow sets it in this process; restored after
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params))
+    with _client(served) as c:
+        state = te.train_eval(params=str(params), overrides={"train.lr": -1}, out=str(tmp_path / "out"),
+                              return_state=True)
+        assert state.is_failed() and state.message == "train.lr: input should be greater than 0, got -1"
+        assert _task_runs(c, state.state_details.flow_run_id) == {}
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_stage_failure_is_one_line_after_fetch_retries(served, tiny_params, tmp_path, capfd, monkeypatch):
+    """`python -m flows.train_eval` (here its main, in this process) with an image folder that does not exist."""
+    monkeypatch.delenv(te.FLOW_RUN_ENV, raising=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params))
+    missing, out = tmp_path / "no-such-images", tmp_path / "out"
+    with _settings(served):
+        code = te.main(["--params", str(params), "--out", str(out), "--set", "data.dataset=image-folder",
+                        "--set", f"data.root={missing}", "--set", "data.image_size=8", "--set", "data.channels=1"])
+    stdout, stderr = capfd.readouterr()
+    assert code == 2, stderr[-3000:]
+    assert stderr.splitlines()[-1] == (f"error: fetch: image-folder: {missing} is not a folder "
+                                       "(set data.root to the folder of PNG/JPEG images)")
+    assert "Traceback" not in stdout + stderr
+    with _client(served) as c:
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        run = next(fr for fr in c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+                   if fr.parameters.get("out") == str(out))
+        assert run.state.type.value == "FAILED" and run.state.message.startswith("fetch: image-folder:")
+        fetch_runs = _task_runs(c, str(run.id))
+    assert list(fetch_runs) == ["fetch"] and fetch_runs["fetch"][-1].run_count == 3  # 2 retries, then failed
