@@ -69,10 +69,10 @@ _SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 
 
 # -- identity, place and params ------------------------------------------------------------------------------------
-def _execution_keys() -> dict[str, frozenset]:
-    from .train import RESUMABLE_KEYS  # at call time: tasks.train imports this module
+def _execution_keys(cfg: Config) -> dict[str, frozenset]:
+    from .train import resumable_keys  # at call time: tasks.train imports this module
 
-    return {"train": frozenset(RESUMABLE_KEYS), "sample": _SAMPLE_EXECUTION_KEYS,
+    return {"train": resumable_keys(cfg), "sample": _SAMPLE_EXECUTION_KEYS,
             "evaluate": _EVALUATE_EXECUTION_KEYS}
 
 
@@ -82,7 +82,7 @@ def params_hash(cfg: Config) -> str:
     import hashlib
 
     d = cfg.to_dict()
-    skip = _execution_keys()
+    skip = _execution_keys(cfg)
     blob = {s: {k: v for k, v in values.items() if k not in skip.get(s, ())}
             for s, values in d.items() if s not in _UNHASHED_SECTIONS}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()

@@ -51,8 +51,16 @@ from .common import (
 )
 
 # Keys that may change without invalidating checkpoints: how long and how often, not what is learned.
-RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
-                  "max_failures"}
+RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
+                            "max_failures"})
+
+
+def resumable_keys(cfg: Config) -> frozenset[str]:
+    """``RESUMABLE_KEYS``, less ``steps`` under a cosine lr schedule: its decay is laid over ``train.steps``, so a
+    longer run is a different curve from step 0, not a continuation."""
+    return RESUMABLE_KEYS - {"steps"} if cfg.train.lr_schedule == "cosine" else RESUMABLE_KEYS
+
+
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
 
@@ -67,7 +75,7 @@ def run_key(cfg: Config, data_sha: str) -> dict[str, Any]:
         "data_sha256": data_sha,
         "model": d["model"],
         "diffusion": d["diffusion"],
-        "train": {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS},
+        "train": {k: v for k, v in d["train"].items() if k not in resumable_keys(cfg)},
     }
 
 
