@@ -44,6 +44,8 @@ class DataConfig(_Section):
     image_size: Optional[int] = Field(default=None, gt=0)  # null: the dataset's native size
     channels: Optional[Literal[1, 3]] = None  # null: native; image-folder defaults to 3
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)  # for datasets with no official test split
+    # false: an i.i.d. holdout, so the FID floor carries the class-count noise a sampler's output has
+    stratify_holdout: StrictBool = False
     max_train: Optional[int] = Field(default=None, gt=0)  # cap the training split (quick experiments)
     seed: int = 0
 

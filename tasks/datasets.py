@@ -383,15 +383,19 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
-def split_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split, bool]:
-    """Seeded random split into (train, holdout, stratified). Stratified by label when the data is labeled and
-    every class can be represented on both sides; scikit-learn rounds the holdout size up (ceil(fraction * N)).
-    Both parts keep the source order."""
+def split_holdout(split: Split, fraction: float, seed: int, stratify: bool = False) -> tuple[Split, Split, bool]:
+    """Seeded random split into (train, holdout, stratified); scikit-learn rounds the holdout size up
+    (ceil(fraction * N)). Both parts keep the source order.
+
+    The default is a plain random split: the holdout is then an i.i.d. draw, like a perfect sampler's output, so
+    the real-vs-real FID floor measured on it includes the class-proportion noise every generated set has. A
+    stratified holdout (``stratify``, when the data is labeled and every class fits on both sides) has exact class
+    proportions and gives a floor that no sampler drawing i.i.d. images can expect to reach."""
     from sklearn.model_selection import train_test_split
 
     n = len(split.labels)
     index = np.arange(n)
-    labeled = bool(n) and bool((split.labels >= 0).all())
+    labeled = stratify and bool(n) and bool((split.labels >= 0).all())
     try:
         train_idx, hold_idx = train_test_split(
             index, test_size=fraction, random_state=seed, stratify=split.labels if labeled else None
@@ -445,7 +449,7 @@ def prepare(data: DataConfig) -> Prepared:
     if src.test is not None:
         train, holdout, how = src.train, src.test, {"kind": "official-test"}
     else:
-        train, holdout, stratified = split_holdout(src.train, data.holdout_fraction, data.seed)
+        train, holdout, stratified = split_holdout(src.train, data.holdout_fraction, data.seed, data.stratify_holdout)
         how = {"kind": "random-split", "fraction": data.holdout_fraction, "seed": data.seed,
                "stratified": stratified}
     train = cap(train, data.max_train, data.seed)

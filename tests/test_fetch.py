@@ -95,10 +95,26 @@ def read_back(out: Path):
 
 
 # -- digits ---------------------------------------------------------------------------------------------------------
+def test_digits_default_holdout_is_a_plain_random_draw(tiny_config, tmp_path):
+    meta = fetch.run(tiny_config(), tmp_path / "ds")
+    train, hold, _ = read_back(tmp_path / "ds")
+    assert meta["count"] == {"train": 1437, "holdout": 360}
+    assert meta["holdout"] == {"kind": "random-split", "fraction": 0.2, "seed": 0, "stratified": False}
+    counts = np.bincount(hold.labels, minlength=10)
+    # i.i.d.: class counts vary like a multinomial draw instead of being pinned to 36 each.
+    assert counts.sum() == 360 and counts.min() > 0 and counts.max() - counts.min() > 2
+    assert not np.array_equal(counts, np.bincount(read_stratified(tiny_config, tmp_path), minlength=10))
+
+
+def read_stratified(tiny_config, tmp_path):
+    fetch.run(tiny_config({"data.stratify_holdout": True}), tmp_path / "strat")
+    return read_back(tmp_path / "strat")[1].labels
+
+
 def test_digits_split_is_stratified_complete_and_exact(tiny_config, tmp_path):
     from sklearn.datasets import load_digits
 
-    meta = fetch.run(tiny_config(), tmp_path / "ds")
+    meta = fetch.run(tiny_config({"data.stratify_holdout": True}), tmp_path / "ds")
     train, hold, saved = read_back(tmp_path / "ds")
     assert saved == meta
     # scikit-learn rounds the holdout up: ceil(0.2 * 1797) = 360.
@@ -332,7 +348,7 @@ def test_image_folder_gray_and_class_subfolders(tiny_config, tmp_path):
         for i in range(4):
             Image.fromarray(rgb_image(16, 16, 10 * k + i)).save(root / cls / f"{i}.png")
     cfg = config(tiny_config, data__dataset="image-folder", data__root=str(root), data__image_size=8,
-                 data__channels=1, data__holdout_fraction=0.25)
+                 data__channels=1, data__holdout_fraction=0.25, data__stratify_holdout=True)
     meta = fetch.run(cfg, tmp_path / "ds")
     train, hold, _ = read_back(tmp_path / "ds")
     assert meta["classes"] == ["cat", "dog"] and meta["num_classes"] == 2 and meta["shape"] == [1, 8, 8]
@@ -347,7 +363,8 @@ def test_image_folder_small_classes_fall_back_to_a_random_split(tiny_config, tmp
         (root / cls).mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rgb_image(8, 8, i)).save(root / cls / f"{i}.png")
-    cfg = config(tiny_config, data__dataset="image-folder", data__root=str(root), data__image_size=8)
+    cfg = config(tiny_config, data__dataset="image-folder", data__root=str(root), data__image_size=8,
+                 data__stratify_holdout=True)
     meta = fetch.run(cfg, tmp_path / "ds")
     assert meta["count"] == {"train": 4, "holdout": 1} and meta["classes"] == ["cat", "dog"]
     assert meta["holdout"] == {"kind": "random-split", "fraction": 0.2, "seed": 0, "stratified": False}
