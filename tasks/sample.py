@@ -191,7 +191,12 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
         if use_gpu == "auto":
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         total_cpus = int(ray.cluster_resources().get("CPU", 1))
-        workers = min(s.num_workers, len(todo))
+        # Never ask for more actors than the cluster can place at once: an actor waiting for resources would
+        # hold its share of the shards forever.
+        slots = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else total_cpus
+        workers = max(1, min(s.num_workers, len(todo), slots))
+        if workers < s.num_workers and workers < len(todo):
+            print(f"sample.num_workers: {s.num_workers} actors do not fit; using {workers}")
         threads = 1 if use_gpu else max(1, total_cpus // workers)
         Actor = ray.remote(num_cpus=threads if not use_gpu else 1, num_gpus=1 if use_gpu else 0)(ShardSampler)
         actors = [Actor.remote(str(ckpt), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)

@@ -63,8 +63,9 @@ def test_train_two_workers_resume_and_sample_shards(tiny_config, tmp_path, ray_l
     assert [s for s, _ in list_checkpoints(ckpts)][-1] == 3
 
     # Sampling over 2 actors gives the same images as 1 actor with another batch size (seed per sample).
+    # 4 workers asked on 2 CPUs: capped to the 2 actors that fit, instead of waiting on the other two forever.
     out2 = tmp_path / "samples2"
-    s2 = sample.run(_cfg(tiny_config, tmp_path, **{"sample.num_workers": 2}), ckpts, out2)
+    s2 = sample.run(_cfg(tiny_config, tmp_path, **{"sample.num_workers": 4}), ckpts, out2)
     assert s2["count"] == 24 and s2["shards_reused"] == 0
     assert (out2 / "grid.png").stat().st_size > 0
     out1 = tmp_path / "samples1"
