@@ -326,7 +326,7 @@ def load_config(
 
 
 def write_resolved(cfg: Config, folder: os.PathLike | str, name: str = "config.json") -> Path:
-    """Write the resolved config beside a stage's outputs (atomically)."""
+    """Write the resolved config beside a stage's outputs (atomically): ``<folder>/<name>``."""
     from .checkpoint import atomic_write_bytes
 
     path = Path(folder) / name

@@ -27,7 +27,7 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from ddpm.config import Config
+from ddpm.config import Config, write_resolved
 
 from . import tracking
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
@@ -250,6 +250,7 @@ def run(
     if classifier_metrics_path is not None:
         result["classifier_accuracy"] = accuracy
     write_json(metrics_path, result)
+    write_resolved(cfg, Path(metrics_path).parent, f"{Path(metrics_path).stem}.config.json")
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "kid_mean", "isc_mean") if k in result)
     floor_s = ", ".join(f"{k} {floor[k]:.4g}" for k in ("fid", "kid_mean", "isc_mean") if k in floor)
     print(f"{n_gen} samples vs train ({extractor}): {summary}; real-vs-real floor ({len(holdout)} held-out): "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm.config import Config
+from ddpm.config import Config, write_resolved
 
 from .classifier import Classifier, ClassifierArgs, save_classifier
 from .common import StageError, config_from_args, load_dataset, run_cli, stage_parser, to_model_range, write_json
@@ -122,6 +123,7 @@ def run(cfg: Config, data_dir: os.PathLike | str, out_path: os.PathLike | str,
     }
     save_classifier(out_path, model, {"dataset_sha256": data.meta.get("sha256"), "accuracy": acc})
     write_json(metrics_path, metrics)
+    write_resolved(cfg, Path(out_path).parent, f"{Path(out_path).stem}.config.json")
     # Wall time is printed, not stored: the metrics file stays identical across identical runs.
     print(f"classifier: {c.steps} steps in {seconds:.1f} s on {device.type}; held-out accuracy {acc:.4f} "
           f"on {len(x_hold)} images -> {out_path}")

@@ -77,6 +77,10 @@ def test_dvc_repro_end_to_end(tmp_path, repo_root, tiny_params):
     assert (dest / "samples/grid.png").stat().st_size > 0
     assert (dest / "checkpoints/ckpt_00000006.pt").is_file()
     assert (dest / "dvc.lock").is_file()
+    # Every stage writes its resolved config beside its outputs.
+    for resolved in ("data/dataset/config.json", "models/classifier.config.json", "checkpoints/config.json",
+                     "samples/config.json", "metrics/eval.config.json"):
+        assert json.loads((dest / resolved).read_text())["train"]["steps"] == TINY["train"]["steps"], resolved
     loss_rows = (dest / "metrics/train_loss.tsv").read_text().splitlines()
     assert loss_rows[0].split("\t")[:2] == ["step", "loss"] and len(loss_rows) == 1 + TINY["train"]["steps"]
 
