@@ -162,7 +162,9 @@ def to_model_range(images_uint8) -> "torch.Tensor":  # noqa: F821
 
 def to_uint8(x) -> np.ndarray:
     """float [-1, 1] [N, C, H, W] tensor -> uint8 array, rounding to the nearest level."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=__import__("torch").uint8).cpu().numpy()
+    import torch
+
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8).cpu().numpy()
 
 
 # -- devices and Ray ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .common import (
     read_json,
     run_cli,
     sha256_arrays,
+    sha256_file,
     shard_paths,
     stage_parser,
     to_uint8,
@@ -61,15 +62,9 @@ def newest_checkpoint(ckpt_dir: os.PathLike | str) -> Path:
 def sampling_key(cfg: Config, ckpt: Path, step: int) -> str:
     """Identifies what a shard was sampled with: the checkpoint's content and every sampler setting."""
     s = cfg.sample.model_dump()
-    blob = {"checkpoint_sha256": _file_sha(ckpt), "step": step, **{k: s[k] for k in SAMPLER_KEYS},
+    blob = {"checkpoint_sha256": sha256_file(ckpt), "step": step, **{k: s[k] for k in SAMPLER_KEYS},
             "timesteps": cfg.diffusion.timesteps}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    from .common import sha256_file
-
-    return sha256_file(path)
 
 
 def plan_shards(num_samples: int, shard_size: int, base_seed: int) -> list[list[int]]:
