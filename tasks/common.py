@@ -167,6 +167,21 @@ def to_uint8(x) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8).cpu().numpy()
 
 
+def grid_image(images: np.ndarray, min_cell: int = 32) -> np.ndarray:
+    """uint8 images [N, C, H, W] -> one uint8 [H', W', 3] grid (torchvision's make_grid), upscaled by nearest
+    neighbour so that 8x8 digits stay legible."""
+    import math
+
+    import torch
+    from torchvision.utils import make_grid
+
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    scale = max(1, math.ceil(min_cell / x.shape[-1]))
+    x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = make_grid(x, nrow=max(1, math.ceil(math.sqrt(len(x)))), padding=2, pad_value=255)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
 # -- devices and Ray ------------------------------------------------------------------------------------------------
 def want_gpu(use_gpu: bool | str) -> bool:
     import torch

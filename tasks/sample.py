@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -135,18 +134,13 @@ class ShardSampler:
         return Path(path).name, sha256_arrays(images, seeds_arr), time.perf_counter() - t0
 
 
-def save_grid(images: np.ndarray, path: Path, min_cell: int = 32) -> Path:
-    """A square-ish grid (torchvision make_grid/save_image), upscaled so tiny images stay legible."""
-    from torchvision.utils import make_grid, save_image
+def save_grid(images: np.ndarray, path: Path) -> Path:
+    """The samples as one square-ish PNG grid (the same picture MLflow shows), written atomically."""
+    from PIL import Image
 
-    x = torch.from_numpy(images).float() / 255.0
-    scale = max(1, math.ceil(min_cell / x.shape[-1]))
-    if scale > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
-    grid = make_grid(x, nrow=max(1, int(math.ceil(math.sqrt(x.shape[0])))), padding=2, pad_value=1.0)
-    from ddpm.checkpoint import atomic_write_bytes
+    from .common import atomic_write_bytes, grid_image
 
-    atomic_write_bytes(path, lambda f: save_image(grid, f, format="png"))
+    atomic_write_bytes(path, lambda f: Image.fromarray(grid_image(images)).save(f, format="png"))
     return path
 
 

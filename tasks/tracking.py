@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 import subprocess
@@ -40,8 +39,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-import numpy as np
 
 from ddpm.config import Config
 
@@ -449,7 +446,7 @@ class TrainTracker:
 
         from ddpm.samplers import ddim_sample
 
-        from .common import to_uint8
+        from .common import grid_image, to_uint8
 
         tc = self.cfg.tracking
         x = ddim_sample(model, diffusion, list(range(tc.grid_samples)), self.cfg.data.shape,
@@ -487,19 +484,6 @@ class TrainTracker:
             step=step,
             registered_model_name=self.cfg.tracking.register_model,
         )
-
-
-def grid_image(images: np.ndarray, min_cell: int = 32) -> np.ndarray:
-    """uint8 images [N, C, H, W] -> one uint8 [H', W', 3] grid (torchvision's make_grid), upscaled by nearest
-    neighbour so that 8x8 digits stay legible."""
-    import torch
-    from torchvision.utils import make_grid
-
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    scale = max(1, math.ceil(min_cell / x.shape[-1]))
-    x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    grid = make_grid(x, nrow=max(1, math.ceil(math.sqrt(len(x)))), padding=2, pad_value=255)
-    return grid.permute(1, 2, 0).contiguous().numpy()
 
 
 # -- the sample and evaluate stages --------------------------------------------------------------------------------

@@ -344,8 +344,9 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         raise _user_error_from(e) from None
     t_fit = time.perf_counter() - t1
     rows = read_loss_log(log_path, cfg.train.steps)
+    newest = list_checkpoints(ckpt_dir)[-1:]
     summary = {
-        "steps": int(list_checkpoints(ckpt_dir)[-1][0]) if list_checkpoints(ckpt_dir) else 0,
+        "steps": newest[0][0] if newest else 0,
         "final_loss": float(rows[-1]["loss"]) if rows else None,
         "images_per_s": _median([float(r["images_per_s"]) for r in rows[1:]] or [0.0]),
         "num_workers": workers,
@@ -353,7 +354,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         "ray": how,
         "ray_startup_s": round(t_ray, 2),
         "fit_wall_s": round(t_fit, 2),
-        "checkpoint": str(list_checkpoints(ckpt_dir)[-1][1]) if list_checkpoints(ckpt_dir) else None,
+        "checkpoint": str(newest[0][1]) if newest else None,
     }
     if result.error is not None:
         tracking.training_failed(loop_cfg["tracking"])

@@ -19,6 +19,7 @@ import torch
 from ddpm.checkpoint import load_checkpoint
 from ddpm.unet import UNet
 from tasks import evaluate, fetch, sample, train, train_classifier, tracking
+from tasks.common import grid_image
 
 ON = {"tracking.enabled": True}  # explicit: the tiny test params may turn tracking off for the other tests
 
@@ -128,7 +129,7 @@ def test_fluent_scope_restores_the_process_tracking_uri(monkeypatch):
 def test_grid_image_is_an_rgb_grid():
     images = np.zeros((16, 1, 8, 8), dtype=np.uint8)
     images[3] = 200
-    grid = tracking.grid_image(images)
+    grid = grid_image(images)
     # 4x4 cells of 8 px upscaled to 32, 2 px padding around each.
     assert grid.dtype == np.uint8 and grid.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
     assert grid[2:34, 2 + 3 * 34:34 + 3 * 34].min() == 200 and grid[2:34, 2:34].max() == 0
