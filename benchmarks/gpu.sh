@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU throughput of the paper's CIFAR-10 UNet (35.7M) with this project's library, in one run of <= 8 minutes on one
+# GPU: bf16 training images/s (batch 128 and the largest that fits), 1000-step and DDIM-50 sampling images/s, FID
+# feature-extraction images/s, each with its fraction of the chip's bf16 peak. Random weights, synthetic data:
+# nothing is downloaded. Results: $OUT/gpu_results.json (or benchmarks/results/), one JSON line per measurement.
+#
+#   bash benchmarks/gpu.sh                      # any machine with CUDA, torch and this checkout
+#   PEAK_TFLOPS=990 bash benchmarks/gpu.sh      # another chip: its dense bf16 peak
+#
+# Needs only torch (and torch-fidelity for the FID row); a wheel folder .whl/ beside the checkout is installed into
+# /tmp/site first when torch-fidelity is missing (the offline GPU machines of this project's sessions).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch_fidelity" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+export PYTHONUNBUFFERED=1
+exec timeout "${GPU_BENCH_TIMEOUT:-480}" "$PY" benchmarks/gpu_bench.py --out "${OUT:-benchmarks/results}" \
+    --budget-s "${GPU_BENCH_BUDGET:-400}" --peak-tflops "${PEAK_TFLOPS:-790}" "$@"
