@@ -17,6 +17,7 @@ import torch
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d{8,})\.pt$")
+_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's names in atomic_write_bytes
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +54,18 @@ def atomic_write_bytes(path: os.PathLike | str, write) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that a writer killed mid-write left in ``folder``;
+    return them. Call it only when no other process writes into ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file() and _TMP_RE.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,8 +31,18 @@ USER_ERRORS = (ConfigError, CheckpointError, StageError)
 
 
 # -- command line -------------------------------------------------------------------------------------------------
+DEBUG_ENV = "DDPM_DEBUG"  # set to 1 (or pass --debug) to see the traceback behind an error message
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def stage_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = _OneLineParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument(
         "--set",
@@ -42,6 +52,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a dotted key, e.g. --set train.steps=100 (repeatable)",
     )
+    p.add_argument("--debug", action="store_true", help="on an error, print the full traceback too")
     return p
 
 
@@ -49,12 +60,60 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.params, args.overrides)
 
 
+def check_writable(*folders: os.PathLike | str) -> None:
+    """Create each output folder if needed and check that a file can be written there, before any work is done
+    (a stage that trains for an hour and then cannot save has lost the hour). Raises :class:`StageError`."""
+    import tempfile
+
+    for folder in folders:
+        folder = Path(folder)
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise StageError(f"{folder}: cannot hold output, {blocker} is a file, not a folder")
+        created = [p for p in [folder, *folder.parents] if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise StageError(f"{folder}: not a writable folder ({e.strerror or e}); choose a folder you can "
+                             "write to") from None
+        finally:  # leave no trace: a stage that fails later must not leave empty output folders behind
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError as "path: what went wrong", with a hint for the common unwritable-output case."""
+    where = e.filename if e.filename is not None else "file system"
+    what = e.strerror or str(e) or type(e).__name__
+    unwritable = "; choose a folder you can write to"
+    hint = {1: unwritable, 13: unwritable, 30: "; choose a folder on a writable file system", 28: "; free some space",
+            20: "; a path component is a file, not a folder"}.get(e.errno or 0, "")
+    return f"{where}: {what}{hint}"
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a stage's ``main``; turn user errors into one line on stderr and exit code 2."""
+    """Run a stage's ``main``; turn user errors into one line on stderr and exit code 2.
+
+    User errors are the project's own (:class:`ConfigError`, :class:`CheckpointError`, :class:`StageError`) and
+    file-system errors (an output folder that is not writable, a full disk). ``--debug`` (or ``DDPM_DEBUG=1``)
+    prints the traceback before the line; anything else is a bug and keeps Python's traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         main(argv)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS + (OSError,) as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        line = _os_error_line(e) if isinstance(e, OSError) else str(e)
+        print(f"error: {' '.join(line.split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -193,6 +252,24 @@ def want_gpu(use_gpu: bool | str) -> bool:
     return bool(use_gpu)
 
 
+def check_local_gpus(cfg: Config, section: str) -> None:
+    """Before a local Ray starts: ``<section>.use_gpu: true`` with more ``<section>.num_workers`` than this
+    machine has GPUs would leave Ray waiting forever for GPUs that do not exist; say so instead.
+
+    A configured cluster (``RAY_ADDRESS`` or ``ray.address``) may have GPUs this machine lacks: not checked here.
+    """
+    sec = getattr(cfg, section)
+    if sec.use_gpu is not True or os.environ.get("RAY_ADDRESS") or cfg.ray.address:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if sec.num_workers > have:
+        raise StageError(f"{section}.num_workers: {sec.num_workers} GPU workers asked (use_gpu: true) but this "
+                         f"machine has {have} CUDA device(s); lower {section}.num_workers or set "
+                         f"{section}.use_gpu: auto")
+
+
 def ensure_ray(cfg: Config) -> str:
     """Connect to ``RAY_ADDRESS`` (or ``ray.address``) if set, else start a local Ray sized to this machine.
 
@@ -205,7 +282,11 @@ def ensure_ray(cfg: Config) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
+            source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
+            raise StageError(_join_error(f"{source} {address}", e)) from None
         return f"joined Ray cluster at {address}"
     ray.init(
         num_cpus=cfg.ray.num_cpus or os.cpu_count(),
@@ -213,9 +294,29 @@ def ensure_ray(cfg: Config) -> str:
         object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
         log_to_driver=True,
         configure_logging=False,
-        _node_ip_address="127.0.0.1",  # local Ray stays on loopback
+        # Ray 2.60 still advertises the machine's address and binds its internal gRPC ports on all interfaces
+        # (protected by its token authentication, on by default); the dashboard is off. docs/reliability.md.
+        _node_ip_address="127.0.0.1",
     )
     return f"started local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs"
+
+
+def _join_error(where: str, e: BaseException) -> str:
+    """One line for a failed ``ray.init(address=…)``. ``ray start`` (Ray 2.60) turns on token authentication when
+    ``RAY_AUTH_MODE=token`` or a token exists (a local ``ray.init()`` writes ``~/.ray/auth_token``), and a driver
+    given an explicit address sends its token only under ``RAY_AUTH_MODE=token`` (docs/scaling.md)."""
+    from ray.exceptions import AuthenticationError
+
+    cur: Optional[BaseException] = e
+    for _ in range(10):  # ray.init's ConnectionError is caused by an AuthenticationError, or by a RuntimeError
+        if cur is None:  # whose text holds the AuthenticationError's traceback
+            break
+        if isinstance(cur, AuthenticationError) or "AuthenticationError" in str(cur):
+            return (f"{where}: the Ray cluster refused to let this process join (token authentication); export "
+                    "RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN (or in ~/.ray/auth_token)")
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{where}: cannot join the Ray cluster ({text}); start it (`ray start --head`) or unset the address"
 
 
 def absolute(path: os.PathLike | str) -> Path:

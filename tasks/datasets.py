@@ -212,14 +212,69 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_TEST = "test_batch"
 CIFAR10_META = "batches.meta"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"  # the official archive; extracted from <root> when the folder is missing
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Extract a tar (any compression) or zip archive into ``dest``; return the files written.
+
+    Every member is checked before anything is written: an absolute path, a ``..`` that climbs out of ``dest``,
+    a link pointing outside it, or a device file refuses the whole archive (:class:`~tasks.common.DataError`
+    naming the archive and the member), so a crafted archive can neither write outside ``dest`` nor half-extract.
+    Tar members go through Python's ``data`` extraction filter (PEP 706), which also drops set-uid bits.
+    """
+    import tarfile
+    import zipfile
+
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                target = (root / info.filename).resolve()
+                if info.filename.startswith(("/", "\\")) or (target != root and root not in target.parents):
+                    raise DataError(f"{archive}: member {info.filename!r} would be written outside {dest}; "
+                                    "refusing the archive")
+            z.extractall(root)
+            return [root / n for n in z.namelist() if not n.endswith("/")]
+    try:
+        with tarfile.open(archive) as tar:
+            members, written = tar.getmembers(), []
+            for m in members:
+                try:
+                    kept = tarfile.data_filter(m, str(root))  # a leading "/" is stripped: it stays inside
+                except tarfile.FilterError as e:
+                    raise DataError(f"{archive}: member {m.name!r} refused ({e}); refusing the archive") from None
+                if kept is not None and kept.isfile():
+                    written.append(root / kept.name)
+            tar.extractall(root, members=members, filter="data")
+            return written
+    except (tarfile.TarError, EOFError) as e:  # not tar, truncated, bad compression
+        raise DataError(f"{archive}: not a readable tar or zip archive ({type(e).__name__}: {e})") from None
+
+
+# What the official CIFAR-10 batches hold besides plain dicts, lists, bytes and numbers: numpy arrays.
+_PICKLE_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct",
+                                                                                                 "scalar")}
+_PICKLE_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # protocol-2 bytes
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a batch file that names any other callable (``os.system``,
+    ``builtins.eval``, ...) is refused before that callable is even looked up, so reading runs no code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain data and numpy arrays are read")
 
 
 def _unpickle(path: Path) -> dict:
-    # The official batches are python-2 pickles of dicts with bytes keys; they are trusted input (like a
-    # checkpoint): only point data.root at files you would unpickle anyway.
+    # The official batches are python-2 pickles of dicts with bytes keys.
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _DataUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - unpickling raises anything from EOFError to UnpicklingError
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
@@ -248,19 +303,22 @@ def load_cifar10(root: str | os.PathLike, download: bool = False) -> Source:
     folder = Path(root) / CIFAR10_FOLDER
     expected = [*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META]
     missing = [n for n in expected if not (folder / n).is_file()]
-    if missing and download:
+    archive = Path(root) / CIFAR10_ARCHIVE
+    if missing and download and not archive.is_file():
         from torchvision.datasets import CIFAR10
-        from torchvision.datasets.utils import download_and_extract_archive
+        from torchvision.datasets.utils import download_url
 
-        try:
-            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        try:  # download only; the extraction below is ours, checked member by member
+            download_url(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
             raise DataError(f"cifar10: download into {root} failed: {_one_line(e)}") from None
+    if missing and archive.is_file():
+        extract_archive(archive, root)
         missing = [n for n in expected if not (folder / n).is_file()]
     if missing:
         raise DataError(
-            f"cifar10: missing {', '.join(missing)} in {folder}/ (extract the official cifar-10-python.tar.gz "
-            f"into {root}; data.download: true fetches it on a connected machine)"
+            f"cifar10: missing {', '.join(missing)} in {folder}/ (put the official {CIFAR10_ARCHIVE} in {root} "
+            "or extract it there; data.download: true fetches it on a connected machine)"
         )
     parts = [read_cifar_batch(folder / n) for n in CIFAR10_TRAIN]
     train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))

@@ -24,7 +24,16 @@ from typing import Any, Optional, Sequence
 from ddpm.config import Config, write_resolved
 
 from . import datasets
-from .common import StageError, config_from_args, run_cli, sha256_arrays, stage_parser, write_json, write_npz
+from .common import (
+    StageError,
+    check_writable,
+    config_from_args,
+    run_cli,
+    sha256_arrays,
+    stage_parser,
+    write_json,
+    write_npz,
+)
 
 OWNED = ("dataset.json", "train.npz", "holdout.npz", "config.json")  # dataset.json first: it marks "complete"
 
@@ -53,6 +62,7 @@ def run(cfg: Config, out_dir: os.PathLike | str) -> dict[str, Any]:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise StageError(f"{out}: exists and is not a folder (--out must name a folder)")
+    check_writable(out)
     data = datasets.prepare(cfg.data)
     meta = describe(cfg, data)
 

@@ -23,7 +23,16 @@ from tqdm import tqdm
 from ddpm.config import Config, write_resolved
 
 from .classifier import Classifier, ClassifierArgs, save_classifier
-from .common import StageError, config_from_args, load_dataset, run_cli, stage_parser, to_model_range, write_json
+from .common import (
+    StageError,
+    check_writable,
+    config_from_args,
+    load_dataset,
+    run_cli,
+    stage_parser,
+    to_model_range,
+    write_json,
+)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -71,6 +80,7 @@ def run(cfg: Config, data_dir: os.PathLike | str, out_path: os.PathLike | str,
     steps), steps. Raises :class:`StageError` for a dataset without labels.
     """
     c = cfg.classifier
+    check_writable(Path(out_path).parent, Path(metrics_path).parent)
     data = load_dataset(data_dir)
     if data.num_classes < 2:
         raise StageError(
