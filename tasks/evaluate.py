@@ -6,9 +6,15 @@ sample count as the generated set (all of the holdout when it is smaller, which 
 can only be judged relative to that floor: FID is biased by sample count and feature space.
 
 Features come from the dataset's own classifier (:mod:`tasks.classifier`) on labeled grayscale datasets and
-from torch-fidelity's Inception-v3 otherwise (``evaluate.feature_extractor``). The training-set features and
-statistics are computed once and cached in ``--ref-dir`` by torch-fidelity, under a name built from the
-dataset content hash, the feature extractor (and classifier weights) and the image shape.
+from torch-fidelity's Inception-v3 otherwise (``evaluate.feature_extractor``); the Inception weights file must
+have the pinned SHA-256 and is read with ``weights_only=True``. FID is "statistics, then distance": the training
+split's statistics are a keyed entry of ``--ref-dir`` (:mod:`tasks.refstats`), used only when the dataset hash,
+split, image shape, extractor (name, weights hash, layer), preprocessing and image count all match; or a published
+``.npz`` of (mu, sigma) given as ``evaluate.reference``.
+
+With ``evaluate.repeats: k`` the samples are k disjoint seed ranges of equal size (the sample stage draws
+k * sample.num_samples); each metric is reported per range with its mean (the top-level value), std and min.
+``eval.json`` carries a ``provenance`` block: counts, seed ranges, sampler, checkpoint, extractor, library versions.
 
     python -m tasks.evaluate --params params.yaml --data data/dataset --samples samples \
         --classifier models/classifier.pt --classifier-metrics metrics/classifier.json \
@@ -17,6 +23,7 @@ dataset content hash, the feature extractor (and classifier weights) and the ima
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -26,12 +33,18 @@ import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from ddpm.config import Config, write_resolved
 
-from . import tracking
+from . import refstats, tracking
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
-from .classifier import load_classifier
+from .classifier import ClassifierFeatureExtractor, load_classifier
 from .common import (
     DatasetArtifact,
     StageError,
@@ -49,6 +62,12 @@ from .common import (
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+# What the extractor sees of the uint8 images (samples are rounded to the nearest of 256 levels, see to_uint8).
+PREPROCESSING = {
+    INCEPTION_EXTRACTOR: "uint8 RGB (gray repeated), TF1-compatible bilinear resize to 299x299, (x-128)/128, float32",
+    CLASSIFIER_EXTRACTOR: "uint8 (gray channel), native size, x/127.5-1, float32",
+}
+METRICS = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "precision", "recall", "f_score")
 
 # torch-fidelity's result keys -> ours.
 METRIC_KEYS = {
@@ -79,6 +98,7 @@ class UInt8Images(Dataset):
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
+# -- the feature extractors ------------------------------------------------------------------------------------------
 def resolve_extractor(cfg: Config, data: DatasetArtifact) -> str:
     """``evaluate.feature_extractor`` resolved: auto -> the classifier for labeled grayscale data, else Inception."""
     choice = cfg.evaluate.feature_extractor
@@ -101,23 +121,104 @@ def inception_weights_path(cfg: Config) -> str:
     return str(path)
 
 
-def reference_key(data: DatasetArtifact, extractor_tag: str) -> str:
-    """Cache name of the training-set statistics: dataset content hash, feature extractor, image shape."""
-    sha = data.meta.get("sha256") or sha256_arrays(data.train.images)
-    c, h, w = data.shape
-    name = str(data.meta.get("dataset", "data")).replace(os.sep, "_")
-    return f"{name}-train-{sha[:16]}-{c}x{h}x{w}-{extractor_tag}"
+def check_inception_sha256(path: os.PathLike | str, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise StageError(f"evaluate.inception_weights: {path} has SHA-256 {actual}, expected {expected} "
+                         f"(torch-fidelity's {INCEPTION_WEIGHTS_FILE}, see evaluate.inception_sha256); "
+                         f"download it again from {INCEPTION_WEIGHTS_URL}")
 
 
-def fidelity(images: np.ndarray, fidelity_kwargs: dict[str, Any], *, kid_subset_size: int) -> dict[str, float]:
-    """torch-fidelity metrics of ``images`` (input1) against the cached training reference (input2)."""
-    out = torch_fidelity.calculate_metrics(input1=UInt8Images(images), kid_subset_size=kid_subset_size,
-                                           **fidelity_kwargs)
+def load_inception_weights(path: os.PathLike | str, expected_sha256: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``path``, after checking its SHA-256 against ``expected_sha256``; read with
+    ``weights_only=True`` (no pickle code runs, whatever the torch version's default). Raises :class:`StageError`."""
+    check_inception_sha256(path, sha256_file(path), expected_sha256)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise StageError(f"evaluate.inception_weights: {path} does not load as plain tensors with weights_only=True "
+                         f"({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StageError(f"evaluate.inception_weights: {path} is not a state dict of tensors")
+    return state
+
+
+class VerifiedInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3 (its architecture, resize and layers) with weights from a file that has the
+    pinned SHA-256 and was read with ``weights_only=True``.
+
+    torch-fidelity itself unpickles its weights argument with ``weights_only=False``; it is handed our own in-memory
+    serialisation of the already-loaded tensors, never the file's bytes.
+    """
+
+    def __init__(self, name: str, features_list, feature_extractor_weights_path: Optional[str] = None,
+                 expected_sha256: Optional[str] = None, **kwargs):
+        if feature_extractor_weights_path is None or expected_sha256 is None:
+            raise ValueError("VerifiedInceptionV3 needs feature_extractor_weights_path and expected_sha256")
+        state = load_inception_weights(feature_extractor_weights_path, expected_sha256)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        try:
+            super().__init__(name, features_list, feature_extractor_weights_path=buf, **kwargs)
+        except RuntimeError:  # load_state_dict: missing or unexpected keys, size mismatches
+            want = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+            missing = [k for k in want if k not in state]
+            unexpected = [k for k in state if k not in want]
+            wrong = [f"{k}: shape {tuple(state[k].shape)}, expected {want[k]}" for k in want
+                     if k in state and tuple(state[k].shape) != want[k]]
+            parts = ([f"{len(missing)} missing tensors (e.g. {missing[0]})"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []) + wrong[:3]
+            raise StageError(f"evaluate.inception_weights: {feature_extractor_weights_path} does not fit "
+                             f"torch-fidelity's Inception-v3 ({'; '.join(parts)})") from None
+
+
+def build_extractor(extractor: str, weights: str, layers: list[str], cuda: bool, expected_sha256: str):
+    if extractor == CLASSIFIER_EXTRACTOR:
+        return create_feature_extractor(CLASSIFIER_EXTRACTOR, layers, cuda=cuda, feature_extractor_weights_path=weights,
+                                        verbose=False)
+    fe = VerifiedInceptionV3(INCEPTION_EXTRACTOR, layers, feature_extractor_weights_path=weights,
+                             expected_sha256=expected_sha256)
+    return fe.cuda() if cuda else fe
+
+
+def extract(fe, images: np.ndarray, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
+    """Features of uint8 images [N, C, H, W]: {layer: float [N, D]} (on the CPU)."""
+    return get_featuresdict_from_dataset(UInt8Images(images), fe, batch_size, cuda, save_cpu_ram=True,
+                                         verbose=sys.stderr.isatty())
+
+
+def compare(feats: dict[str, torch.Tensor], ref: refstats.Reference, layer: str, isc_layer: str, which: dict[str, bool],
+            kid_subset_size: int, seed: int) -> dict[str, float]:
+    """The enabled metrics of ``feats`` (generated or held-out) against the reference statistics."""
+    out: dict[str, Any] = {}
+    x = feats[layer]
+    if which["fid"]:
+        mu, sigma = refstats.fid_statistics(x.numpy())
+        out.update(fid_statistics_to_metric({"mu": mu, "sigma": sigma}, {"mu": ref.mu, "sigma": ref.sigma}, False))
+    if which["kid"]:
+        out.update(kid_features_to_metric(x, torch.from_numpy(ref.features), kid_subset_size=kid_subset_size,
+                                          rng_seed=seed, verbose=False))
+    if which["isc"]:
+        out.update(isc_features_to_metric(feats[isc_layer], rng_seed=seed))
+    if which["prc"]:
+        out.update(prc_features_to_metric(x, torch.from_numpy(ref.features), save_cpu_ram=True, verbose=False))
     return {METRIC_KEYS[k]: float(v) for k, v in out.items() if k in METRIC_KEYS}
 
 
-def _cache_files(ref_dir: Path, key: str) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in ref_dir.glob(f"{key}-*.pt")}
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Each value, their mean, sample std (None for one value) and min (EDM reports the min of 3)."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"values": [float(v) for v in a], "mean": float(a.mean()),
+            "std": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min())}
+
+
+def _sample_manifest(samples_dir: Path) -> dict[str, Any]:
+    path = samples_dir / "samples.json"
+    if not path.is_file():
+        return {}
+    m = read_json(path)
+    return m if isinstance(m, dict) else {}
 
 
 def run(
@@ -132,24 +233,33 @@ def run(
     """Evaluate the samples in ``samples_dir`` against ``data_dir``'s train split; write ``metrics_path``.
 
     ``classifier_path`` is the weights file of the classifier feature extractor (unused with Inception);
-    ``ref_dir`` caches the training-set statistics; ``classifier_metrics_path`` (optional) supplies the
+    ``ref_dir`` holds the keyed training-set statistics; ``classifier_metrics_path`` (optional) supplies the
     classifier's held-out accuracy. Raises :class:`StageError` (or :class:`~ddpm.checkpoint.CheckpointError`)
     for anything the user can fix. Returns the metrics written::
 
-        {"feature_extractor": "ddpm-classifier" | "inception-v3-compat", "reference": "train",
-         "reference_key": str, "num_generated": int, "num_reference": int,
-         "fid": float, "kid_mean": float, "kid_std": float, "kid_subset_size": int,   # when enabled
-         "isc_mean": float, "isc_std": float,                                        # when IS is on
-         "precision": float, "recall": float, "f_score": float,                      # when evaluate.prc
+        {"feature_extractor": "ddpm-classifier" | "inception-v3-compat", "reference": "train" | <published .npz>,
+         "reference_key": str, "num_generated": int (per repeat), "num_reference": int | None,
+         "fid": float, "kid_mean": float, "kid_std": float, "kid_subset_size": int,   # when enabled; with
+         "isc_mean": float, "isc_std": float,                                        # repeats: their means
+         "precision": float, "recall": float, "f_score": float,
+         "repeats": k, "per_repeat": {metric: {"values": [k floats], "mean", "std" (None for k=1), "min"}},
          "floor": {"num_holdout": int, "num_reference": int, <the same metric keys>, "note": str (optional)},
-         "fid_ratio": fid / floor fid, "classifier_accuracy": float (with classifier_metrics_path)}
+         "fid_ratio": fid / floor fid, "classifier_accuracy": float (with classifier_metrics_path),
+         "provenance": {num_generated, num_generated_total, num_reference, repeats, seed_range, seed_ranges,
+                        sampler, steps, eta, checkpoint: {path, step, ema}, feature_extractor: {name,
+                        weights_sha256, layer, preprocessing}, reference: {...}, libraries: {...}}}
     """
     ev = cfg.evaluate
+    samples_dir = Path(samples_dir)
     data = load_dataset(data_dir)
     extractor = resolve_extractor(cfg, data)
     isc = (data.shape[0] == 3) if ev.isc == "auto" else ev.isc
     if not (ev.fid or ev.kid or isc or ev.prc):
         raise StageError("evaluate: every metric is off; enable at least one of evaluate.fid, kid, isc, prc")
+    if ev.reference and (ev.kid or ev.prc):
+        raise StageError(f"evaluate.reference: {ev.reference} holds (mu, sigma) only, KID and precision/recall need "
+                         "the reference features; set evaluate.kid: false and evaluate.prc: false (or "
+                         "evaluate.reference: null)")
 
     # Resolve the feature extractor before touching the samples: a missing file is the commonest error.
     if extractor == CLASSIFIER_EXTRACTOR:
@@ -163,85 +273,130 @@ def run(
         if state.get("dataset_sha256") and state["dataset_sha256"] != data.meta.get("sha256"):
             print(f"warning: {classifier_path} was trained on another version of the dataset; "
                   "rerun train_classifier for comparable metrics", file=sys.stderr)
-        weights, tag = str(classifier_path), f"clf{sha256_file(classifier_path)[:12]}"
+        weights, extractor_cls = str(classifier_path), ClassifierFeatureExtractor
     else:
-        weights, tag = inception_weights_path(cfg), "inception"
+        weights, extractor_cls = inception_weights_path(cfg), VerifiedInceptionV3
+    weights_sha = sha256_file(weights)
+    if extractor == INCEPTION_EXTRACTOR:  # a wrong file fails now, not after the samples are read
+        check_inception_sha256(weights, weights_sha, ev.inception_sha256)
     accuracy = read_json(classifier_metrics_path).get("accuracy") if classifier_metrics_path is not None else None
 
-    images, _ = load_samples(samples_dir)
-    n_gen, n_train, n_hold = len(images), len(data.train.images), len(data.holdout.images)
+    images, seeds = load_samples(samples_dir)
+    k, n_total, n_train, n_hold = ev.repeats, len(images), len(data.train.images), len(data.holdout.images)
     if tuple(images.shape[1:]) != data.shape:
         raise StageError(f"{samples_dir}: samples are {'x'.join(map(str, images.shape[1:]))}, the dataset's images "
                          f"are {'x'.join(map(str, data.shape))}")
+    if len(np.unique(seeds)) != n_total:
+        raise StageError(f"{samples_dir}: some seeds occur twice; rerun the sample stage")
+    if k > 1 and n_total != k * cfg.sample.num_samples:
+        raise StageError(f"{samples_dir}: {n_total} samples; evaluate.repeats={k} needs {k} x sample.num_samples="
+                         f"{cfg.sample.num_samples} = {k * cfg.sample.num_samples} (disjoint seed ranges); rerun the "
+                         "sample stage with these params")
+    if n_total % k:
+        raise StageError(f"{samples_dir}: {n_total} samples do not split into evaluate.repeats={k} equal ranges")
+    n_gen = n_total // k
+    per = "" if k == 1 else " per repeat"
     if n_gen < 2:
-        raise StageError(f"{samples_dir}: {n_gen} sample(s); the metrics need at least 2")
+        raise StageError(f"{samples_dir}: {n_gen} sample(s){per}; the metrics need at least 2")
     if ev.prc and n_gen < 4:
-        raise StageError(f"{samples_dir}: {n_gen} samples; precision/recall (evaluate.prc) need at least 4")
+        raise StageError(f"{samples_dir}: {n_gen} samples{per}; precision/recall (evaluate.prc) need at least 4")
     if ev.kid and n_gen < ev.kid_subset_size:
-        raise StageError(f"{samples_dir}: {n_gen} samples, fewer than evaluate.kid_subset_size={ev.kid_subset_size} "
-                         "that KID needs; sample more or lower evaluate.kid_subset_size (or set evaluate.kid: false)")
+        raise StageError(f"{samples_dir}: {n_gen} samples{per}, fewer than evaluate.kid_subset_size="
+                         f"{ev.kid_subset_size} that KID needs; sample more or lower evaluate.kid_subset_size (or set "
+                         "evaluate.kid: false)")
     if ev.kid and n_train < ev.kid_subset_size:
         raise StageError(f"{data_dir}: {n_train} training images, fewer than evaluate.kid_subset_size="
                          f"{ev.kid_subset_size} that KID needs; lower evaluate.kid_subset_size")
 
-    ref_dir = Path(ref_dir)
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    key = reference_key(data, tag)
-    common_kwargs = dict(
-        input2=UInt8Images(data.train.images),
-        input2_cache_name=key,  # torch-fidelity caches this input's features and FID statistics under this name
-        cache=True,
-        cache_root=str(ref_dir),
-        feature_extractor=extractor,
-        feature_extractor_weights_path=weights,
-        fid=ev.fid,
-        kid=ev.kid,
-        isc=isc,
-        prc=ev.prc,
-        batch_size=ev.batch_size,
-        rng_seed=ev.seed,
-        cuda=torch.cuda.is_available(),
-        save_cpu_ram=True,  # in-memory tensors: DataLoader worker processes only add start-up time
-        verbose=sys.stderr.isatty(),
-    )
+    layer = extractor_cls.get_default_feature_layer_for_metric("fid")
+    isc_layer = extractor_cls.get_default_feature_layer_for_metric("isc")
+    layers = sorted({layer} | ({isc_layer} if isc else set()))
+    cuda = torch.cuda.is_available()
+    fe = build_extractor(extractor, weights, layers, cuda, ev.inception_sha256)
+    gen = extract(fe, images, ev.batch_size, cuda)
+    feature_dim = gen[layer].shape[1]
 
-    before = _cache_files(ref_dir, key)
-    metrics: dict[str, Any] = fidelity(images, common_kwargs, kid_subset_size=ev.kid_subset_size)
-    after = _cache_files(ref_dir, key)
-    reused = bool(before) and after == before
-    print(f"reference statistics of the train split ({n_train} images) "
-          f"{'reused from' if reused else 'computed and cached in'} {ref_dir}/{key}-*")
+    want = {"dataset": str(data.meta.get("dataset", "data")), "split": "train",
+            "dataset_sha256": data.meta.get("sha256") or sha256_arrays(data.train.images),
+            "image_shape": list(data.shape), "feature_extractor": extractor,
+            "feature_extractor_weights_sha256": weights_sha, "feature_layer": layer,
+            "preprocessing": PREPROCESSING[extractor], "num_images": n_train}
+    if ev.reference:
+        ref = refstats.load_published(ev.reference, want, feature_dim)
+        print(f"reference statistics: the published {ref.path}"
+              + (f" ({ref.provenance['num_images']} images)" if "num_images" in ref.provenance else ""))
+    else:
+        ref, why = refstats.lookup(ref_dir, want)
+        if ref is not None:
+            print(f"reference statistics of the train split ({n_train} images) reused from {ref.path}")
+        else:
+            print(f"recomputing the reference statistics of the train split ({n_train} images): {why}")
+            train_feats = extract(fe, data.train.images, ev.batch_size, cuda)[layer].numpy()
+            ref = refstats.save(ref_dir, want, train_feats)
+            print(f"reference statistics cached as {ref.path} (+ {ref.path.with_suffix('.json').name})")
 
-    # The floor: real held-out images against the same reference, at the generated sample count.
+    which = {"fid": ev.fid, "kid": ev.kid, "isc": isc, "prc": ev.prc}
+    runs = [compare({name: f[i * n_gen:(i + 1) * n_gen] for name, f in gen.items()}, ref, layer, isc_layer, which,
+                    ev.kid_subset_size, ev.seed) for i in range(k)]
+    per_repeat = {m: summarize([r[m] for r in runs]) for m in METRICS if m in runs[0]}
+    metrics = {m: s["mean"] for m, s in per_repeat.items()}
+
+    # The floor: real held-out images against the same reference, at the per-repeat sample count.
     floor_kid = min(ev.kid_subset_size, n_hold)
     if n_hold > n_gen:
         pick = np.sort(np.random.default_rng(ev.seed).choice(n_hold, n_gen, replace=False))
         holdout = data.holdout.images[pick]
     else:
         holdout = data.holdout.images
-    floor: dict[str, Any] = {"num_holdout": len(holdout), "num_reference": n_train}
+    num_reference = ref.provenance.get("num_images")
+    floor: dict[str, Any] = {"num_holdout": len(holdout), "num_reference": num_reference}
     notes = []
     if n_hold < n_gen:
         notes.append(f"the holdout has {n_hold} images, fewer than the {n_gen} generated; the floor uses all of them")
     if ev.kid and floor_kid < ev.kid_subset_size:
         notes.append(f"floor KID uses subsets of {floor_kid} (the holdout size)")
     # KID needs subsets of 2, precision/recall a 3-nearest-neighbour ball: skip them on a tinier holdout.
-    floor_kwargs = dict(common_kwargs, kid=ev.kid and floor_kid >= 2, prc=ev.prc and len(holdout) > 3)
-    if any(floor_kwargs[m] for m in ("fid", "kid", "isc", "prc")):
-        floor.update(fidelity(holdout, floor_kwargs, kid_subset_size=max(floor_kid, 2)))
+    floor_which = dict(which, kid=ev.kid and floor_kid >= 2, prc=ev.prc and len(holdout) > 3)
+    if any(floor_which.values()):
+        floor.update(compare(extract(fe, holdout, ev.batch_size, cuda), ref, layer, isc_layer, floor_which,
+                             max(floor_kid, 2), ev.seed))
     if ev.kid:
         floor["kid_subset_size"] = floor_kid
     if notes:
         floor["note"] = "; ".join(notes)
 
+    manifest = _sample_manifest(samples_dir)
+    seed_ranges = [[int(seeds[i * n_gen]), int(seeds[(i + 1) * n_gen - 1])] for i in range(k)]
+    ckpt = manifest.get("checkpoint")
+    provenance = {
+        "num_generated": n_gen,
+        "num_generated_total": n_total,
+        "num_reference": num_reference,
+        "repeats": k,
+        "seed_range": [int(seeds[0]), int(seeds[-1])],
+        "seed_ranges": seed_ranges,
+        "sampler": manifest.get("sampler"),
+        "steps": manifest.get("steps"),
+        "eta": manifest.get("eta"),
+        "checkpoint": {"path": ckpt, "step": manifest.get("checkpoint_step"), "ema": manifest.get("use_ema")},
+        "feature_extractor": {"name": extractor, "weights_sha256": weights_sha, "layer": layer,
+                              "preprocessing": PREPROCESSING[extractor]},
+        "reference": {"split": "train", "path": Path(ref.path).name if ref.source != "published" else str(ref.path),
+                      "key": ref.provenance.get("key"), "dataset_sha256": ref.provenance.get("dataset_sha256"),
+                      "published": ref.source == "published"},
+        "libraries": refstats.library_versions(),
+    }
     result: dict[str, Any] = {
         "feature_extractor": extractor,
-        "reference": "train",
-        "reference_key": key,
+        "reference": "train" if ref.source != "published" else str(ref.path),
+        "reference_key": Path(ref.path).stem,
         "num_generated": n_gen,
-        "num_reference": n_train,
+        "num_reference": num_reference,
         **metrics,
+        "repeats": k,
+        "per_repeat": per_repeat,
         "floor": floor,
+        "provenance": provenance,
     }
     if ev.kid:
         result["kid_subset_size"] = ev.kid_subset_size
@@ -251,9 +406,14 @@ def run(
         result["classifier_accuracy"] = accuracy
     write_json(metrics_path, result)
     write_resolved(cfg, Path(metrics_path).parent, f"{Path(metrics_path).stem}.config.json")
-    summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "kid_mean", "isc_mean") if k in result)
-    floor_s = ", ".join(f"{k} {floor[k]:.4g}" for k in ("fid", "kid_mean", "isc_mean") if k in floor)
-    print(f"{n_gen} samples vs train ({extractor}): {summary}; real-vs-real floor ({len(holdout)} held-out): "
+
+    def show(m: str) -> str:
+        s = per_repeat[m]
+        return f"{m} {s['mean']:.4g}" + (f" ± {s['std']:.2g} (min {s['min']:.4g}, {k} repeats)" if k > 1 else "")
+
+    summary = ", ".join(show(m) for m in ("fid", "kid_mean", "isc_mean") if m in per_repeat)
+    floor_s = ", ".join(f"{m} {floor[m]:.4g}" for m in ("fid", "kid_mean", "isc_mean") if m in floor)
+    print(f"{n_gen} samples{per} vs train ({extractor}): {summary}; real-vs-real floor ({len(holdout)} held-out): "
           f"{floor_s} -> {metrics_path}")
     tracking.log_evaluation(cfg, result, data.meta.get("sha256"), samples_dir, metrics_path)
     return result
@@ -266,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--samples", required=True, help="samples folder (output of the sample stage)")
     p.add_argument("--classifier", default=None, help="classifier weights (train_classifier output)")
     p.add_argument("--classifier-metrics", default=None, help="classifier metrics JSON, for its accuracy")
-    p.add_argument("--ref-dir", required=True, help="cache folder of the training-set reference statistics")
+    p.add_argument("--ref-dir", required=True, help="folder of the keyed training-set reference statistics")
     p.add_argument("--out", required=True, help="metrics JSON to write, e.g. metrics/eval.json")
     args = p.parse_args(argv)
     cfg = config_from_args(args)

@@ -56,8 +56,9 @@ MODEL_NAME = "ema_unet"
 GRID_KEY = "train_samples"
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
-# Sections and keys that change where, how fast or how long, not what is computed: changing them keeps the run.
-_UNHASHED_SECTIONS = ("ray", "tracking")
+# Sections and keys that change where, how fast or how long, or only what is reported, not what is computed:
+# changing them keeps the run.
+_UNHASHED_SECTIONS = ("ray", "tracking", "figures", "sampler_table")
 _SAMPLE_EXECUTION_KEYS = frozenset({"num_workers", "use_gpu", "batch_size"})  # one seed per sample
 _EVALUATE_EXECUTION_KEYS = frozenset({"batch_size"})
 # The rank-0 worker gives up on an unreachable server after a few seconds rather than MLflow's minutes of retries.
@@ -152,10 +153,11 @@ class TrackingSetupError(RuntimeError):
 def _tracking_errors() -> tuple[type[BaseException], ...]:
     """What a broken tracking backend raises: MLflow's errors, network and file errors (requests' are OSErrors),
     database errors."""
+    from alembic.util.exc import CommandError  # a schema migration that failed
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    return (MlflowException, OSError, SQLAlchemyError)
+    return (MlflowException, OSError, SQLAlchemyError, CommandError)
 
 
 def _warn(what: str, error: BaseException) -> None:
@@ -187,7 +189,20 @@ def _reachable(uri: str) -> bool:
 def _client(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # Two pipelines that create one new SQLite store at once would both run its schema migrations, and one would
+    # fail: the client (whose constructor creates the store) is made under an exclusive lock beside the database.
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _experiment_id(client, cfg: Config, uri: str) -> str:
@@ -374,9 +389,10 @@ class TrainTracker:
             self.fluent.__exit__(None, None, None)
             raise
         self.active = True
-        self.client = mlflow.MlflowClient(info["uri"])
+        self.client = _client(info["uri"])
         self.logged_upto = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
-        self.images_upto = self.logged_upto  # grids are logged after their step's metrics: none beyond this
+        # Grids are logged after their step's metrics: none beyond this; a fresh training may log step 0's.
+        self.images_upto = self.logged_upto if step > 0 else -1
         self.buffer: list = []
         self.last_flush = time.monotonic()
         for row in rows:
@@ -432,7 +448,9 @@ class TrainTracker:
 
     def grid(self, step: int, model, diffusion) -> None:
         """Every ``tracking.grid_every`` steps and at the last step: a grid sampled from ``model`` (the EMA UNet)
-        with DDIM from the fixed seeds 0 .. ``tracking.grid_samples``-1, logged as stepped image ``train_samples``."""
+        with DDIM from the fixed seeds ``sample.grid_seed`` .. +``tracking.grid_samples``-1 (the same noise at every
+        step and in every run with that grid seed; the final samples/grid.png starts from the same seeds), logged as
+        stepped image ``train_samples``. Step 0 (before any update) is logged when the caller asks for it."""
         tc = self.cfg.tracking if self.active else None
         if tc is None or not tc.grid_every or (step % tc.grid_every and step != self.cfg.train.steps):
             return
@@ -449,7 +467,8 @@ class TrainTracker:
         from .common import grid_image, to_uint8
 
         tc = self.cfg.tracking
-        x = ddim_sample(model, diffusion, list(range(tc.grid_samples)), self.cfg.data.shape,
+        seeds = list(range(self.cfg.sample.grid_seed, self.cfg.sample.grid_seed + tc.grid_samples))
+        x = ddim_sample(model, diffusion, seeds, self.cfg.data.shape,
                         steps=min(tc.grid_steps, diffusion.num_timesteps))
         mlflow.log_image(grid_image(to_uint8(x)), key=GRID_KEY, step=step, synchronous=True)
 
@@ -554,11 +573,24 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
     return _log_stage(cfg, "of the samples", sha, body)
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> dotted keys with values as JSON text (strings as they are), for tags."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
 def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional[str],
                    samples_dir: os.PathLike | str, metrics_path: os.PathLike | str) -> Optional[str]:
     """After the evaluate stage: every number of ``eval.json`` (FID, KID mean/std, IS, precision/recall,
-    ``fid_ratio``, ``classifier_accuracy``; the real-vs-real floor as ``floor_*``) at the training step the
-    samples came from, the feature extractor as a tag and ``eval.json`` as artifact ``evaluate/eval.json``."""
+    ``fid_ratio``, ``classifier_accuracy``; the real-vs-real floor as ``floor_*``; with repeats ``<metric>_mean``,
+    ``_std``, ``_min`` and ``<metric>_r<i>`` per seed range) at the training step the samples came from, the
+    provenance block as tags ``eval.<key>`` (counts, seed ranges, sampler, checkpoint, extractor and weights hash,
+    library versions) and ``eval.json`` as artifact ``evaluate/eval.json``."""
     try:
         step = int(json.loads((Path(samples_dir) / "samples.json").read_text()).get("checkpoint_step") or 0)
     except (OSError, ValueError):
@@ -568,8 +600,12 @@ def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional
         from mlflow.entities import RunTag
 
         values = {**_numbers(result), **_numbers(result.get("floor") or {}, "floor_")}
+        for metric, s in (result.get("per_repeat") or {}).items():
+            values.update(_numbers({k: s.get(k) for k in ("mean", "std", "min")}, f"{metric}_"))
+            values.update({f"{metric}_r{i}": float(v) for i, v in enumerate(s.get("values") or [])})
         tags = {"evaluate.feature_extractor": str(result.get("feature_extractor")),
-                "evaluate.reference_key": str(result.get("reference_key"))}
+                "evaluate.reference_key": str(result.get("reference_key")),
+                **{f"eval.{k}": v for k, v in _flat(result.get("provenance") or {}).items()}}
         client.log_batch(run_id, metrics=_metrics(values, step), tags=[RunTag(k, v) for k, v in tags.items()])
         if Path(metrics_path).is_file():
             client.log_artifact(run_id, str(metrics_path), "evaluate")

@@ -253,7 +253,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert [loss[int(r[0])] for r in tsv] == pytest.approx([float(r[1]) for r in tsv])
     assert any(k.startswith("system/") for k in data_.metrics), sorted(data_.metrics)
-    assert _image_steps(client, run_id, "train_samples") == [3, 6]
+    assert _image_steps(client, run_id, "train_samples") == [0, 3, 6]  # 0: the initial weights
 
     # Sample stage: the grid as an artifact and as the image "samples" at the checkpoint's step.
     artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
@@ -293,7 +293,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
     assert _history_steps(client, run_id, "loss") == list(range(1, 10))
-    assert _image_steps(client, run_id, "train_samples") == [3, 6, 9]
+    assert _image_steps(client, run_id, "train_samples") == [0, 3, 6, 9]
     assert runs[0].data.params["train.steps"] == "6" and runs[0].data.tags["latest.train.steps"] == "9"
     assert len(client.search_model_versions("name = 'ddpm-tiny'")) == 2
 
@@ -323,8 +323,78 @@ def test_default_local_store_without_a_server(tiny_config, tmp_path, ray_local, 
     assert run.info.status == "FINISHED"
     assert tracking.find_run(cfg)["run_id"] == run.info.run_id
     assert _history_steps(client, run.info.run_id, "loss") == [1, 2]
-    assert _image_steps(client, run.info.run_id, "train_samples") == [2]
+    assert _image_steps(client, run.info.run_id, "train_samples") == [0, 2]
     assert list((tmp_path / "mlruns").rglob("train_samples+step+2+*.png"))
     assert list((tmp_path / "mlruns").rglob("MLmodel"))
     assert json.loads((tmp_path / "ckpt" / "run_key.json").read_text())["data_sha256"] == \
         run.data.tags[tracking.DATASET_TAG]
+
+
+# -- comparable grids (fast: the tracker and the sample stage's grid without Ray) ---------------------------------
+def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) -> tuple[bytes, np.ndarray]:
+    """A fresh training's step-0 grid as the train stage logs it (its network seeded as train.py does, the EMA
+    copy); returns the logged PNG file's bytes and the grid it should show."""
+    from ddpm.ema import EMA
+    from ddpm.samplers import ddim_sample
+    from tasks.common import to_uint8
+
+    cfg = tiny_config({**ON, "tracking.experiment": experiment, "tracking.system_metrics": False,
+                       "tracking.grid_samples": 4, "tracking.grid_steps": 3, "sample.grid_seed": grid_seed})
+    torch.manual_seed(cfg.train.seed)
+    ema = EMA(UNet.from_config(cfg.unet_config()), cfg.train.ema_decay)
+    diffusion = train.build_diffusion(cfg.diffusion.model_dump())
+    info = tracking.start_training(cfg, "sha", fresh=True)
+    tracker = tracking.TrainTracker.open(info, cfg, 0, [])
+    tracker.grid(0, ema.module, diffusion)
+    tracker.finish(0, ema.module)
+    (png,) = [p for p in (tmp_path / "mlruns" / experiment).rglob("train_samples+step+0+*.png")
+              if "compressed" not in p.name]
+    seeds = list(range(grid_seed, grid_seed + 4))
+    return png.read_bytes(), grid_image(to_uint8(ddim_sample(ema.module, diffusion, seeds, (1, 8, 8), steps=3)))
+
+
+def test_same_grid_seed_logs_identical_step0_grids(tiny_config, tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    a, want = _step0_grid(tiny_config, "run-a", 7, tmp_path)
+    b, _ = _step0_grid(tiny_config, "run-b", 7, tmp_path)
+    c, want_c = _step0_grid(tiny_config, "run-c", 8, tmp_path)
+    assert a == b  # two runs, same grid seed: the same file, pixel for pixel
+    shown = np.asarray(Image.open(io.BytesIO(a)).convert("RGB"))
+    np.testing.assert_array_equal(shown, want)  # ... and it shows seeds 7..10
+    assert c != a and not np.array_equal(want_c, want)  # another grid seed: other noise
+
+
+def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
+    """samples/grid.png shows seeds grid_seed.. : taken from the samples when they hold them, else sampled; with the
+    training grids' sampler settings its images are the training grid's."""
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.ema import EMA
+    from ddpm.samplers import ddim_sample
+    from tasks.common import to_uint8
+
+    cfg = tiny_config({"sample.grid_seed": 30, "sample.grid_size": 4, "sample.steps": 3, "sample.eta": 0.0})
+    torch.manual_seed(0)
+    model = UNet.from_config(cfg.unet_config())
+    ema = EMA(model, 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ema.update(model)  # the EMA differs from the raw weights, so the test sees which one is used
+    ckpt = tmp_path / "ckpt_00000001.pt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": {}, "step": 1,
+                           "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
+                                      "params": cfg.to_dict()}})
+    diffusion = train.build_diffusion(cfg.diffusion.model_dump())
+    want = to_uint8(ddim_sample(ema.module, diffusion, [30, 31, 32, 33], (1, 8, 8), steps=3))
+
+    images = np.arange(40 * 64, dtype=np.int64).reshape(40, 1, 8, 8).astype(np.uint8)
+    seeds = np.arange(40)
+    np.testing.assert_array_equal(sample.grid_images(cfg, images, seeds, ckpt), images[30:34])
+    got = sample.grid_images(cfg, images[:24], seeds[:24], ckpt)  # the samples lack seeds 30..33
+    np.testing.assert_array_equal(got, want)
