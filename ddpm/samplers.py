@@ -147,3 +147,264 @@ def _progress(iterable, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False)
+
+
+# -- starting from a real image: img2img and inpainting ------------------------------------------------------------
+def start_index(num_timesteps: int, strength: float) -> int:
+    """The 0-indexed timestep an image is diffused to for ``strength`` in [0, 1]: the paper's t = round(strength*T),
+    i.e. index t - 1; -1 means not diffused at all (strength 0, or below half a step)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    return int(round(strength * num_timesteps)) - 1
+
+
+def reverse_pairs(sampler: str, num_timesteps: int, steps: int, t_start: Optional[int] = None) -> list[tuple[int, int]]:
+    """The reverse chain as (t, t_prev) index pairs from ``t_start`` down to -1 (x_0).
+
+    ``"ddpm"`` visits every index; ``"ddim"`` the strided sub-sequence of :func:`ddim_timesteps` below ``t_start``,
+    entered by one (shorter) jump from ``t_start`` itself, so a chain can start at any timestep. Without
+    ``t_start`` it is the plain samplers' chain (DDIM from its top strided index, as :func:`ddim_sample`).
+    """
+    full = t_start is None  # the plain sampler's chain: DDIM then starts at its own top index
+    t_start = num_timesteps - 1 if t_start is None else int(t_start)
+    if not -1 <= t_start < num_timesteps:
+        raise ValueError(f"t_start must be between -1 and {num_timesteps - 1}, got {t_start}")
+    if sampler == "ddpm":
+        seq = list(range(t_start + 1))
+    elif sampler == "ddim" and full:
+        seq = ddim_timesteps(num_timesteps, steps)
+    elif sampler == "ddim":
+        seq = [s for s in ddim_timesteps(num_timesteps, steps) if s < t_start] + ([t_start] if t_start >= 0 else [])
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; known: 'ddpm', 'ddim'")
+    return list(zip(reversed(seq), reversed([-1] + seq[:-1])))
+
+
+class _Stepper:
+    """One reverse step t -> t_prev for either sampler, drawing its noise from the per-sample generators."""
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: str, eta: float, variance, clip_denoised: bool):
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; known: 'ddpm', 'ddim'")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.d, self.sampler, self.eta = diffusion, sampler, eta
+        self.variance = _enum(Variance, variance, "variance")
+        self.clip = clip_denoised
+
+    def __call__(self, model, x: torch.Tensor, step: int, prev: int, noise: SeededNoise):
+        b = x.shape[0]
+        t = torch.full((b,), step, device=x.device, dtype=torch.long)
+        if self.sampler == "ddpm":
+            if prev != step - 1:
+                raise ValueError(f"the ancestral sampler steps one index at a time, got {step} -> {prev}")
+            z = noise.draw() if step > 0 else torch.zeros_like(x)
+            return self.d.p_sample(model, x, t, z, self.variance, self.clip, return_x0=True)
+        t_prev = torch.full((b,), prev, device=x.device, dtype=torch.long)
+        z = noise.draw() if self.eta > 0 and prev >= 0 else torch.zeros_like(x)
+        return self.d.ddim_step(model, x, t, t_prev, self.eta, z, self.clip, return_x0=True)
+
+
+def _check_images(x0: torch.Tensor, seeds: Sequence[int], what: str = "x0") -> None:
+    if x0.ndim != 4 or x0.shape[0] != len(seeds):
+        raise ValueError(f"{what} must be [B, C, H, W] with B = len(seeds) = {len(seeds)}, got {tuple(x0.shape)}")
+
+
+def img2img_sample(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    seeds: Sequence[int],
+    strength: float,
+    *,
+    sampler: str = "ddpm",
+    steps: int = 50,
+    eta: float = 0.0,
+    variance: str | Variance = Variance.FIXED_LARGE,
+    clip_denoised: bool = True,
+    device: torch.device | str | None = None,
+    callback: Optional[StepCallback] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Partial diffusion then denoising (SDEdit; the paper's Fig. 7 reconstructions): draw
+    x_t ~ q(x_t | x_0) (Eq. 4) at t = round(strength * T) and run the reverse chain from there.
+
+    Args:
+        x0: real images [B, C, H, W] in [-1, 1], one per seed.
+        strength: 0 returns ``x0`` unchanged; 1 starts from (almost) pure noise, a fresh sample.
+        sampler: ``"ddpm"`` (Algorithm 2 from t) or ``"ddim"`` (the ``steps``-strided chain below t).
+    Sample i draws its q_sample noise first, then every step's noise, from the generator seeded with ``seeds[i]``.
+    Returns [B, C, H, W].
+    """
+    _check_images(x0, seeds)
+    device = _device_of(model, device)
+    t_start = start_index(diffusion.num_timesteps, strength)
+    x0 = x0.to(device=device, dtype=torch.float32)
+    if t_start < 0:
+        return x0.clone()
+    step_fn = _Stepper(diffusion, sampler, eta, variance, clip_denoised)
+    pairs = reverse_pairs(sampler, diffusion.num_timesteps, steps, t_start)
+    noise = SeededNoise(seeds, x0.shape[1:], device)
+    x = diffusion.q_sample(x0, torch.full((x0.shape[0],), t_start, device=device, dtype=torch.long), noise.draw())
+    with _eval_mode(model), torch.inference_mode():
+        for i, (step, prev) in enumerate(_progress(pairs, progress, f"img2img-{sampler}")):
+            x, pred_x0 = step_fn(model, x, step, prev, noise)
+            if callback is not None:
+                callback(i, step, x, pred_x0)
+    return x
+
+
+def repaint_schedule(pairs: Sequence[tuple[int, int]], jump_length: int = 1,
+                     jump_n_sample: int = 1) -> list[tuple[str, int, int]]:
+    """The visiting order of RePaint (Lugmayr et al. 2022) over a reverse chain's (t, t_prev) pairs.
+
+    Returns moves ``("down", t, t_prev)`` (a reverse step) and ``("up", t_prev, t)`` (re-noise with q). After every
+    ``jump_length``-th reverse step (except near the end) the chain goes back up ``jump_length`` steps and down again,
+    ``jump_n_sample - 1`` times; ``jump_n_sample=1`` is plain replacement, no resampling.
+    """
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length} and {jump_n_sample}")
+    moves: list[tuple[str, int, int]] = []
+    pairs = list(pairs)
+    for k in range(len(pairs)):
+        moves.append(("down", *pairs[k]))
+        done = k + 1
+        if jump_n_sample > 1 and done % jump_length == 0 and done + jump_length <= len(pairs):
+            back = pairs[done - jump_length:done]
+            for _ in range(jump_n_sample - 1):
+                moves += [("up", prev, t) for t, prev in reversed(back)]
+                moves += [("down", t, prev) for t, prev in back]
+    return moves
+
+
+def q_sample_from(diffusion: GaussianDiffusion, x_a: torch.Tensor, a: int, b: int, noise: torch.Tensor) -> torch.Tensor:
+    """Forward-diffuse from index ``a`` to a later index ``b`` (a = -1: from x_0): q(x_b | x_a) =
+    N(sqrt(abar_b / abar_a) x_a, (1 - abar_b / abar_a) I), Eq. 4's Markov chain composed."""
+    ab_b = float(diffusion.alphas_cumprod[b])
+    ab_a = 1.0 if a < 0 else float(diffusion.alphas_cumprod[a])
+    ratio = ab_b / ab_a
+    return ratio**0.5 * x_a + (1.0 - ratio) ** 0.5 * noise
+
+
+def inpaint_sample(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    sampler: str = "ddpm",
+    steps: int = 50,
+    eta: float = 0.0,
+    variance: str | Variance = Variance.FIXED_LARGE,
+    clip_denoised: bool = True,
+    jump_length: int = 1,
+    jump_n_sample: int = 1,
+    device: torch.device | str | None = None,
+    callback: Optional[StepCallback] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Fill the unknown pixels of ``x0`` by the reverse process, re-imposing the known ones at every step
+    (RePaint's replacement): x_{t-1} = m * q_sample(x0, t-1) + (1 - m) * p_theta-step(x_t).
+
+    Args:
+        x0: images [B, C, H, W] in [-1, 1]; only their known pixels are read.
+        mask: 1 where a pixel is known, 0 where it is to be filled; broadcastable to ``x0`` ([H, W], [1, H, W],
+            [B, 1, H, W], ...).
+        jump_length, jump_n_sample: RePaint's resampling (see :func:`repaint_schedule`); 1, 1 turns it off.
+    The known pixels of the result equal ``x0`` exactly. Returns [B, C, H, W].
+    """
+    _check_images(x0, seeds)
+    device = _device_of(model, device)
+    x0 = x0.to(device=device, dtype=torch.float32)
+    m = torch.as_tensor(mask, dtype=torch.float32, device=device)
+    try:
+        m = torch.broadcast_to(m, x0.shape)
+    except RuntimeError:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the images "
+                         f"{tuple(x0.shape)}") from None
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("mask must hold only 0 (fill) and 1 (known)")
+    step_fn = _Stepper(diffusion, sampler, eta, variance, clip_denoised)
+    pairs = reverse_pairs(sampler, diffusion.num_timesteps, steps)
+    moves = repaint_schedule(pairs, jump_length, jump_n_sample)
+    noise = SeededNoise(seeds, x0.shape[1:], device)
+    b = x0.shape[0]
+    top = pairs[0][0]
+    x = noise.draw()
+    x = m * diffusion.q_sample(x0, torch.full((b,), top, device=device, dtype=torch.long), noise.draw()) + (1 - m) * x
+    with _eval_mode(model), torch.inference_mode():
+        for i, (kind, a, c) in enumerate(_progress(moves, progress, f"inpaint-{sampler}")):
+            if kind == "up":
+                x = q_sample_from(diffusion, x, a, c, noise.draw())
+                continue
+            x, pred_x0 = step_fn(model, x, a, c, noise)
+            known = x0 if c < 0 else diffusion.q_sample(x0, torch.full((b,), c, device=device, dtype=torch.long),
+                                                         noise.draw())
+            x = torch.where(m.bool(), known, x)
+            if callback is not None:
+                callback(i, a, x, pred_x0)
+    return x
+
+
+# -- recording the chain -------------------------------------------------------------------------------------------
+def trace_steps(num_steps: int, count: int) -> list[int]:
+    """``count`` evenly spaced step indices of a chain of ``num_steps`` reverse steps, first and last included."""
+    if count < 1 or num_steps < 1:
+        raise ValueError(f"need at least one step and one frame, got {num_steps} steps and {count} frames")
+    count = min(count, num_steps)
+    if count == 1:
+        return [num_steps - 1]
+    return sorted({round(k * (num_steps - 1) / (count - 1)) for k in range(count)})
+
+
+class ChainRecorder:
+    """A :data:`StepCallback` keeping x_t and the predicted x_0 at chosen step indices (clones on the CPU).
+
+    After sampling: ``steps`` (the indices kept), ``timesteps`` (their t), ``x_t`` and ``x0`` ([K, B, C, H, W]).
+    """
+
+    def __init__(self, keep: Sequence[int]):
+        self.keep = set(int(k) for k in keep)
+        self.steps: list[int] = []
+        self.timesteps: list[int] = []
+        self._xt: list[torch.Tensor] = []
+        self._x0: list[torch.Tensor] = []
+
+    def __call__(self, i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if i in self.keep:
+            self.steps.append(i)
+            self.timesteps.append(t)
+            self._xt.append(x_t.detach().float().cpu().clone())
+            self._x0.append(x0.detach().float().cpu().clone())
+
+    @property
+    def x_t(self) -> torch.Tensor:
+        return torch.stack(self._xt)
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return torch.stack(self._x0)
+
+
+MASKS = ("bottom-half", "top-half", "left-half", "right-half", "center")
+
+
+def region_mask(name: str, size: int | tuple[int, int]) -> torch.Tensor:
+    """A named inpainting mask, [1, H, W] float: 1 where pixels are KNOWN, 0 over the region ``name`` to fill
+    (``"center"``: the middle square of half the side)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    m = torch.ones(1, h, w)
+    if name == "bottom-half":
+        m[:, h // 2:, :] = 0
+    elif name == "top-half":
+        m[:, : h - h // 2, :] = 0
+    elif name == "left-half":
+        m[:, :, : w - w // 2] = 0
+    elif name == "right-half":
+        m[:, :, w // 2:] = 0
+    elif name == "center":
+        m[:, h // 4: h - h // 4, w // 4: w - w // 4] = 0
+    else:
+        raise ValueError(f"unknown mask {name!r}; known: {', '.join(repr(k) for k in MASKS)}")
+    return m

@@ -35,18 +35,6 @@ class MixEps(torch.nn.Module):
         return (torch.tanh(flat * self.w + self.b * s)).reshape(x.shape)
 
 
-@pytest.fixture(scope="module")
-def tiny_unet() -> UNet:
-    """A real tiny UNet whose zero-initialised output layers are perturbed, so its output depends on its input."""
-    torch.manual_seed(0)
-    model = UNet(1, 8, 16, (1, 2), 1, (4,), 0.0, 8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def xT(seeds, shape=SHAPE) -> torch.Tensor:
     """x_T as the samplers must draw it: the first draw of a CPU generator seeded with each seed."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])

@@ -1,0 +1,187 @@
+"""The figures stage (tasks/figures.py) and the sampler table (tasks/sampler_table.py) on the tiny config: each figure
+has the right size and count of panels, and the panels hold what they say."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks import figures, sampler_table
+from tasks.figures import cell_size, grid_shape, panel_grid
+
+FIG = {"figures.enabled": True, "figures.seeds": 2, "figures.frames": 4, "figures.recon_images": 3,
+       "figures.recon_seeds": 2, "figures.recon_fractions": [1.0, 0.5, 0.0], "figures.gif_samples": 5,
+       "figures.gif_frames": 3}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The digits artifact and a tiny model trained for 6 steps in this process (the train stage's own loop)."""
+    import json as _json
+
+    from ddpm.config import apply_overrides, from_dict
+    from tasks import fetch
+    from tasks.train import run_local
+    from conftest import TINY
+
+    work = tmp_path_factory.mktemp("figures")
+    cfg = from_dict(apply_overrides(_json.loads(_json.dumps(TINY)), {}))
+    fetch.run(cfg, work / "dataset")
+    run_local(cfg, work / "dataset", work / "checkpoints", work / "train_loss.tsv", threads=1)
+    return work
+
+
+def _panel(grid: np.ndarray, row: int, col: int, side: int) -> np.ndarray:
+    """The panel at (row, col) of a panel_grid, one channel, downscaled back to the image's own pixels."""
+    c = cell_size(side)
+    y, x = 2 + row * (c + 2), 2 + col * (c + 2)
+    scale = c // side
+    return grid[y:y + c:scale, x:x + c:scale, 0]
+
+
+def test_panel_grid_size_and_placement():
+    imgs = np.arange(7 * 64, dtype=np.uint8).reshape(7, 1, 8, 8)
+    g = panel_grid(imgs, ncol=3)
+    assert g.shape == (*grid_shape(3, 3, 8), 3) == (3 * 34 + 2, 3 * 34 + 2, 3)
+    assert np.array_equal(_panel(g, 1, 2, 8), imgs[5, 0])
+    assert (g[:2] == 255).all()  # white padding
+    big = np.zeros((2, 3, 40, 40), np.uint8)
+    assert panel_grid(big, 2).shape == (*grid_shape(1, 2, 40), 3) == (44, 86, 3)  # no upscaling past 32 px
+
+
+def test_figures_on_the_tiny_config(tiny_config, trained, tmp_path):
+    from tasks.common import load_dataset
+
+    cfg = tiny_config(FIG)
+    out = tmp_path / "figs"
+    summary = figures.run(cfg, trained / "checkpoints", trained / "dataset", trained / "train_loss.tsv", out)
+    assert json.loads((out / "figures.json").read_text()) == summary
+    assert summary["sampler"] == "ddim-5 (eta 0)" and summary["checkpoint_step"] == 6
+
+    # 1. progressive: 2 seeds x (x_t row, x0 row), 4 columns evenly spaced over the 5 DDIM steps, T .. 0
+    prog = summary["progressive"]
+    assert (prog["rows"], prog["cols"]) == (4, 4) and prog["timesteps"] == [81, 61, 21, 1]
+    with Image.open(out / prog["file"]) as im:
+        assert im.size[::-1] == grid_shape(4, 4, 8)
+
+    # 2. one reconstruction PNG per t: 3 held-out images x (original, diffused, 2 reconstructions)
+    holdout = load_dataset(trained / "dataset").holdout.images
+    recon = summary["reconstruction"]
+    assert [r["t"] for r in recon] == [100, 50, 0]
+    assert sorted(p.name for p in out.glob("reconstruction_t*.png")) == [
+        "reconstruction_t0000.png", "reconstruction_t0050.png", "reconstruction_t0100.png"]
+    for r in recon:
+        g = np.asarray(Image.open(out / r["file"]).convert("RGB"))
+        assert g.shape[:2] == grid_shape(3, 4, 8) and (r["rows"], r["cols"]) == (3, 4)
+        for i in range(3):
+            assert np.array_equal(_panel(g, i, 0, 8), holdout[i, 0])  # column 0: the original
+        recons = [_panel(g, i, c, 8) for i in range(3) for c in (2, 3)]
+        if r["t"] == 0:  # not diffused at all: input and reconstructions are the original
+            assert all(np.array_equal(_panel(g, i, c, 8), holdout[i, 0]) for i in range(3) for c in (1, 2, 3))
+        else:
+            assert not np.array_equal(_panel(g, 0, 1, 8), holdout[0, 0])
+            assert not all(np.array_equal(_panel(g, i, 2, 8), _panel(g, i, 3, 8)) for i in range(3)), \
+                "different seeds, different reconstructions"
+            assert len(recons) == 6
+
+    # 3. the GIF: 3 frames of a 3x3 grid (5 samples)
+    gif = summary["animation"]
+    with Image.open(out / gif["file"]) as im:
+        assert im.n_frames == gif["frames"] == 3
+        assert im.size[::-1] == grid_shape(2, 3, 8) and (gif["rows"], gif["cols"]) == (2, 3)
+
+    # 4. the loss curve of the 6 logged steps
+    with Image.open(out / summary["loss"]["file"]) as im:
+        assert im.format == "PNG" and im.size == (600, 350)
+    assert summary["loss"]["points"] == 6 and summary["loss"]["last_step"] == 6
+
+    # Fewer fractions later: the stale PNG goes; disabled: only figures.json, no stale figures
+    figures.run(tiny_config({**FIG, "figures.recon_fractions": [0.5]}), trained / "checkpoints", trained / "dataset",
+                trained / "train_loss.tsv", out)
+    assert [p.name for p in out.glob("reconstruction_t*.png")] == ["reconstruction_t0050.png"]
+    assert figures.run(tiny_config(), trained / "checkpoints", trained / "dataset", trained / "train_loss.tsv",
+                       out) == {"enabled": False}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "figures.json"]
+
+
+def test_figures_bad_inputs_are_one_line(tiny_config, trained, tmp_path, capsys):
+    from tasks.common import DataError
+
+    bad = tmp_path / "loss.tsv"
+    bad.write_text("step\tloss\n1\tnot-a-number\n")
+    with pytest.raises(DataError, match="loss.tsv: not a loss log"):
+        figures.read_loss(bad)
+    with pytest.raises(DataError, match="figures.recon_images"):
+        figures.run(tiny_config({**FIG, "figures.recon_images": 10_000}), trained / "checkpoints",
+                    trained / "dataset", trained / "train_loss.tsv", tmp_path / "f")
+    params = tmp_path / "params.yaml"
+    params.write_text("figures:\n  frames: 1\n")
+    with pytest.raises(SystemExit) as e:
+        from tasks.common import run_cli
+
+        run_cli(figures.main, ["--params", str(params), "--out", str(tmp_path / "g")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: figures.frames: input should be greater than 1, got 1"]
+    assert not (tmp_path / "g").exists()
+
+
+def test_sampler_table_rows_and_markdown(tiny_config):
+    cfg = tiny_config({"sampler_table.enabled": True, "sampler_table.num_samples": 10,
+                       "sampler_table.ddim_steps": [20, 5, 10, 5]})
+    assert sampler_table.settings(cfg) == [{"sampler": "ddpm", "steps": 100, "eta": None},
+                                           {"sampler": "ddim", "steps": 20, "eta": 0.0},
+                                           {"sampler": "ddim", "steps": 10, "eta": 0.0},
+                                           {"sampler": "ddim", "steps": 5, "eta": 0.0}]
+    assert [r["steps"] for r in sampler_table.settings(tiny_config({"sampler_table.ddpm": False}))] == [100, 50, 20, 10]
+    result = {"rows": [{"sampler": "ddpm", "steps": 100, "fid": 1.5, "kid_mean": 0.01, "sampling_s": 12.0,
+                        "wall_s": 14.0, "images_per_s": 0.8},
+                       {"sampler": "ddim", "steps": 10, "fid": 3.25, "kid_mean": 0.2, "wall_s": 1.2,
+                        "images_per_s": 8.3}],
+              "floor": {"fid": 0.5, "kid_mean": -0.01}, "num_samples": 10, "seeds": [0, 9],
+              "checkpoint": "/x/ckpt_00000006.pt", "use_ema": True, "feature_extractor": "ddpm-classifier",
+              "num_reference": 1437, "device": "2 Ray sampling actor(s) of the sample stage"}
+    md = sampler_table.markdown_table(result).splitlines()
+    assert md[0].startswith("| sampler | steps | FID | KID |")
+    assert md[2:5] == ["| DDPM (Alg. 2) | 100 | 1.5 | 0.01 | 12.0 | 0.8 |",
+                       "| DDIM, η=0 | 10 | 3.25 | 0.2 | 1.2 | 8.3 |",
+                       "| real held-out images (floor) | – | 0.5 | -0.01 | – | – |"]
+    from ddpm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sampler_table.ddim_steps"):
+        tiny_config({"sampler_table.enabled": True, "sampler_table.ddim_steps": [200]})
+    with pytest.raises(ConfigError, match="sampler_table.num_samples"):
+        tiny_config({"sampler_table.enabled": True, "sampler_table.num_samples": 5})
+
+
+def test_sampler_table_disabled_writes_only_the_notice(tiny_config, tmp_path):
+    out = sampler_table.run(tiny_config(), "nowhere", "nowhere", None, tmp_path / "ref", tmp_path / "t.json",
+                            tmp_path / "t.md")
+    assert out == {"enabled": False, "rows": []} == json.loads((tmp_path / "t.json").read_text())
+    assert "enabled is false" in (tmp_path / "t.md").read_text()
+
+
+def test_flow_artifacts_of_the_figures_and_table(tmp_path):
+    """The Prefect artifacts' content: links to every figure file and the table's rows with the floor."""
+    from flows.train_eval import figures_markdown, sampler_table_rows
+
+    fig = {"enabled": True, "sampler": "ddim-5 (eta 0)", "checkpoint": "/c/ckpt_00000006.pt",
+           "progressive": {"file": "progressive.png", "timesteps": [81, 1]},
+           "reconstruction": [{"file": "reconstruction_t0100.png", "t": 100, "cols": 4}],
+           "animation": {"file": "denoising.gif", "frames": 3}, "loss": {"file": "loss.png"}}
+    table = {"enabled": True, "rows": [{"sampler": "ddim", "steps": 10, "fid": 2.0, "kid_mean": 0.1, "wall_s": 1.0,
+                                        "images_per_s": 10.0}], "floor": {"fid": 0.5, "kid_mean": 0.0},
+             "num_samples": 10, "seeds": [0, 9], "checkpoint": "/c/ckpt_00000006.pt", "use_ema": True,
+             "feature_extractor": "ddpm-classifier", "num_reference": 1437, "device": "1 actor"}
+    md = figures_markdown(fig, table, {"figures": str(tmp_path / "figures")})
+    for name in ("progressive.png", "reconstruction_t0100.png", "denoising.gif", "loss.png"):
+        assert f"({(tmp_path / 'figures' / name).as_uri()})" in md
+    assert "t = 81, 1" in md and "2 reconstructions" in md and "| DDIM, η=0 | 10 | 2 | 0.1 |" in md
+    assert sampler_table_rows(table) == [
+        {"sampler": "ddim", "steps": 10, "FID": 2.0, "KID": 0.1, "sampling_s": 1.0, "images_per_s": 10.0},
+        {"sampler": "real held-out (floor)", "steps": None, "FID": 0.5, "KID": 0.0, "sampling_s": None,
+         "images_per_s": None}]
+    assert figures_markdown({"enabled": False}, {"enabled": False, "rows": []}, {"figures": "f"}).count("\n") == 2
