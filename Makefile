@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo serve mlflow-ui test test-fast clean help
+.PHONY: install demo serve mlflow-ui test test-fast clean help bench
 
 help:
 	@echo "make demo   - install (once) and run the train-eval flow on the embedded digits dataset (no server)"
@@ -50,6 +50,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# Benchmarks 1-4 vs diffusers (~10 min on 2 cores), then BENCHMARKS.md's table; BENCH_DEMO=1 adds the whole
+# demo (benchmark 5). diffusers comes from the `bench` extra only: ddpm/, tasks/ and the tests never import it.
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf .ray_results dvc_out

@@ -206,11 +206,15 @@ class StopAfter(Exception):
 
 
 def bench_sampling(rep: Report, diffusion: GaussianDiffusion, batch: int, compiled: bool, fwd_flops: float,
-                   max_s: float) -> None:
+                   max_s: float, bf16_weights: bool = False) -> None:
+    """``bf16_weights``: the weights themselves in bf16 (no autocast): GroupNorm and the element-wise work then
+    move half the bytes; the diffusion arithmetic stays float32."""
     model = UNet.from_config(MODEL).to(DEV).to(memory_format=torch.channels_last).eval()
-    net = Bf16(model)
+    if bf16_weights:
+        model = model.to(torch.bfloat16)
+    net = Bf16(model, bf16=not bf16_weights)
     fwd = torch.compile(net) if compiled else net
-    tag = "compiled" if compiled else "eager"
+    tag = ("compiled" if compiled else "eager") + ("_bf16weights" if bf16_weights else "")
     seeds = list(range(batch))
     # Warm-up (and compilation): a short DDIM run at the same batch.
     t0 = time.perf_counter()
@@ -259,6 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--fid-batch", type=int, default=500)
     p.add_argument("--skip-compile", action="store_true", help="eager only (no torch.compile)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
+    p.add_argument("--only", default="", help="comma-separated measurements to run (default: the standard set); "
+                   "extra ones: sampling_bf16weights, sampling_bf16weights_large, train_compiled_largest")
+    p.add_argument("--large-batch", type=int, default=0, help="batch of train_compiled_largest (0: the search's)")
     args = p.parse_args(argv)
     if args.smoke:
         DEV, MODEL = "cpu", SMOKE
@@ -318,6 +325,22 @@ def main(argv=None) -> int:
     if not args.skip_compile:
         steps.append(("train_compiled_large", lambda: bench_train(rep, diffusion, min(best["batch"], 2048), True,
                                                                   train_flops)))
+    extra = {
+        "sampling_bf16weights": lambda: bench_sampling(rep, diffusion, args.sample_batch, not args.skip_compile,
+                                                       fwd_flops, max_s=150, bf16_weights=True),
+        "sampling_bf16weights_large": lambda: bench_sampling(rep, diffusion, 2 * args.sample_batch,
+                                                             not args.skip_compile, fwd_flops, max_s=150,
+                                                             bf16_weights=True),
+        "train_compiled_largest": lambda: bench_train(rep, diffusion, args.large_batch or best["batch"], True,
+                                                      train_flops),
+    }
+    if args.only:
+        known = dict(steps) | extra
+        unknown = [n for n in args.only.split(",") if n not in known]
+        if unknown:
+            print(f"error: --only: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
+            return 2
+        steps = [(n, known[n]) for n in args.only.split(",")]
     for name, fn in steps:
         if rep.left() < 45:
             rep.add(name=name, skipped=f"global budget of {args.budget_s:.0f} s reached")

@@ -147,9 +147,11 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # each [B, HW, C]
+        # Positions-major [B, HW, 3C]: a free view of an NHWC (channels_last) tensor, one copy of an NCHW one.
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, 3 * c)
+        q, k, v = qkv.chunk(3, dim=-1)  # each [B, HW, C]
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj_out(out.reshape(b, h, w, c).permute(0, 3, 1, 2))
 
 
 class Downsample(nn.Module):
@@ -241,6 +243,10 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, cur)
         self.conv_out = _init(nn.Conv2d(cur, image_channels, 3, padding=1), zero=True)
 
+    def _channels_last(self) -> bool:
+        w = self.conv_out.weight  # [C, ch, 3, 3]: ch > 1, so the two layouts are distinguishable
+        return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
     @classmethod
     def from_config(cls, cfg: UNetConfig | Mapping[str, Any]) -> "UNet":
         if not isinstance(cfg, UNetConfig):
@@ -248,8 +254,12 @@ class UNet(nn.Module):
         return cls(**asdict(cfg))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.config.ch))
-        h = self.conv_in(x)
+        if self._channels_last():  # ddpm.perf.prepare_model(channels_last=True): feed NHWC so no layer converts
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Weights cast to bf16/fp16 (inference) set the compute dtype; the caller's float32 x_t is cast on the way in.
+        dtype = self.conv_in.weight.dtype
+        temb = self.temb(timestep_embedding(t, self.config.ch).to(dtype))
+        h = self.conv_in(x.to(dtype))
         hs = [h]
         for stage in self.down:
             for res, attn in zip(stage.res, stage.attn):
