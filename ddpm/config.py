@@ -69,7 +69,7 @@ class ModelConfig(_Section):
 
 class DiffusionConfig(_Section):
     schedule: Literal["linear", "cosine"] = "linear"
-    timesteps: int = Field(default=1000, gt=0)
+    timesteps: int = Field(default=1000, gt=0)  # T; at least 2 (checked with the other sections)
     beta_start: float = Field(default=1e-4, gt=0, lt=1)
     beta_end: float = Field(default=0.02, gt=0, lt=1)
     cosine_s: float = Field(default=0.008, ge=0)
@@ -98,6 +98,10 @@ class TrainConfig(_Section):
     use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, on GPU only
     max_failures: int = Field(default=3, ge=0)  # Ray restarts after a worker dies
+    # speed switches (ddpm/perf.py; defaults measured in BENCHMARKS.md); none changes what is learned
+    channels_last: StrictBool = False  # NHWC memory layout for the network
+    compile: StrictBool = False  # torch.compile the network (minutes of compilation on CPU: pays on GPU)
+    adam_impl: Literal["auto", "fused", "foreach", "loop"] = "fused"  # fused: one kernel for all params
 
 
 class SampleConfig(_Section):
@@ -113,7 +117,46 @@ class SampleConfig(_Section):
     seed: int = Field(default=0, ge=0)  # sample i uses seed + i
     num_workers: int = Field(default=2, gt=0)
     use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
+    channels_last: StrictBool = False  # speed switch (ddpm/perf.py): NHWC memory layout for the network
+    compile: StrictBool = False  # speed switch: torch.compile the network (minutes of compilation on CPU)
+    # bf16: the network under bf16 autocast on a GPU (the diffusion arithmetic stays float32); ignored on CPU
+    precision: Literal["fp32", "bf16"] = "fp32"
     grid_size: int = Field(default=100, gt=0)
+    # the grids (training grids in MLflow and samples/grid.png) use seeds grid_seed .. grid_seed+n-1, every run
+    grid_seed: int = Field(default=0, ge=0)
+    # generate: from noise; img2img: held-out image i noised to t = strength*T, then denoised (seed + i);
+    # inpaint: held-out image i with the `mask` region redrawn, the rest kept exactly
+    mode: Literal["generate", "img2img", "inpaint"] = "generate"
+    strength: float = Field(default=0.5, ge=0, le=1)  # img2img: 0 returns the input, 1 a fresh sample
+    # inpaint: the region to fill (1 = known elsewhere; "center": the middle square of half the side)
+    mask: Literal["bottom-half", "top-half", "left-half", "right-half", "center"] = "bottom-half"
+    jump_length: int = Field(default=1, gt=0)  # inpaint: RePaint resampling, steps per jump back
+    jump_n_sample: int = Field(default=1, gt=0)  # inpaint: RePaint resampling, passes per jump; 1: no resampling
+
+
+class FiguresConfig(_Section):
+    """The figures stage (tasks/figures.py); the chains use the sample section's sampler, steps, eta, variance."""
+
+    enabled: StrictBool = False  # false: the stage writes only figures.json saying so
+    seeds: int = Field(default=4, gt=0)  # progressive generation: rows (seeds seed, seed+1, ...)
+    frames: int = Field(default=10, gt=1)  # progressive generation: evenly spaced timesteps T..0 (columns)
+    recon_images: int = Field(default=4, gt=0)  # reconstruction: held-out images (the first ones)
+    recon_seeds: int = Field(default=3, gt=0)  # reconstruction: reverse runs per image and t
+    recon_fractions: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)  # reconstruction: t = fraction*T, one PNG each
+    gif_samples: int = Field(default=16, gt=0)  # animation: samples in the grid
+    gif_frames: int = Field(default=20, gt=1)  # animation: frames from noise to samples (the last one held longer)
+    seed: int = Field(default=0, ge=0)
+
+
+class SamplerTableConfig(_Section):
+    """The sampler_table stage (tasks/sampler_table.py): FID/KID and wall time per sampler, same seeds each row."""
+
+    enabled: StrictBool = False  # false: the stage writes only sampler_table.json saying so
+    num_samples: int = Field(default=200, gt=1)  # per row; seeds seed .. seed+num_samples-1
+    ddpm: StrictBool = True  # include Algorithm 2 over all diffusion.timesteps
+    ddim_steps: tuple[int, ...] = (10, 20, 50, 100)  # one DDIM (eta=0) row per entry
+    batch_size: int = Field(default=100, gt=0)
+    seed: int = Field(default=0, ge=0)
 
 
 class ClassifierConfig(_Section):
@@ -128,6 +171,16 @@ class ClassifierConfig(_Section):
 class EvaluateConfig(_Section):
     feature_extractor: Literal["auto", "classifier", "inception-v3-compat"] = "auto"
     inception_weights: Optional[str] = None  # path to pt_inception-2015-12-05 weights for offline use
+    # SHA-256 the inception_weights file must have: the published weights-inception-2015-12-05-6726825d.pth
+    # (byte-identical to pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
+    inception_sha256: str = Field(default="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+                                  pattern=r"^[0-9a-f]{64}$")
+    # k > 1: the sample stage draws k * sample.num_samples images (seeds seed .. seed+k*n-1); each metric is
+    # measured on k disjoint seed ranges of n and reported per range with mean, std and min
+    repeats: int = Field(default=1, gt=0)
+    # null: statistics of the dataset's train split (cached in --ref-dir); or a published .npz of (mu, sigma),
+    # checked against the .json of provenance beside it when there is one (KID and precision/recall need features)
+    reference: Optional[str] = None
     fid: StrictBool = True
     kid: StrictBool = True
     isc: Literal["auto"] | StrictBool = "auto"  # auto: on for RGB datasets
@@ -151,7 +204,7 @@ class TrackingConfig(_Section):
     uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; null: sqlite:///<project>/mlflow.db + <project>/mlruns
     experiment: Optional[str] = None  # null: the dataset name
     grid_every: int = Field(default=500, ge=0)  # EMA sample grid every N training steps and at the end; 0: none
-    grid_samples: int = Field(default=16, gt=0)  # the grids always use seeds 0 .. grid_samples-1
+    grid_samples: int = Field(default=16, gt=0)  # the grids use seeds sample.grid_seed .. +grid_samples-1
     grid_steps: int = Field(default=20, gt=0)  # DDIM steps of the training grids (at most diffusion.timesteps)
     register_model: Optional[str] = None  # register the final EMA UNet under this model name
     system_metrics: StrictBool = True  # CPU/GPU/memory/disk metrics while training
@@ -167,6 +220,8 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    figures: FiguresConfig = FiguresConfig()
+    sampler_table: SamplerTableConfig = SamplerTableConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -177,6 +232,13 @@ class Config(_Section):
             raise ValueError(
                 f"diffusion.beta_start: {self.diffusion.beta_start} exceeds diffusion.beta_end {self.diffusion.beta_end}"
             )
+        if self.diffusion.timesteps < 2:
+            raise ValueError(f"diffusion.timesteps: must be at least 2, got {self.diffusion.timesteps}; "
+                             "the paper uses T = 1000")
+        t = self.train
+        if t.batch_size % t.num_workers:
+            raise ValueError(f"train.batch_size: {t.batch_size} is not divisible by train.num_workers {t.num_workers}; "
+                             "use a multiple of the worker count (the batch is split evenly over the workers)")
         try:
             self.unet_config()
         except UNetConfigError as e:
@@ -185,6 +247,17 @@ class Config(_Section):
         s = self.sample
         if s.sampler == "ddim" and s.steps > self.diffusion.timesteps:
             raise ValueError(f"sample.steps: {s.steps} DDIM steps exceed diffusion.timesteps {self.diffusion.timesteps}")
+        f, st, T = self.figures, self.sampler_table, self.diffusion.timesteps
+        if any(not 0 <= x <= 1 for x in f.recon_fractions) or not f.recon_fractions:
+            raise ValueError(f"figures.recon_fractions: fractions of T in [0, 1], got {list(f.recon_fractions)}")
+        if not st.ddim_steps and not st.ddpm:
+            raise ValueError("sampler_table.ddim_steps: empty and sampler_table.ddpm is false; the table has no row")
+        if st.enabled and any(not 1 <= n <= T for n in st.ddim_steps):
+            raise ValueError(f"sampler_table.ddim_steps: each must be between 1 and diffusion.timesteps {T}, "
+                             f"got {list(st.ddim_steps)}")
+        if st.enabled and self.evaluate.kid and self.evaluate.kid_subset_size > st.num_samples:
+            raise ValueError(f"sampler_table.num_samples: {st.num_samples} is below evaluate.kid_subset_size "
+                             f"{self.evaluate.kid_subset_size}; KID needs at least that many samples")
         if self.evaluate.kid and self.evaluate.kid_subset_size > s.num_samples:
             raise ValueError(
                 f"evaluate.kid_subset_size: {self.evaluate.kid_subset_size} exceeds sample.num_samples "
@@ -201,9 +274,19 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def section_hash(self, *sections: str) -> str:
-        """SHA-256 of the named sections' resolved values (what a stage's cache key depends on)."""
+        """SHA-256 of the named sections' (or dotted keys', ``sample.num_samples``) resolved values.
+
+        What a stage's cache key depends on; the names are those of the stage's ``params`` in dvc.yaml.
+        """
         d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()
+
+        def value(name: str) -> Any:
+            v: Any = d
+            for part in name.split("."):
+                v = v[part]
+            return v
+
+        blob = json.dumps({s: value(s) for s in sections}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""The ``train-eval`` flow: fetch -> train_classifier -> train -> sample -> evaluate as Prefect tasks.
+"""The ``train-eval`` flow: fetch -> train_classifier -> train -> sample -> evaluate as Prefect tasks, then the
+optional figures and sampler_table (``figures.enabled``, ``sampler_table.enabled``; on in the demo's params).
 
 Each task is a thin wrapper around a stage's ``run(cfg, paths…)`` in ``tasks/``: the same functions whose command
 lines ``dvc repro`` runs, writing the same layout (``data/dataset``, ``models/``, ``checkpoints/``, ``samples/``,
@@ -58,6 +59,9 @@ LAYOUT = {
     "samples": "samples",
     "ref_stats": "ref_stats",
     "eval_metrics": "metrics/eval.json",
+    "figures": "figures",
+    "sampler_table": "metrics/sampler_table.json",
+    "sampler_table_md": "metrics/sampler_table.md",
 }
 
 
@@ -77,11 +81,23 @@ STAGES = {
                               ("dataset",), ("classifier", "classifier_metrics")),
     "train": Stage(("model", "diffusion", "train"), ("tasks/train.py", "tasks/common.py", "ddpm"), ("dataset",),
                    ("checkpoints", "train_metrics")),
-    "sample": Stage(("sample",), ("tasks/sample.py", "tasks/common.py", "ddpm/samplers.py"), ("checkpoints",),
-                    ("samples",)),
-    "evaluate": Stage(("evaluate",), ("tasks/evaluate.py", "tasks/common.py", "tasks/classifier.py"),
+    # evaluate.repeats multiplies the samples drawn; evaluate splits them into ranges of sample.num_samples.
+    "sample": Stage(("sample", "evaluate.repeats"), ("tasks/sample.py", "tasks/common.py", "ddpm/samplers.py"),
+                    ("checkpoints",), ("samples",)),
+    "evaluate": Stage(("evaluate", "sample.num_samples"),
+                      ("tasks/evaluate.py", "tasks/refstats.py", "tasks/common.py", "tasks/classifier.py"),
                       ("dataset", "samples", "classifier", "classifier_metrics"), ("eval_metrics",)),
+    # Optional (figures.enabled, sampler_table.enabled): the flow skips a disabled one.
+    "figures": Stage(("figures", "sample"), ("tasks/figures.py", "tasks/sample.py", "tasks/common.py",
+                                            "ddpm/samplers.py"), ("checkpoints", "dataset", "train_log"),
+                     ("figures",)),
+    "sampler_table": Stage(("sampler_table", "sample", "evaluate"),
+                           ("tasks/sampler_table.py", "tasks/sample.py", "tasks/evaluate.py", "tasks/refstats.py",
+                            "tasks/classifier.py", "tasks/common.py", "ddpm/samplers.py"),
+                           ("checkpoints", "dataset", "classifier", "ref_stats"),
+                           ("sampler_table", "sampler_table_md")),
 }
+OPTIONAL_STAGES = ("figures", "sampler_table")
 
 
 # -- cache keys -----------------------------------------------------------------------------------------------------
@@ -177,8 +193,27 @@ def evaluate(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
         paths["classifier_metrics"]))
 
 
+@task(name="figures", cache_key_fn=_cache_key_fn("figures"), **_PERSISTED)
+def figures(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
+    """Progressive generation, reconstructions from partial diffusion, the denoising GIF and the loss curve."""
+    from tasks import figures as stage
+
+    return _outcome("figures", paths, lambda: stage.run(
+        cfg, paths["checkpoints"], paths["dataset"], paths["train_log"], paths["figures"]))
+
+
+@task(name="sampler_table", cache_key_fn=_cache_key_fn("sampler_table"), **_PERSISTED)
+def sampler_table(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
+    """FID/KID and wall time of DDPM-T and DDIM at several step counts on the same seeds."""
+    from tasks import sampler_table as stage
+
+    return _outcome("sampler_table", paths, lambda: stage.run(
+        cfg, paths["checkpoints"], paths["dataset"], paths["classifier"], paths["ref_stats"],
+        paths["sampler_table"], paths["sampler_table_md"]))
+
+
 STAGE_TASKS = {"fetch": fetch, "train_classifier": train_classifier, "train": train, "sample": sample,
-               "evaluate": evaluate}
+               "evaluate": evaluate, "figures": figures, "sampler_table": sampler_table}
 
 
 def run_stage(name: str, stage_task, cfg: Config, paths: dict[str, str], logger) -> tuple[State, str]:
@@ -294,6 +329,49 @@ def publish(markdown: str, ev: dict[str, Any], mlflow: Optional[dict[str, str]])
                              description="the MLflow run of this pipeline run")
 
 
+def figures_markdown(fig: Optional[dict[str, Any]], table: Optional[dict[str, Any]], paths: dict[str, str]) -> str:
+    """The figures (paths and links to the files) and the sampler table, as one markdown artifact."""
+    lines = ["# Figures and sampler table", ""]
+    if fig and fig.get("enabled"):
+        folder = Path(paths["figures"])
+        lines += [f"Chains sampled with {fig['sampler']} from `{Path(fig['checkpoint']).name}`.", ""]
+        entries = [("progressive generation (rows: x_t / predicted x_0 per seed; columns t = "
+                    f"{', '.join(map(str, fig['progressive']['timesteps']))})", fig["progressive"]["file"])]
+        entries += [(f"reconstruction from t = {r['t']} (original, diffused input, {r['cols'] - 2} reconstructions)",
+                     r["file"]) for r in fig["reconstruction"]]
+        entries += [(f"denoising animation ({fig['animation']['frames']} frames)", fig["animation"]["file"]),
+                    ("training loss", fig["loss"]["file"])]
+        lines += [f"- {what}: [{name}]({(folder / name).as_uri()}) `{folder / name}`" for what, name in entries]
+        lines.append("")
+    if table and table.get("enabled"):
+        from tasks.sampler_table import markdown_table
+
+        lines += ["## Sampler table", "", markdown_table(table)]
+    return "\n".join(lines) + "\n"
+
+
+def sampler_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [{"sampler": r["sampler"], "steps": r["steps"], "FID": r.get("fid"), "KID": r.get("kid_mean"),
+             "sampling_s": r.get("sampling_s", r["wall_s"]), "images_per_s": r.get("images_per_s")}
+            for r in table["rows"]]
+    floor = table.get("floor") or {}
+    rows.append({"sampler": "real held-out (floor)", "steps": None, "FID": floor.get("fid"),
+                 "KID": floor.get("kid_mean"), "sampling_s": None, "images_per_s": None})
+    return rows
+
+
+def publish_figures(fig: Optional[dict[str, Any]], table: Optional[dict[str, Any]], paths: dict[str, str]) -> None:
+    """Prefect artifacts of the optional stages: ``train-eval-figures`` (markdown with the files) and
+    ``train-eval-sampler-table`` (a table); nothing for a disabled or skipped stage."""
+    have_fig, have_table = bool(fig and fig.get("enabled")), bool(table and table.get("enabled"))
+    if have_fig or have_table:
+        create_markdown_artifact(figures_markdown(fig, table, paths), key="train-eval-figures",
+                                 description="figures of the trained model and the fast-sampling table")
+    if have_table:
+        create_table_artifact(sampler_table_rows(table), key="train-eval-sampler-table",
+                              description="FID/KID and wall time per sampler, same seeds")
+
+
 # -- the flow -------------------------------------------------------------------------------------------------------
 @flow(name="train-eval", log_prints=True)
 def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
@@ -324,6 +402,9 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
     results: dict[str, Any] = {}
     runs: dict[str, dict[str, Any]] = {}
     for i, (name, stage_task) in enumerate(STAGE_TASKS.items(), 1):
+        if name in OPTIONAL_STAGES and not getattr(cfg, name).enabled:
+            logger.info(f"[{i}/{len(STAGE_TASKS)}] {name}: skipped ({name}.enabled is false)")
+            continue
         logger.info(f"[{i}/{len(STAGE_TASKS)}] {name} ...")
         t0 = time.perf_counter()
         state, status = run_stage(name, stage_task.with_options(result_storage=root / CACHE_DIR), cfg, paths, logger)
@@ -342,6 +423,7 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
     mlflow = mlflow_run(cfg)
     markdown = summary_markdown(cfg, results, runs, paths, mlflow, flow_run_id)
     publish(markdown, results["evaluate"], mlflow)
+    publish_figures(results.get("figures"), results.get("sampler_table"), paths)
     ev = results["evaluate"]
     logger.info("FID %s (floor %s), KID %s (floor %s); sample grid %s", _g(ev.get("fid")),
                 _g(ev.get("floor", {}).get("fid")), _g(ev.get("kid_mean")), _g(ev.get("floor", {}).get("kid_mean")),
@@ -353,6 +435,8 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
         "metrics": {k: v for k, v in ev.items() if k in METRIC_NAMES or k in ("floor", "fid_ratio")},
         "grid": results["sample"]["grid"],
         "checkpoint": results["train"].get("checkpoint"),
+        "figures": paths["figures"] if (results.get("figures") or {}).get("enabled") else None,
+        "sampler_table": paths["sampler_table_md"] if (results.get("sampler_table") or {}).get("enabled") else None,
         "mlflow": mlflow,
     }
 
@@ -398,6 +482,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines = [f"stages:     {stages}", *summarize(root / "metrics", root / "samples")]
     if summary["checkpoint"]:
         lines.append(f"checkpoint: {summary['checkpoint']}")
+    if summary.get("figures"):
+        lines.append(f"figures:    {summary['figures']}")
+    if summary.get("sampler_table"):
+        lines.append(f"sampler table: {summary['sampler_table']}")
     if summary["mlflow"]:
         lines.append(f"MLflow run: {summary['mlflow'].get('url') or summary['mlflow']['run_id']}")
     lines.append(f"Prefect flow run: {summary['flow_run_id']}")

@@ -5,7 +5,13 @@ spread over workers, nor on each worker's batch size. A shard is written atomica
 naming the checkpoint and sampler settings; a rerun keeps every finished shard whose key and content match and
 samples only the missing ones.
 
+``sample.mode`` picks what a sample is: ``generate`` (from noise), ``img2img`` (held-out image ``i mod N`` noised
+to t = ``sample.strength`` * T and denoised) or ``inpaint`` (the ``sample.mask`` region of that image redrawn,
+its other pixels kept exactly; RePaint resampling with ``sample.jump_length``/``jump_n_sample``). The last two
+read the held-out images of ``--data``.
+
     python -m tasks.sample --params params.yaml --checkpoints checkpoints --out samples
+    python -m tasks.sample --set sample.mode=inpaint --data data/dataset --out samples_inpaint
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from ddpm.config import Config, write_resolved
-from ddpm.samplers import ddim_sample, ddpm_sample
+from ddpm.samplers import ddim_sample, ddpm_sample, img2img_sample, inpaint_sample, region_mask
+from ddpm.perf import Autocast, prepare_model
 from ddpm.unet import UNet
 
 from . import tracking
@@ -30,6 +37,8 @@ from .common import (
     DataError,
     StageError,
     absolute,
+    check_local_gpus,
+    check_writable,
     config_from_args,
     ensure_ray,
     read_json,
@@ -45,6 +54,9 @@ from .common import (
 from .train import build_diffusion
 
 SAMPLER_KEYS = ("sampler", "steps", "eta", "variance", "clip_denoised", "use_ema", "seed")
+# Keys that matter only in their mode (sample.mode); generate-mode keys stay as they were, so its shards are kept.
+MODE_KEYS = {"generate": (), "img2img": ("mode", "strength"),
+             "inpaint": ("mode", "mask", "jump_length", "jump_n_sample")}
 
 
 def newest_checkpoint(ckpt_dir: os.PathLike | str) -> Path:
@@ -58,11 +70,16 @@ def newest_checkpoint(ckpt_dir: os.PathLike | str) -> Path:
     return next(p for s, p in reversed(ckpts) if s == int(state["step"]))
 
 
-def sampling_key(cfg: Config, ckpt: Path, step: int) -> str:
-    """Identifies what a shard was sampled with: the checkpoint's content and every sampler setting."""
+def sampling_key(cfg: Config, ckpt: Path, step: int, inputs_sha256: Optional[str] = None) -> str:
+    """Identifies what a shard was sampled with: the checkpoint's content and every sampler setting (and, in the
+    img2img and inpaint modes, the mode's settings and the content of the input images)."""
     s = cfg.sample.model_dump()
     blob = {"checkpoint_sha256": sha256_file(ckpt), "step": step, **{k: s[k] for k in SAMPLER_KEYS},
-            "timesteps": cfg.diffusion.timesteps}
+            "timesteps": cfg.diffusion.timesteps, **{k: s[k] for k in MODE_KEYS[s["mode"]]}}
+    if s["mode"] != "generate":
+        blob["inputs_sha256"] = inputs_sha256
+    if s["precision"] != "fp32":  # (keys of fp32 shards stay as they were)
+        blob["precision"] = s["precision"]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -108,16 +125,35 @@ class ShardSampler:
         else:
             self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
+        # speed switches (ddpm/perf.py): self.model becomes what the samplers call, possibly a compiled module
+        if self.cfg.sample.precision == "bf16" and self.device.type == "cuda":
+            self.model = Autocast(self.model, "cuda", torch.bfloat16)
+        self.model = prepare_model(self.model, channels_last=self.cfg.sample.channels_last,
+                                   compile=self.cfg.sample.compile)
         self.diffusion = build_diffusion(state["config"]["diffusion"])
         m = state["config"]["model"]
         self.shape = (m["image_channels"], m["image_size"], m["image_size"])
 
-    def sample(self, seeds: list[int]) -> np.ndarray:
+    def sample(self, seeds: list[int], inputs: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint8 [n, C, H, W] images for ``seeds``; ``inputs`` (uint8, one image per seed) in img2img/inpaint."""
+        from .common import to_model_range
+
         s = self.cfg.sample
+        if s.mode != "generate" and (inputs is None or len(inputs) != len(seeds)):
+            raise ValueError(f"sample.mode {s.mode} needs one input image per seed")
+        kw = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, variance=s.variance, clip_denoised=s.clip_denoised,
+                  device=self.device)
         out = []
         for lo in range(0, len(seeds), s.batch_size):
             batch = seeds[lo:lo + s.batch_size]
-            if s.sampler == "ddpm":
+            if s.mode == "img2img":
+                x0 = to_model_range(np.array(inputs[lo:lo + s.batch_size]))  # a copy: Ray's arrays are read-only
+                x = img2img_sample(self.model, self.diffusion, x0, batch, s.strength, **kw)
+            elif s.mode == "inpaint":
+                x0 = to_model_range(np.array(inputs[lo:lo + s.batch_size]))
+                x = inpaint_sample(self.model, self.diffusion, x0, region_mask(s.mask, self.shape[1:]), batch,
+                                   jump_length=s.jump_length, jump_n_sample=s.jump_n_sample, **kw)
+            elif s.sampler == "ddpm":
                 x = ddpm_sample(self.model, self.diffusion, batch, self.shape, variance=s.variance,
                                 clip_denoised=s.clip_denoised, device=self.device)
             else:
@@ -126,9 +162,10 @@ class ShardSampler:
             out.append(to_uint8(x))
         return np.concatenate(out)
 
-    def write_shard(self, path: str, seeds: list[int], key: str) -> tuple[str, str, float]:
+    def write_shard(self, path: str, seeds: list[int], key: str,
+                    inputs: Optional[np.ndarray] = None) -> tuple[str, str, float]:
         t0 = time.perf_counter()
-        images = self.sample(seeds)
+        images = self.sample(seeds, inputs)
         seeds_arr = np.asarray(seeds, dtype=np.int64)
         write_npz(path, images=images, seeds=seeds_arr, key=np.asarray(key))
         return Path(path).name, sha256_arrays(images, seeds_arr), time.perf_counter() - t0
@@ -144,20 +181,61 @@ def save_grid(images: np.ndarray, path: Path) -> Path:
     return path
 
 
-def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
-    """Sample ``sample.num_samples`` images into ``out_dir`` (shards, grid.png, samples.json); returns the summary."""
+def input_images(cfg: Config, data_dir) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The held-out images the img2img and inpaint modes start from, and their content hash; (None, None) when
+    generating. Sample i (seed ``sample.seed + i``) starts from held-out image ``i mod N``."""
+    if cfg.sample.mode == "generate":
+        return None, None
+    from .common import load_dataset
+
+    if data_dir is None:
+        raise StageError(f"sample.mode: {cfg.sample.mode} starts from held-out images; pass --data (the fetch "
+                         "stage's dataset folder)")
+    holdout = load_dataset(data_dir).holdout.images
+    if len(holdout) == 0:
+        raise DataError(f"{data_dir}: the held-out split is empty; sample.mode {cfg.sample.mode} needs images")
+    if tuple(holdout.shape[1:]) != cfg.data.shape:
+        raise DataError(f"{data_dir}: held-out images are {'x'.join(map(str, holdout.shape[1:]))}, the params' "
+                        f"data shape is {'x'.join(map(str, cfg.data.shape))}")
+    return holdout, sha256_arrays(holdout)
+
+
+def grid_images(cfg: Config, images: np.ndarray, seeds: np.ndarray, ckpt: Path,
+                inputs: Optional[np.ndarray] = None) -> np.ndarray:
+    """Images of seeds ``sample.grid_seed`` .. +``grid_size``-1, the training grids' seeds: taken from the samples
+    (sorted ``seeds``) when they hold them all, else sampled here with the same settings."""
+    s = cfg.sample
+    want = np.arange(s.grid_seed, s.grid_seed + s.grid_size)
+    pos = np.minimum(np.searchsorted(seeds, want), len(seeds) - 1)
+    if (seeds[pos] == want).all():
+        return images[pos]
+    device = "cuda" if s.use_gpu is not False and torch.cuda.is_available() else "cpu"
+    sampler = ShardSampler(str(ckpt), cfg.to_dict(), device, torch.get_num_threads())
+    return sampler.sample(want.tolist(), _shard_inputs(inputs, want.tolist(), s.seed))
+
+
+def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
+    """Sample ``sample.num_samples`` x ``evaluate.repeats`` images into ``out_dir`` (shards, grid.png of the grid
+    seeds, samples.json); returns the summary.
+
+    ``data_dir`` (the fetch stage's dataset) is read only in the img2img and inpaint modes (``sample.mode``)."""
     import ray
     from tqdm.auto import tqdm
 
     s = cfg.sample
+    check_local_gpus(cfg, "sample")  # before anything is written or Ray starts
     out_dir = absolute(out_dir)
+    check_writable(out_dir)
     ckpt = newest_checkpoint(ckpt_dir)
     step = int(ckpt.stem.split("_")[1])
-    key = sampling_key(cfg, ckpt, step)
+    inputs, inputs_sha = input_images(cfg, data_dir)
+    key = sampling_key(cfg, ckpt, step, inputs_sha)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "samples.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else {}
-    plan = plan_shards(s.num_samples, s.shard_size, s.seed)
+    # evaluate.repeats k: k disjoint seed ranges of num_samples each (seeds seed .. seed + k*num_samples - 1).
+    total = s.num_samples * cfg.evaluate.repeats
+    plan = plan_shards(total, s.shard_size, s.seed)
     todo = [(i, seeds) for i, seeds in enumerate(plan) if not shard_is_complete(shard_file(out_dir, i), seeds, key, manifest)]
     # Shards beyond the plan (an earlier, larger num_samples) would leak into the evaluation: remove them.
     wanted = {shard_file(out_dir, i).name for i in range(len(plan))}
@@ -166,12 +244,15 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
             p.unlink()
     write_resolved(cfg, out_dir)
     kept = len(plan) - len(todo)
-    print(f"sampling {s.num_samples} images ({s.sampler}{'' if s.sampler == 'ddpm' else f'-{s.steps}'}) from "
+    print(f"sampling {total} images ({s.sampler}{'' if s.sampler == 'ddpm' else f'-{s.steps}'}"
+          f"{'' if s.mode == 'generate' else f', {s.mode}'}) from "
           f"{ckpt.name}: {len(plan)} shards, {kept} already done")
 
     shas: dict[str, str] = {} if manifest.get("key") != key else dict(manifest.get("shards", {}))
     t0 = time.perf_counter()
     ray_startup = 0.0
+    shard_seconds: list[float] = []  # time inside write_shard: sampling without actor start-up
+    workers = 0
     if todo:
         tr = time.perf_counter()
         ensure_ray(cfg)
@@ -192,9 +273,11 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
                   for _ in range(workers)]
         pool = ray.util.ActorPool(actors)
         jobs = pool.map_unordered(
-            lambda a, job: a.write_shard.remote(str(shard_file(out_dir, job[0])), job[1], key), todo)
-        for name, sha, _ in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
+            lambda a, job: a.write_shard.remote(str(shard_file(out_dir, job[0])), job[1], key,
+                                                _shard_inputs(inputs, job[1], s.seed)), todo)
+        for name, sha, secs in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
             shas[name] = sha
+            shard_seconds.append(secs)
             # The manifest is updated after every shard, so a killed run knows what it finished.
             write_json(manifest_path, {"key": key, "shards": shas, "complete": False})
         for a in actors:
@@ -204,9 +287,9 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
     from .common import load_samples
 
     images, seeds = load_samples(out_dir)
-    if len(images) != s.num_samples:
-        raise StageError(f"{out_dir}: expected {s.num_samples} samples, found {len(images)}")
-    grid = save_grid(images[: s.grid_size], out_dir / "grid.png")
+    if len(images) != total:
+        raise StageError(f"{out_dir}: expected {total} samples, found {len(images)}")
+    grid = save_grid(grid_images(cfg, images, seeds, ckpt, inputs), out_dir / "grid.png")
     new = sum(len(seeds) for _, seeds in todo)
     summary = {
         "key": key,
@@ -215,6 +298,10 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
         "shape": list(images.shape[1:]),
         "seeds": [int(seeds[0]), int(seeds[-1])],
         "sampler": s.sampler,
+        "mode": s.mode,
+        **({"strength": s.strength} if s.mode == "img2img" else {}),
+        **({"mask": s.mask, "jump_length": s.jump_length, "jump_n_sample": s.jump_n_sample}
+           if s.mode == "inpaint" else {}),
         "steps": cfg.diffusion.timesteps if s.sampler == "ddpm" else s.steps,
         "eta": s.eta,
         "use_ema": s.use_ema,
@@ -224,12 +311,20 @@ def run(cfg: Config, ckpt_dir, out_dir) -> dict[str, Any]:
         "shards_reused": kept,
         "wall_s": round(wall, 2),
         "ray_startup_s": round(ray_startup, 2),
+        "workers": workers,
+        "sampling_s": round(sum(shard_seconds) / workers, 2) if workers else 0.0,  # per actor, start-up excluded
         "images_per_s": round(new / max(wall - ray_startup, 1e-9), 2) if new else None,
         "grid": str(grid),
     }
     write_json(manifest_path, summary)
     tracking.log_samples(cfg, summary, out_dir)
     return summary
+
+
+def _shard_inputs(inputs: Optional[np.ndarray], seeds: list[int], base_seed: int) -> Optional[np.ndarray]:
+    if inputs is None:
+        return None
+    return inputs[[(seed - base_seed) % len(inputs) for seed in seeds]]
 
 
 def _shard_sha(path: Path) -> str:
@@ -241,8 +336,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = stage_parser("Sample images from the newest checkpoint over Ray actors (Algorithm 2 or DDIM).")
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder from the train stage")
     p.add_argument("--out", default="samples", help="output folder (shards, grid.png, samples.json)")
+    p.add_argument("--data", default=None,
+                   help="dataset folder (fetch output) whose held-out images sample.mode img2img/inpaint start from")
     args = p.parse_args(argv)
-    summary = run(config_from_args(args), args.checkpoints, args.out)
+    summary = run(config_from_args(args), args.checkpoints, args.out, args.data)
     print(f"{summary['count']} samples in {args.out} ({summary['shards_reused']} shards reused); grid: {summary['grid']}")
     return summary
 

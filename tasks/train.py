@@ -26,6 +26,7 @@ from ddpm.checkpoint import (
     list_checkpoints,
     load_latest,
     prune_checkpoints,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -34,6 +35,7 @@ from ddpm.config import Config, from_dict, write_resolved
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
 from ddpm.schedules import make_betas
+from ddpm.perf import make_adam, prepare_model
 from ddpm.unet import UNet
 
 from . import tracking
@@ -41,6 +43,8 @@ from .common import (
     StageError,
     absolute,
     atomic_write_bytes,
+    check_local_gpus,
+    check_writable,
     config_from_args,
     ensure_ray,
     load_dataset,
@@ -52,6 +56,7 @@ from .common import (
 
 # Keys that may change without invalidating checkpoints: how long and how often, not what is learned.
 RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
+                            "channels_last", "compile", "adam_impl",  # speed switches: same numbers
                             "max_failures"})
 
 
@@ -66,6 +71,12 @@ LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
 class NonFiniteLoss(StageError):
     """The loss became NaN or infinite; the last good checkpoint is kept untouched."""
+
+
+# A worker that meets a user error (NaN loss, a bad dataset) leaves it here and returns instead of raising: Ray
+# would retry a raised error train.max_failures times from the last checkpoint, and a deterministic error only
+# happens again. Worker deaths (a killed process, a lost node) still raise, and Ray restarts those.
+FAILURE_FILE = ".train_failure.json"
 
 
 def run_key(cfg: Config, data_sha: str) -> dict[str, Any]:
@@ -141,8 +152,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    train_loop(loop_cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-               wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False), report=ray.train.report)
+    try:
+        train_loop(loop_cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                   wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False), report=ray.train.report)
+    except StageError as e:
+        print(f"error: {e}")
+        write_json(Path(loop_cfg["checkpoints"]) / FAILURE_FILE,
+                   {"type": type(e).__name__, "message": str(e), "rank": ctx.get_world_rank()})
 
 
 def train_loop(
@@ -178,9 +194,9 @@ def train_loop(
     steps_per_epoch = len(loader)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = UNet.from_config(cfg.unet_config()).to(device)
+    model = prepare_model(UNet.from_config(cfg.unet_config()).to(device), channels_last=tc.channels_last)
     ema = EMA(model, tc.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    opt = make_adam(model.parameters(), tc.lr, tc.adam_impl)
     diffusion = build_diffusion(cfg.diffusion.model_dump())
 
     step, rows = 0, []
@@ -195,8 +211,10 @@ def train_loop(
         if is_main:
             rows = read_loss_log(log_path, step)
             print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
-    ddp_model = wrap(model)
+    ddp_model = prepare_model(wrap(model), compile=tc.compile)
     tracker = tracking.TrainTracker.open(loop_cfg.get("tracking") if is_main else None, cfg, step, rows)
+    if step == 0:  # the initial weights on the fixed grid seeds: step 0 of the MLflow image slider
+        tracker.grid(0, ema.module, diffusion)
 
     def save(at_step: int) -> None:
         if not is_main:
@@ -240,11 +258,14 @@ def train_loop(
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(
-                    f"loss became {loss_value} at step {step + 1}; stopped without saving, the last good checkpoint "
-                    f"in {ckpt_dir} is kept (lower train.lr or enable train.grad_clip)"
-                )
+            # The gradient norm is all-reduced by DDP, so a NaN on any rank stops every rank at the same step.
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                what = f"loss became {loss_value}" if not math.isfinite(loss_value) else \
+                    f"gradient norm became {float(grad_norm)}"
+                last = list_checkpoints(ckpt_dir)[-1:]
+                kept = f"the last good checkpoint {last[0][1]} is kept" if last else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"{what} at step {step + 1}; stopped before the update, {kept} "
+                                    "(lower train.lr or enable train.grad_clip)")
             opt.step()
             ema.update(model)
             step += 1
@@ -279,8 +300,12 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path) -> dict[str, Any]:
     if tuple(ds_meta["shape"]) != cfg.data.shape:
         raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "
                          f"{list(cfg.data.shape)}; rerun the fetch stage")
+    check_writable(ckpt_dir, log_path.parent)
     key = run_key(cfg, ds_meta["sha256"])
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / FAILURE_FILE).unlink(missing_ok=True)
+    for tmp in remove_stale_temporaries(ckpt_dir):  # left by a process killed mid-write
+        print(f"removed {tmp.name}, a partial file of an interrupted write")
     _set_aside_incompatible(ckpt_dir, key, print)
     write_json(ckpt_dir / "run_key.json", key)
     write_resolved(cfg, ckpt_dir)
@@ -300,11 +325,25 @@ def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] 
     return loop_cfg
 
 
+def _raise_worker_failure(ckpt_dir: Path) -> None:
+    """Raise the user error a worker left in ``FAILURE_FILE`` (see there), if any."""
+    path = ckpt_dir / FAILURE_FILE
+    if not path.is_file():
+        return
+    failure = read_json(path)
+    path.unlink(missing_ok=True)
+    cls = NonFiniteLoss if failure.get("type") == "NonFiniteLoss" else StageError
+    raise cls(str(failure.get("message", "training failed")))
+
+
 def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None) -> dict[str, Any]:
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
 
     ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
     """
+    check_local_gpus(cfg, "train")  # before anything is written or Ray starts
+    if metrics_path:
+        check_writable(Path(metrics_path).parent)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -324,6 +363,10 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     cpus_per_worker = max(1, total_cpus // workers) if not use_gpu else 1
     if not use_gpu and workers > total_cpus:
         raise StageError(f"train.num_workers: {workers} workers need {workers} CPUs, the Ray cluster has {total_cpus}")
+    total_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if use_gpu and workers > total_gpus:
+        raise StageError(f"train.num_workers: {workers} GPU workers need {workers} GPUs, the Ray cluster has "
+                         f"{total_gpus}; lower train.num_workers or set train.use_gpu: auto")
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -341,8 +384,14 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         result = trainer.fit()
     except Exception as e:
         tracking.training_failed(loop_cfg["tracking"])
+        _raise_worker_failure(ckpt_dir)
         raise _user_error_from(e) from None
     t_fit = time.perf_counter() - t1
+    try:
+        _raise_worker_failure(ckpt_dir)
+    except StageError:
+        tracking.training_failed(loop_cfg["tracking"])
+        raise
     rows = read_loss_log(log_path, cfg.train.steps)
     newest = list_checkpoints(ckpt_dir)[-1:]
     summary = {

@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from ddpm.config import Config, load_config  # noqa: E402
+from ddpm.unet import UNet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,9 +40,12 @@ TINY = {
     "sample": {"num_samples": 24, "shard_size": 8, "batch_size": 8, "sampler": "ddim", "steps": 5,
                "num_workers": 1, "use_gpu": False, "grid_size": 16},
     "classifier": {"steps": 150},
-    "evaluate": {"kid_subset_size": 10},
+    "evaluate": {"kid_subset_size": 10, "repeats": 1},  # dvc.yaml's sample stage tracks evaluate.repeats
     "ray": {"num_cpus": 2, "object_store_mb": 100},
     "tracking": {"enabled": False},  # tests of tracking turn it on against their own store
+    # dvc.yaml's optional stages track these sections, so a params.yaml must have them (off: only a note is written)
+    "figures": {"enabled": False},
+    "sampler_table": {"enabled": False},
 }
 
 
@@ -70,3 +74,15 @@ def tiny_params() -> dict:
     import json
 
     return json.loads(json.dumps(TINY))
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> UNet:
+    """A real tiny UNet whose zero-initialised output layers are perturbed, so its output depends on its input."""
+    torch.manual_seed(0)
+    model = UNet(1, 8, 16, (1, 2), 1, (4,), 0.0, 8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
