@@ -298,13 +298,10 @@ def _forwarded_env() -> dict[str, str]:
     return {**_WORKER_HTTP_ENV, **env}
 
 
-# -- the train stage -----------------------------------------------------------------------------------------------
-def start_training(cfg: Config, dataset_sha256: str, fresh: bool) -> Optional[dict[str, Any]]:
-    """Driver side of the train stage, before Ray starts: find or create the pipeline run.
-
-    ``fresh``: no checkpoint to resume, training starts at step 0. Returns what the rank-0 worker needs (absolute
-    URI, run id, MLflow settings), or None when tracking is off or failed.
-    """
+def _open_from_driver(cfg: Config, what: str, dataset_sha256: Optional[str], fresh: bool,
+                      status: Optional[str] = None) -> Optional[tuple[Any, str, str]]:
+    """Find or create the pipeline run from a stage's driver process: ``(client, uri, run_id)``, or None (with a
+    warning naming ``what``) when tracking is off, unreachable or failing. ``status`` is set on the run if given."""
     if not cfg.tracking.enabled:
         return None
     uri = resolve_uri(cfg)
@@ -313,9 +310,25 @@ def start_training(cfg: Config, dataset_sha256: str, fresh: bool) -> Optional[di
     try:
         client = _client(uri)
         run_id = _open_run(cfg, client, uri, dataset_sha256, fresh_training=fresh)
+        if status is not None:
+            client.update_run(run_id, status=status)
     except _tracking_errors() + (TrackingSetupError,) as e:
-        _warn("set-up", e)
+        _warn(what, e)
         return None
+    return client, uri, run_id
+
+
+# -- the train stage -----------------------------------------------------------------------------------------------
+def start_training(cfg: Config, dataset_sha256: str, fresh: bool) -> Optional[dict[str, Any]]:
+    """Driver side of the train stage, before Ray starts: find or create the pipeline run.
+
+    ``fresh``: no checkpoint to resume, training starts at step 0. Returns what the rank-0 worker needs (absolute
+    URI, run id, MLflow settings), or None when tracking is off or failed.
+    """
+    opened = _open_from_driver(cfg, "set-up", dataset_sha256, fresh)
+    if opened is None:
+        return None
+    _, uri, run_id = opened
     return {"uri": uri, "run_id": run_id, "env": _forwarded_env()}
 
 
@@ -508,18 +521,10 @@ class TrainTracker:
 # -- the sample and evaluate stages --------------------------------------------------------------------------------
 def _log_stage(cfg: Config, what: str, dataset_sha256: Optional[str], body) -> Optional[str]:
     """Open the pipeline run from this (driver) process, run ``body(client, run_id)``, end it; the run id or None."""
-    if not cfg.tracking.enabled:
+    opened = _open_from_driver(cfg, f"{what} set-up", dataset_sha256, False, status="RUNNING")
+    if opened is None:
         return None
-    uri = resolve_uri(cfg)
-    if not _reachable(uri):
-        return None
-    try:
-        client = _client(uri)
-        run_id = _open_run(cfg, client, uri, dataset_sha256)
-        client.update_run(run_id, status="RUNNING")
-    except _tracking_errors() + (TrackingSetupError,) as e:
-        _warn(f"{what} set-up", e)
-        return None
+    client, _, run_id = opened
     try:
         body(client, run_id)
     except _tracking_errors() as e:
