@@ -98,8 +98,9 @@ class TrainConfig(_Section):
     use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, on GPU only
     max_failures: int = Field(default=3, ge=0)  # Ray restarts after a worker dies
-    # speed switches (ddpm/perf.py; defaults measured in BENCHMARKS.md); none changes what is learned
-    channels_last: StrictBool = False  # NHWC memory layout for the network
+    # speed switches (ddpm/perf.py; defaults from the records in BENCHMARKS.md "Speed defaults"); none changes
+    # what is learned beyond float round-off
+    channels_last: StrictBool = True  # NHWC memory layout for the network
     compile: StrictBool = False  # torch.compile the network (minutes of compilation on CPU: pays on GPU)
     adam_impl: Literal["auto", "fused", "foreach", "loop"] = "fused"  # fused: one kernel for all params
 
@@ -394,9 +395,14 @@ def read_yaml(path: os.PathLike | str) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(str(path), f"not valid YAML{where}") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(str(path), f"expected a mapping of sections, got {type(raw).__name__}")
-    return raw or {}
+    if raw is None or raw == {}:
+        # An empty file would silently run every stage on the built-in defaults, which are no preset.
+        raise ConfigError(str(path), "the params file is empty; expected a mapping of sections (data, model, "
+                          "diffusion, train, ...), e.g. a copy of configs/digits.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), f"expected a mapping of sections (data, model, diffusion, train, ...), got "
+                          f"{type(raw).__name__}")
+    return raw
 
 
 def load_config(

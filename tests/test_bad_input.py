@@ -46,6 +46,10 @@ def project(tmp_path_factory):
     # Inputs of single cases
     (root / "not_yaml.yaml").write_text("train:\n  steps: [1, 2\n  lr: 0.1\n")
     (root / "list.yaml").write_text("- train\n- sample\n")
+    (root / "empty.yaml").write_text("")
+    (root / "comments_only.yaml").write_text("# every key commented out\n# train:\n#   steps: 10\n")
+    (root / "empty_mapping.yaml").write_text("{}\n")
+    (root / "scalar.yaml").write_text("42\n")
     (root / "misspelled_section.yaml").write_text(yaml.safe_dump({**TINY, "trian": {"steps": 10}}))
     (root / "misspelled_key.yaml").write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "learning_rate": 1}}))
     (root / "empty_images").mkdir()
@@ -179,6 +183,13 @@ CASES = [
      ["not_a_folder", "is a file, not a folder"]),
     ("params-not-yaml", "train", ["--params", "{root}/not_yaml.yaml"], ["not_yaml.yaml", "not valid YAML", "line"]),
     ("params-not-a-mapping", "train", ["--params", "{root}/list.yaml"], ["list.yaml", "expected a mapping"]),
+    ("params-empty", "train", ["--params", "{root}/empty.yaml"], ["empty.yaml", "params file is empty",
+                                                                   "mapping of sections"]),
+    ("params-comments-only", "fetch", ["--params", "{root}/comments_only.yaml"],
+     ["comments_only.yaml", "params file is empty"]),
+    ("params-empty-mapping", "sample", ["--params", "{root}/empty_mapping.yaml"],
+     ["empty_mapping.yaml", "params file is empty"]),
+    ("params-scalar", "evaluate", ["--params", "{root}/scalar.yaml"], ["scalar.yaml", "expected a mapping", "int"]),
     ("params-missing", "train", ["--params", "{root}/absent.yaml"], ["absent.yaml", "params file not found"]),
     ("unknown-command-line-option", "train", ["--stepz", "10"], ["unrecognized arguments: --stepz 10", "--help"]),
 ]

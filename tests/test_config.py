@@ -251,7 +251,11 @@ def test_read_yaml_errors_name_the_file(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         read_yaml(listy)
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    assert read_yaml(empty) == {}
-    assert load_config(empty) == from_dict({})
+    # An empty file (or only comments, or {}) is refused: it would run every stage on the built-in defaults.
+    for text in ("", "# train:\n#   steps: 10\n", "{}\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match="params file is empty") as exc:
+            read_yaml(empty)
+        assert exc.value.key == str(empty)
+    assert load_config(None) == from_dict({})  # no file at all: the defaults, on purpose
