@@ -43,6 +43,8 @@ from prefect.states import Failed, State
 
 from ddpm.config import Config, ConfigError, load_config, parse_override
 from flows.fingerprint import fingerprint
+from tasks.common import StageError
+from tasks.inputs import check as check_inputs
 
 PROJECT = Path(__file__).resolve().parents[1]
 CACHE_DIR = ".prefect-cache"  # under the output root: a root's cache describes that root's outputs
@@ -77,7 +79,7 @@ class Stage:
 
 STAGES = {
     "fetch": Stage(("data",), ("tasks/fetch.py", "tasks/common.py", "tasks/datasets.py"), (), ("dataset",)),
-    "train_classifier": Stage(("classifier",), ("tasks/train_classifier.py", "tasks/common.py", "tasks/classifier.py"),
+    "train_classifier": Stage(("classifier", "evaluate.feature_extractor"), ("tasks/train_classifier.py", "tasks/common.py", "tasks/classifier.py"),
                               ("dataset",), ("classifier", "classifier_metrics")),
     "train": Stage(("model", "diffusion", "train"), ("tasks/train.py", "tasks/common.py", "ddpm"), ("dataset",),
                    ("checkpoints", "train_metrics")),
@@ -232,6 +234,11 @@ def run_stage(name: str, stage_task, cfg: Config, paths: dict[str, str], logger)
     return stage_task.with_options(refresh_cache=True)(cfg, paths, return_state=True), "reran"
 
 
+def planned_stages(cfg: Config) -> list[str]:
+    """The stages this flow runs under ``cfg``, in order (the optional ones only when enabled)."""
+    return [name for name in STAGE_TASKS if name not in OPTIONAL_STAGES or getattr(cfg, name).enabled]
+
+
 def resolve_config(params: str, overrides: Optional[dict[str, Any]], root: Path) -> Config:
     """The params file with the overrides applied; Ray Train's run folder (an output) goes under the root."""
     cfg = load_config(params, overrides or {})
@@ -299,7 +306,8 @@ def summary_markdown(cfg: Config, results: dict[str, Any], runs: dict[str, dict[
               f"- **Samples**: {sm['count']} ({sm['sampler']}-{sm['steps']}, "
               f"{'EMA' if sm.get('use_ema') else 'raw'} weights) from `{Path(sm['checkpoint']).name}`",
               f"- **Evaluation**: {ev.get('num_generated')} samples vs {ev.get('num_reference')} training images, "
-              f"{ev.get('feature_extractor')} features; classifier held-out accuracy {_g(clf.get('accuracy'))}", "",
+              f"{ev.get('feature_extractor')} features; " + (f"classifier {clf['reason']}" if clf.get("skipped") else
+                                                 f"classifier held-out accuracy {_g(clf.get('accuracy'))}"), "",
               "| metric | samples | real-vs-real floor |", "|---|---|---|"]
     lines += [f"| {r['metric']} | {_g(r['samples'])} | {_g(r['real-vs-real floor'])} |" for r in metrics_table(ev)]
     if ev.get("fid_ratio") is not None:
@@ -395,6 +403,11 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
     except ConfigError as e:
         logger.error(f"invalid params: {e}")
         return Failed(message=str(e))
+    try:  # every file from outside that a stage of this run reads, before the first stage starts
+        check_inputs(cfg, planned_stages(cfg))
+    except StageError as e:
+        logger.error(str(e))
+        return Failed(message=str(e))
     paths = {name: str(root / rel) for name, rel in LAYOUT.items()}
     logger.info(f"params {params}{f' with {overrides}' if overrides else ''}: {cfg.data.dataset}, "
                 f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; outputs under {root}")
@@ -419,6 +432,8 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
         runs[name] = {"status": status, "wall_s": round(wall, 2)}
         logger.info(f"[{i}/{len(STAGE_TASKS)}] {name}: {status} in {wall:.1f} s"
                     + (" (inputs and params unchanged)" if status == "cached" else ""))
+        if isinstance(results[name], dict) and results[name].get("skipped"):  # train_classifier, when unread
+            logger.info(f"[{i}/{len(STAGE_TASKS)}] {name}: nothing computed, {results[name].get('reason')}")
 
     mlflow = mlflow_run(cfg)
     markdown = summary_markdown(cfg, results, runs, paths, mlflow, flow_run_id)
@@ -459,8 +474,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
-        load_config(args.params, overrides)  # bad input stops here, before Prefect starts anything
-    except ConfigError as e:
+        # Bad input stops here, before Prefect starts anything: the params, then every file from outside the
+        # pipeline that one of the stages to run will read (dataset sources, Inception weights, a reference).
+        cfg = load_config(args.params, overrides)
+        check_inputs(cfg, planned_stages(cfg))
+    except (ConfigError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -29,6 +29,7 @@ from ddpm.checkpoint import CheckpointError, atomic_write_bytes
 
 FEATURE_EXTRACTOR_NAME = "ddpm-classifier"
 CHECKPOINT_FORMAT = "ddpm-classifier/1"
+SKIPPED_FORMAT = "ddpm-classifier-skipped/1"  # written in place of weights when no stage reads a classifier
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,12 @@ def save_classifier(path: os.PathLike | str, model: Classifier, extra: dict[str,
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def save_skipped(path: os.PathLike | str, reason: str) -> None:
+    """Atomically write the marker that stands for the weights file when the stage was not needed (``reason``):
+    DVC still finds the stage's output, and a stage that loads it is told why there are no weights."""
+    atomic_write_bytes(path, lambda f: torch.save({"format": SKIPPED_FORMAT, "reason": reason}, f))
+
+
 def load_classifier(path: os.PathLike | str, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     """Rebuild the classifier from its weights file alone, in eval mode. Returns (model, the whole file's dict).
 
@@ -101,6 +108,9 @@ def load_classifier(path: os.PathLike | str, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(path, f"unreadable classifier weights ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and state.get("format") == SKIPPED_FORMAT:
+        raise CheckpointError(path, f"no classifier was trained ({state.get('reason')}); rerun train_classifier "
+                              "with the params that evaluate uses")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(path, f"not a classifier weights file (expected format {CHECKPOINT_FORMAT!r})")
     try:

@@ -45,6 +45,13 @@ from ddpm.config import Config, write_resolved
 from . import refstats, tracking
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
 from .classifier import ClassifierFeatureExtractor, load_classifier
+from .inputs import (  # noqa: F401  (the Inception names are part of this stage's interface)
+    INCEPTION_EXTRACTOR,
+    INCEPTION_WEIGHTS_FILE,
+    INCEPTION_WEIGHTS_URL,
+    extractor_for,
+    inception_weights_path,
+)
 from .common import (
     DatasetArtifact,
     StageError,
@@ -59,9 +66,6 @@ from .common import (
     write_json,
 )
 
-INCEPTION_EXTRACTOR = "inception-v3-compat"
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 # What the extractor sees of the uint8 images (samples are rounded to the nearest of 256 levels, see to_uint8).
 PREPROCESSING = {
     INCEPTION_EXTRACTOR: "uint8 RGB (gray repeated), TF1-compatible bilinear resize to 299x299, (x-128)/128, float32",
@@ -101,24 +105,7 @@ class UInt8Images(Dataset):
 # -- the feature extractors ------------------------------------------------------------------------------------------
 def resolve_extractor(cfg: Config, data: DatasetArtifact) -> str:
     """``evaluate.feature_extractor`` resolved: auto -> the classifier for labeled grayscale data, else Inception."""
-    choice = cfg.evaluate.feature_extractor
-    if choice == "auto":
-        labeled_gray = data.shape[0] == 1 and data.num_classes > 0
-        return CLASSIFIER_EXTRACTOR if labeled_gray else INCEPTION_EXTRACTOR
-    return CLASSIFIER_EXTRACTOR if choice == "classifier" else INCEPTION_EXTRACTOR
-
-
-def inception_weights_path(cfg: Config) -> str:
-    """The local Inception weights file; never downloaded (the machines are offline)."""
-    path = cfg.evaluate.inception_weights
-    how = (f"download {INCEPTION_WEIGHTS_FILE} ({INCEPTION_WEIGHTS_URL}) on a machine with internet, copy it "
-           f"e.g. to models/{INCEPTION_WEIGHTS_FILE} and set evaluate.inception_weights to that path")
-    if not path:
-        raise StageError(f"evaluate.inception_weights: not set; the inception-v3-compat feature extractor needs "
-                         f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} offline: {how}")
-    if not Path(path).is_file():
-        raise StageError(f"evaluate.inception_weights: {path} not found (expected {INCEPTION_WEIGHTS_FILE}): {how}")
-    return str(path)
+    return extractor_for(cfg.evaluate.feature_extractor, data.shape[0], data.num_classes > 0)
 
 
 def check_inception_sha256(path: os.PathLike | str, actual: str, expected: str) -> None:

@@ -31,7 +31,9 @@ def summarize(metrics_dir: Path, samples_dir: Path) -> list[str]:
     if samples:
         lines.append(f"sample:     {samples.get('count')} images ({samples.get('sampler')}-{samples.get('steps')}) "
                      f"in {samples.get('wall_s')} s")
-    if clf:
+    if clf and clf.get("skipped"):
+        lines.append(f"classifier: skipped, {clf.get('reason')}")
+    elif clf:
         lines.append(f"classifier: held-out accuracy {clf.get('accuracy')}")
     if ev:
         floor = ev.get("floor", {})

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ddpm.config import Config, write_resolved
 
-from .classifier import Classifier, ClassifierArgs, save_classifier
+from .classifier import Classifier, ClassifierArgs, save_classifier, save_skipped
 from .common import (
     StageError,
     check_writable,
@@ -33,6 +33,7 @@ from .common import (
     to_model_range,
     write_json,
 )
+from .inputs import classifier_needed, extractor_for
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -77,11 +78,24 @@ def run(cfg: Config, data_dir: os.PathLike | str, out_path: os.PathLike | str,
     """Train on ``data_dir``'s train split, write the weights to ``out_path`` and metrics to ``metrics_path``.
 
     Returns the metrics: accuracy (holdout), num_holdout, num_train, num_classes, train_loss (mean of the last 50
-    steps), steps. Raises :class:`StageError` for a dataset without labels.
+    steps), steps. When no stage reads a classifier under ``cfg`` (FID on Inception features; see
+    :func:`tasks.inputs.classifier_needed`) nothing is trained: ``out_path`` gets a marker saying why and the metrics
+    are ``{"skipped": true, "reason": ...}``. Raises :class:`StageError` for a dataset without labels when
+    ``evaluate.feature_extractor`` is ``classifier``.
     """
     c = cfg.classifier
     check_writable(Path(out_path).parent, Path(metrics_path).parent)
     data = load_dataset(data_dir)
+    needed, why = classifier_needed(cfg, extractor_for(cfg.evaluate.feature_extractor, data.shape[0],
+                                                       data.num_classes > 0), data.shape, data.meta.get("dataset"))
+    if not needed:
+        # Nothing reads a classifier under these params: say so in its place instead of training one for minutes.
+        save_skipped(out_path, why)
+        metrics = {"skipped": True, "reason": why}
+        write_json(metrics_path, metrics)
+        write_resolved(cfg, Path(out_path).parent, f"{Path(out_path).stem}.config.json")
+        print(f"classifier: skipped, {why}")
+        return metrics
     if data.num_classes < 2:
         raise StageError(
             f"{data_dir}: dataset {data.meta.get('dataset', '?')!r} has no class labels (num_classes "

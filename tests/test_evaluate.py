@@ -41,9 +41,9 @@ def digits(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def classifier(digits, tmp_path_factory) -> dict:
-    """Train through the command line's ``main`` with an empty params file, i.e. the default config."""
+    """Train through the command line's ``main`` with the default classifier section (an empty file is refused)."""
     work = tmp_path_factory.mktemp("classifier")
-    (work / "params.yaml").write_text("")
+    (work / "params.yaml").write_text("classifier: {}\n")
     paths = {"weights": work / "classifier.pt", "metrics": work / "classifier.json"}
     metrics = train_classifier.main(["--params", str(work / "params.yaml"), "--data", str(digits),
                                      "--out", str(paths["weights"]), "--metrics", str(paths["metrics"])])
@@ -90,16 +90,22 @@ def test_feature_extractor_reads_torch_fidelity_input(digits, classifier):
     torch.testing.assert_close(logits, want_logits)
 
 
-def test_classifier_refuses_unlabeled_data(tmp_path, tiny_config):
+def test_classifier_on_unlabeled_data_is_skipped_or_refused(tmp_path, tiny_config):
     rng = np.random.default_rng(0)
     for split, n in (("train", 40), ("holdout", 10)):
         write_npz(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8),
                   labels=np.full(n, -1, dtype=np.int64))
     write_json(tmp_path / "dataset.json", {"dataset": "image-folder", "shape": [1, 8, 8], "num_classes": 0,
                                            "sha256": "0" * 64})
+    # feature_extractor auto picks Inception for unlabeled data, so nothing reads a classifier: none is trained.
+    metrics = train_classifier.run(tiny_config(), tmp_path, tmp_path / "c.pt", tmp_path / "c.json")
+    assert metrics == {"skipped": True, "reason": "not needed: FID/KID/IS of 1x8x8 image-folder images use "
+                       "inception-v3-compat features (evaluate.feature_extractor: auto), not the classifier's"}
+    # Asked for explicitly, the classifier cannot be trained without labels: refused, nothing written.
     with pytest.raises(StageError, match="evaluate.feature_extractor: inception-v3-compat"):
-        train_classifier.run(tiny_config(), tmp_path, tmp_path / "c.pt", tmp_path / "c.json")
-    assert not (tmp_path / "c.pt").exists()
+        train_classifier.run(tiny_config({"evaluate.feature_extractor": "classifier"}), tmp_path,
+                             tmp_path / "c2.pt", tmp_path / "c2.json")
+    assert not (tmp_path / "c2.pt").exists()
     # evaluate's auto choice on unlabeled data is Inception, which needs its weights file.
     with pytest.raises(StageError, match=evaluate.INCEPTION_WEIGHTS_FILE):
         evaluate.run(tiny_config(), tmp_path, tmp_path, None, tmp_path / "ref", tmp_path / "eval.json")

@@ -1,0 +1,176 @@
+"""Inputs from outside the pipeline are checked before any stage computes (tasks/inputs.py), and a stage whose
+output nothing reads under the chosen params (the classifier when FID uses Inception) computes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from tasks import inputs, train_classifier
+from tasks.classifier import load_classifier
+from tasks.common import DataError
+from test_fetch import make_cifar
+
+from ddpm.checkpoint import CheckpointError
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    for k in ("DVC_STAGE", "DVC_ROOT", "RAY_ADDRESS"):
+        env.pop(k, None)
+    return env
+
+
+# -- which stages come after which (read from dvc.yaml) -------------------------------------------------------------
+def test_downstream_follows_dvc_yaml():
+    assert inputs.downstream("fetch") == ["fetch", "train_classifier", "train", "sample", "evaluate", "figures",
+                                          "sampler_table"]
+    assert inputs.downstream("train") == ["train", "sample", "evaluate", "figures", "sampler_table"]
+    assert inputs.downstream("train_classifier") == ["train_classifier", "evaluate", "sampler_table"]
+    assert inputs.downstream("sample") == ["sample", "evaluate", "sampler_table"]  # via evaluate's ref_stats
+    assert inputs.downstream("figures") == ["figures"]
+
+
+def test_downstream_of_another_dvc_yaml(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": "x", "outs": ["out/a"]},
+        "b": {"cmd": "x", "deps": ["out/a/part.txt"], "metrics": [{"m/b.json": {"cache": False}}]},
+        "c": {"cmd": "x", "deps": ["m"]},
+        "d": {"cmd": "x", "deps": ["elsewhere"]},
+    }}))
+    assert inputs.downstream("a", tmp_path / "dvc.yaml") == ["a", "b", "c"]
+    assert inputs.downstream("d", tmp_path / "dvc.yaml") == ["d"]
+
+
+# -- what the params select -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,extractor,needed", [
+    ({}, "ddpm-classifier", True),  # digits: labeled grayscale
+    ({"data.dataset": "cifar10", "model.attn_resolutions": []}, "inception-v3-compat", False),
+    ({"data.dataset": "cifar10", "data.channels": 1, "model.attn_resolutions": []}, "ddpm-classifier", True),
+    ({"evaluate.feature_extractor": "inception-v3-compat"}, "inception-v3-compat", False),
+    ({"data.dataset": "image-folder", "data.image_size": 8}, "inception-v3-compat", False),  # RGB by default
+    ({"data.dataset": "image-folder", "data.image_size": 8, "data.channels": 1}, None, True),  # labels unknown yet
+])
+def test_planned_extractor_and_classifier_need(tiny_config, overrides, extractor, needed):
+    cfg = tiny_config(overrides)
+    assert inputs.planned_extractor(cfg) == extractor
+    got, why = inputs.classifier_needed(cfg)
+    assert got is needed
+    if not needed:
+        assert why.startswith("not needed: ") and "inception-v3-compat" in why
+
+
+# -- the check itself -----------------------------------------------------------------------------------------------
+def test_every_missing_input_is_named_once(tiny_config, tmp_path):
+    cfg = tiny_config({"data.dataset": "cifar10", "data.root": str(tmp_path / "raw"), "model.attn_resolutions": [],
+                       "evaluate.inception_weights": str(tmp_path / "w.pth"), "sampler_table.enabled": True,
+                       "evaluate.reference": str(tmp_path / "ref.npz"), "evaluate.kid": False})
+    missing = inputs.missing_inputs(cfg, inputs.downstream("fetch"))
+    assert [m.key for m in missing] == ["data.root", "evaluate.inception_weights", "evaluate.reference"]
+    assert missing[1].stages == ("evaluate", "sampler_table")
+    with pytest.raises(DataError) as exc:
+        inputs.check(cfg, inputs.downstream("fetch"))
+    lines = str(exc.value).splitlines()
+    assert lines[0] == "3 inputs of this run are missing; it stopped before any stage ran:"
+    assert "cifar-10-batches-py" in lines[1] and "(read by fetch)" in lines[1]
+    assert "w.pth not found" in lines[2] and "(read by evaluate, sampler_table)" in lines[2]
+    assert "ref.npz not found" in lines[3]
+    # From train on, the dataset sources are fetch's business only.
+    assert [m.key for m in inputs.missing_inputs(cfg, inputs.downstream("train"))] == [
+        "evaluate.inception_weights", "evaluate.reference"]
+    # Present files pass; the classifier path of digits needs none of them.
+    make_cifar(tmp_path / "raw")
+    (tmp_path / "w.pth").write_bytes(b"x")
+    (tmp_path / "ref.npz").write_bytes(b"x")
+    inputs.check(cfg, inputs.downstream("fetch"))
+    inputs.check(tiny_config(), inputs.downstream("fetch"))
+
+
+def test_dvc_stage_env_checks_the_stages_after_it(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config({"evaluate.feature_extractor": "inception-v3-compat",
+                       "evaluate.inception_weights": str(tmp_path / "absent.pth")})
+    inputs.check_for_dvc_stage(cfg)  # not under DVC: nothing checked here (the stage checks its own inputs)
+    monkeypatch.setenv("DVC_ROOT", str(REPO))
+    monkeypatch.setenv("DVC_STAGE", "train")
+    with pytest.raises(DataError, match=r"evaluate.inception_weights: .*absent.pth not found.*dvc repro \(from "
+                                        r"stage train\) stopped before any stage ran"):
+        inputs.check_for_dvc_stage(cfg)
+    monkeypatch.setenv("DVC_STAGE", "figures")  # nothing after figures reads the weights
+    inputs.check_for_dvc_stage(cfg)
+
+
+# -- the classifier stage when nothing reads it ---------------------------------------------------------------------
+def test_train_classifier_computes_nothing_when_fid_uses_inception(tiny_config, tmp_path):
+    from tasks import fetch
+
+    make_cifar(tmp_path / "raw")
+    cfg = tiny_config({"data.dataset": "cifar10", "data.root": str(tmp_path / "raw"),
+                       "model.attn_resolutions": []})
+    fetch.run(cfg, tmp_path / "ds")
+    metrics = train_classifier.run(cfg, tmp_path / "ds", tmp_path / "m" / "clf.pt", tmp_path / "m" / "clf.json")
+    assert metrics["skipped"] is True
+    assert metrics["reason"] == ("not needed: FID/KID/IS of 3x32x32 cifar10 images use inception-v3-compat "
+                                 "features (evaluate.feature_extractor: auto), not the classifier's")
+    assert json.loads((tmp_path / "m" / "clf.json").read_text()) == metrics
+    with pytest.raises(CheckpointError, match="no classifier was trained .not needed: FID"):
+        load_classifier(tmp_path / "m" / "clf.pt")
+    # The same data with the classifier asked for explicitly trains one.
+    cfg2 = tiny_config({"data.dataset": "cifar10", "data.root": str(tmp_path / "raw"),
+                        "model.attn_resolutions": [], "evaluate.feature_extractor": "classifier",
+                        "classifier.steps": 2})
+    m2 = train_classifier.run(cfg2, tmp_path / "ds", tmp_path / "m2" / "clf.pt", tmp_path / "m2" / "clf.json")
+    assert "skipped" not in m2 and m2["steps"] == 2
+    net, _ = load_classifier(tmp_path / "m2" / "clf.pt")
+    assert net.args.channels == 3
+
+
+# -- end to end: the cifar10 preset without Inception weights -------------------------------------------------------
+def _cifar10_project(tmp_path: Path) -> Path:
+    """The cifar10 preset with its dataset files present (tiny, in the real pickle format), no Inception weights."""
+    make_cifar(tmp_path / "raw")
+    params = yaml.safe_load((REPO / "configs" / "cifar10.yaml").read_text())
+    params["data"]["root"] = str(tmp_path / "raw")
+    params["evaluate"]["inception_weights"] = str(tmp_path / "models" / inputs.INCEPTION_WEIGHTS_FILE)
+    params["tracking"] = {**(params.get("tracking") or {}), "enabled": False}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path / "params.yaml"
+
+
+def test_flow_with_cifar10_preset_fails_before_any_stage_without_inception_weights(tmp_path):
+    params = _cifar10_project(tmp_path)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "flows.train_eval", "--params", str(params), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert lines[0].startswith("error: evaluate.inception_weights: ")
+    assert inputs.INCEPTION_WEIGHTS_FILE in lines[0] and "not found" in lines[0]
+    assert "(read by evaluate)" in lines[0] and "stopped before any stage ran" in lines[0]
+    assert not out.exists()  # neither fetch nor train wrote anything
+
+
+@pytest.mark.slow
+def test_dvc_repro_with_cifar10_preset_fails_before_fetch_without_inception_weights(tmp_path):
+    from test_dvc_pipeline import GIT_ENV, _clone
+
+    dest = _clone(REPO, tmp_path / "proj")
+    shutil.copy(_cifar10_project(tmp_path), dest / "params.yaml")
+    env = {**_env(), **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=dest, capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode != 0
+    err = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1, r.stdout + r.stderr
+    assert err[0].startswith("error: evaluate.inception_weights: ") and "not found" in err[0]
+    assert "dvc repro (from stage fetch) stopped before any stage ran" in err[0]
+    assert not (dest / "data" / "dataset").exists() and not (dest / "checkpoints").exists()
