@@ -69,36 +69,31 @@ LAYOUT = {
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage's cache key covers, mirroring its dvc.yaml entry (a test keeps the two in step)."""
+    """What a stage's cache key covers, read from its dvc.yaml entry (the one declaration of the stages)."""
 
-    params: tuple[str, ...]  # the params sections it reads
+    params: tuple[str, ...]  # the params sections (or dotted keys) it reads
     code: tuple[str, ...]  # its source files and folders, relative to the project
     inputs: tuple[str, ...]  # LAYOUT names it reads
-    outputs: tuple[str, ...]  # LAYOUT names it writes that a later stage or the summary reads
+    outputs: tuple[str, ...]  # LAYOUT names it writes
 
 
-STAGES = {
-    "fetch": Stage(("data",), ("tasks/fetch.py", "tasks/common.py", "tasks/datasets.py"), (), ("dataset",)),
-    "train_classifier": Stage(("classifier", "evaluate.feature_extractor"), ("tasks/train_classifier.py", "tasks/common.py", "tasks/classifier.py"),
-                              ("dataset",), ("classifier", "classifier_metrics")),
-    "train": Stage(("model", "diffusion", "train"), ("tasks/train.py", "tasks/common.py", "ddpm"), ("dataset",),
-                   ("checkpoints", "train_metrics")),
-    # evaluate.repeats multiplies the samples drawn; evaluate splits them into ranges of sample.num_samples.
-    "sample": Stage(("sample", "evaluate.repeats"), ("tasks/sample.py", "tasks/common.py", "ddpm/samplers.py"),
-                    ("checkpoints",), ("samples",)),
-    "evaluate": Stage(("evaluate", "sample.num_samples"),
-                      ("tasks/evaluate.py", "tasks/refstats.py", "tasks/common.py", "tasks/classifier.py"),
-                      ("dataset", "samples", "classifier", "classifier_metrics"), ("eval_metrics",)),
-    # Optional (figures.enabled, sampler_table.enabled): the flow skips a disabled one.
-    "figures": Stage(("figures", "sample"), ("tasks/figures.py", "tasks/sample.py", "tasks/common.py",
-                                            "ddpm/samplers.py"), ("checkpoints", "dataset", "train_log"),
-                     ("figures",)),
-    "sampler_table": Stage(("sampler_table", "sample", "evaluate"),
-                           ("tasks/sampler_table.py", "tasks/sample.py", "tasks/evaluate.py", "tasks/refstats.py",
-                            "tasks/classifier.py", "tasks/common.py", "ddpm/samplers.py"),
-                           ("checkpoints", "dataset", "classifier", "ref_stats"),
-                           ("sampler_table", "sampler_table_md")),
-}
+def stages_from_dvc_yaml(path: Path = PROJECT / "dvc.yaml") -> dict[str, Stage]:
+    """``{stage: Stage}`` in dvc.yaml's order: deps that are run outputs (LAYOUT) are inputs, the rest code."""
+    import yaml
+
+    names = {rel: name for name, rel in LAYOUT.items()}
+    out = {}
+    for name, st in yaml.safe_load(path.read_text())["stages"].items():
+        deps = [str(d) for d in st.get("deps") or []]
+        outs = [next(iter(o)) if isinstance(o, dict) else o
+                for kind in ("outs", "metrics", "plots") for o in st.get(kind) or []]
+        out[name] = Stage(tuple(str(p) for p in st.get("params") or []),
+                          tuple(d for d in deps if d not in names), tuple(names[d] for d in deps if d in names),
+                          tuple(names[o] for o in outs if o in names))
+    return out
+
+
+STAGES = stages_from_dvc_yaml()
 OPTIONAL_STAGES = ("figures", "sampler_table")
 
 
