@@ -1,11 +1,11 @@
 """Ancestral (Algorithm 2) and DDIM samplers with one random seed per sample.
 
-Sample ``i`` draws all of its noise (x_T and every z) from its own generator seeded with ``seeds[i]``, so the
-images do not depend on how a set of seeds is split into batches, shards or workers (EDM's convention).
-Reproducibility holds per device type: CPU and CUDA generators give different streams for the same seed. Bit for
-bit it also needs the network's kernels to be batch-size invariant; on CPU, oneDNN/MKL pick GEMM kernels by the
-number of rows, so with some widths and batch sizes (e.g. 1-2 rows, or 8 vs 16 rows at ch=128) the network's
-output differs by ~1e-6, and so do the samples. A fixed ``shard_size``/``batch_size`` gives identical files.
+Sample ``i`` draws all of its noise (x_T and every z) from its own generator seeded with ``seeds[i]``, so its noise
+does not depend on how a set of seeds is split into batches, shards or workers (EDM's convention), and neither do
+its images beyond float round-off. Noise is per device type: CPU and CUDA generators give different streams for the
+same seed. Bit for bit, the same seeds are guaranteed the same images only in one batch composition with one torch
+build and thread count: oneDNN/MKL pick kernels by batch size, thread count and CPU, so another split of the seeds
+moves the samples' last bits (1e-7 to 1e-5 on an AMD EPYC with AVX-512; README "Reproducibility").
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Stage `sample`: many samples from a trained checkpoint, in fixed-size shards spread over Ray actors.
 
-Sample ``i`` uses seed ``sample.seed + i`` (see ddpm.samplers), so the images do not depend on how shards are
-spread over workers, nor on each worker's batch size. A shard is written atomically with its seeds and a key
-naming the checkpoint and sampler settings; a rerun keeps every finished shard whose key and content match and
-samples only the missing ones.
+Sample ``i`` uses seed ``sample.seed + i`` (see ddpm.samplers). Shards are planned from the seeds
+(``sample.shard_size``) and each is sampled in batches of ``sample.batch_size``, with ``CPU_THREADS_PER_ACTOR``
+intra-op threads on CPU, so the computation of every image is the same whatever the number of actors, and on one
+machine the images are bitwise identical for any ``sample.num_workers`` (README "Reproducibility"). Another
+``batch_size`` agrees within float round-off only: oneDNN picks kernels per batch size and thread count. A shard is
+written atomically with its seeds and a key naming the checkpoint and sampler settings; a rerun keeps every finished
+shard whose key and content match and samples only the missing ones.
 
 ``sample.mode`` picks what a sample is: ``generate`` (from noise), ``img2img`` (held-out image ``i mod N`` noised
 to t = ``sample.strength`` * T and denoised) or ``inpaint`` (the ``sample.mask`` region of that image redrawn,
@@ -57,6 +60,11 @@ SAMPLER_KEYS = ("sampler", "steps", "eta", "variance", "clip_denoised", "use_ema
 # Keys that matter only in their mode (sample.mode); generate-mode keys stay as they were, so its shards are kept.
 MODE_KEYS = {"generate": (), "img2img": ("mode", "strength"),
              "inpaint": ("mode", "mask", "jump_length", "jump_n_sample")}
+# Intra-op threads of each CPU actor, the same whatever the number of actors: oneDNN picks kernels by thread count
+# too, and 1 vs 2 threads changed the last bits of the samples on an AMD EPYC (batch 8, DDIM-100: max abs diff
+# 2.8e-6), so the former cores // actors made the images depend on sample.num_workers. More cores are used through
+# more actors; 1 is what the 2-core default (2 actors) always had, and small networks gain little from threads.
+CPU_THREADS_PER_ACTOR = 1
 
 
 def newest_checkpoint(ckpt_dir: os.PathLike | str) -> Path:
@@ -70,11 +78,24 @@ def newest_checkpoint(ckpt_dir: os.PathLike | str) -> Path:
     return next(p for s, p in reversed(ckpts) if s == int(state["step"]))
 
 
+def sampling_code_sha256() -> str:
+    """Content hash of the code that turns a checkpoint and seeds into images: the library (ddpm/), this stage and
+    the shared helpers it converts images with. An edited sampler step must not reuse shards drawn by the old one."""
+    here = Path(__file__).resolve().parent
+    files = sorted((here.parent / "ddpm").glob("*.py")) + [here / "sample.py", here / "common.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.parent.name}/{f.name}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def sampling_key(cfg: Config, ckpt: Path, step: int, inputs_sha256: Optional[str] = None) -> str:
-    """Identifies what a shard was sampled with: the checkpoint's content and every sampler setting (and, in the
-    img2img and inpaint modes, the mode's settings and the content of the input images)."""
+    """Identifies what a shard was sampled with: the checkpoint's content, every sampler setting and the sampling
+    code (and, in the img2img and inpaint modes, the mode's settings and the content of the input images)."""
     s = cfg.sample.model_dump()
-    blob = {"checkpoint_sha256": sha256_file(ckpt), "step": step, **{k: s[k] for k in SAMPLER_KEYS},
+    blob = {"checkpoint_sha256": sha256_file(ckpt), "step": step, "code_sha256": sampling_code_sha256(),
+            **{k: s[k] for k in SAMPLER_KEYS},
             "timesteps": cfg.diffusion.timesteps, **{k: s[k] for k in MODE_KEYS[s["mode"]]}}
     if s["mode"] != "generate":
         blob["inputs_sha256"] = inputs_sha256
@@ -163,12 +184,14 @@ class ShardSampler:
         return np.concatenate(out)
 
     def write_shard(self, path: str, seeds: list[int], key: str,
-                    inputs: Optional[np.ndarray] = None) -> tuple[str, str, float]:
+                    inputs: Optional[np.ndarray] = None) -> tuple[str, str, float, int]:
+        """Sample ``seeds`` into the shard file ``path``; returns its name, content hash, seconds and the intra-op
+        thread count it was sampled with (the images' last bits depend on it)."""
         t0 = time.perf_counter()
         images = self.sample(seeds, inputs)
         seeds_arr = np.asarray(seeds, dtype=np.int64)
         write_npz(path, images=images, seeds=seeds_arr, key=np.asarray(key))
-        return Path(path).name, sha256_arrays(images, seeds_arr), time.perf_counter() - t0
+        return Path(path).name, sha256_arrays(images, seeds_arr), time.perf_counter() - t0, torch.get_num_threads()
 
 
 def save_grid(images: np.ndarray, path: Path) -> Path:
@@ -252,6 +275,7 @@ def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     ray_startup = 0.0
     shard_seconds: list[float] = []  # time inside write_shard: sampling without actor start-up
+    actor_threads: set[int] = set()  # intra-op threads the actors sampled with, as they report them
     workers = 0
     if todo:
         tr = time.perf_counter()
@@ -263,21 +287,22 @@ def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
         total_cpus = int(ray.cluster_resources().get("CPU", 1))
         # Never ask for more actors than the cluster can place at once: an actor waiting for resources would
         # hold its share of the shards forever.
-        slots = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else total_cpus
+        slots = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else total_cpus // CPU_THREADS_PER_ACTOR
         workers = max(1, min(s.num_workers, len(todo), slots))
         if workers < s.num_workers and workers < len(todo):
             print(f"sample.num_workers: {s.num_workers} actors do not fit; using {workers}")
-        threads = 1 if use_gpu else max(1, total_cpus // workers)
-        Actor = ray.remote(num_cpus=threads if not use_gpu else 1, num_gpus=1 if use_gpu else 0)(ShardSampler)
+        threads = 1 if use_gpu else CPU_THREADS_PER_ACTOR  # never derived from `workers` (see CPU_THREADS_PER_ACTOR)
+        Actor = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(ShardSampler)
         actors = [Actor.remote(str(ckpt), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)
                   for _ in range(workers)]
         pool = ray.util.ActorPool(actors)
         jobs = pool.map_unordered(
             lambda a, job: a.write_shard.remote(str(shard_file(out_dir, job[0])), job[1], key,
                                                 _shard_inputs(inputs, job[1], s.seed)), todo)
-        for name, sha, secs in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
+        for name, sha, secs, n_threads in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
             shas[name] = sha
             shard_seconds.append(secs)
+            actor_threads.add(n_threads)
             # The manifest is updated after every shard, so a killed run knows what it finished.
             write_json(manifest_path, {"key": key, "shards": shas, "complete": False})
         for a in actors:
@@ -312,6 +337,7 @@ def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "ray_startup_s": round(ray_startup, 2),
         "workers": workers,
+        "actor_threads": sorted(actor_threads),  # [] when every shard was reused
         "sampling_s": round(sum(shard_seconds) / workers, 2) if workers else 0.0,  # per actor, start-up excluded
         "images_per_s": round(new / max(wall - ray_startup, 1e-9), 2) if new else None,
         "grid": str(grid),

@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 # slow each op a hundredfold. Stages that want more threads (Ray workers, samplers) set their own.
 torch.set_num_threads(1)
 
+# The README's "Reproducibility" contract. Bitwise equality holds for the same computation (same seeds in the same
+# batch composition, same torch build and thread count) on one machine; other batch splits (and other CPUs) only
+# agree within round-off, because oneDNN picks kernels per batch size, thread count and CPU. Measured on an AMD EPYC
+# with AVX-512: <= 2.0e-5 max abs difference in the model's [-1, 1] range (trained digits UNet, DDIM-100, batch 90
+# vs 8; < 1e-6 for the tests' short chains of the tiny UNet).
+ACROSS_BATCHES_ATOL = 1e-4  # floats in [-1, 1]: 5x the worst measured, far below a wrong seed or row (~0.1-1)
+ACROSS_BATCHES_UINT8_LEVELS = 1  # the sample stage's uint8 images: at most 1 level apart ...
+ACROSS_BATCHES_UINT8_FRACTION = 0.01  # ... in at most 1% of the pixels (measured: 1 pixel in 23,040)
+
 
 @pytest.fixture
 def repo_root() -> Path:
@@ -40,7 +49,8 @@ TINY = {
     "sample": {"num_samples": 24, "shard_size": 8, "batch_size": 8, "sampler": "ddim", "steps": 5,
                "num_workers": 1, "use_gpu": False, "grid_size": 16},
     "classifier": {"steps": 150},
-    "evaluate": {"kid_subset_size": 10, "repeats": 1},  # dvc.yaml's sample stage tracks evaluate.repeats
+    # dvc.yaml's sample stage tracks evaluate.repeats, train_classifier evaluate.feature_extractor
+    "evaluate": {"kid_subset_size": 10, "repeats": 1, "feature_extractor": "auto"},
     "ray": {"num_cpus": 2, "object_store_mb": 100},
     "tracking": {"enabled": False},  # tests of tracking turn it on against their own store
     # dvc.yaml's optional stages track these sections, so a params.yaml must have them (off: only a note is written)
@@ -86,3 +96,20 @@ def tiny_unet() -> UNet:
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """A folder with the digits artifact (``dataset/``) and the tiny model trained for 6 steps in this process by the
+    train stage's own loop (``checkpoints/``, ``train_loss.tsv``). Read-only for the tests that share it."""
+    import json
+
+    from ddpm.config import apply_overrides, from_dict
+    from tasks import fetch
+    from tasks.train import run_local
+
+    work = tmp_path_factory.mktemp("tiny_trained")
+    cfg = from_dict(apply_overrides(json.loads(json.dumps(TINY)), {}))
+    fetch.run(cfg, work / "dataset")
+    run_local(cfg, work / "dataset", work / "checkpoints", work / "train_loss.tsv", threads=1)
+    return work

@@ -90,6 +90,20 @@ def test_dvc_repro_end_to_end(tmp_path, repo_root, tiny_params):
     second = _dvc(dest, "repro")
     assert _ran(second.stdout) == []
 
+    # Editing the library (here a comment in ddpm/diffusion.py, where p_sample and ddim_step live) makes every stage
+    # that runs the model stale; train finds its checkpoint complete and keeps it, the samples are drawn again (their
+    # key covers the sampling code) and so everything after them reruns.
+    shard = (dest / "samples" / "shard_00000.npz").read_bytes()
+    with open(dest / "ddpm" / "diffusion.py", "a") as f:
+        f.write("\n# an edit\n")
+    status = json.loads(_dvc(dest, "status", "--json").stdout)
+    assert {k.rpartition(":")[2] for k in status} == {"train", "sample", "figures", "sampler_table"}, status
+    edited = _ran(_dvc(dest, "repro").stdout)
+    assert edited[:3] == ["train", "sample", "evaluate"], edited
+    assert sorted(edited[3:]) == ["figures", "sampler_table"], edited
+    assert (dest / "samples" / "shard_00000.npz").read_bytes() != shard  # drawn again under the new code's key
+    assert (dest / "checkpoints/ckpt_00000006.pt").is_file()
+
     _params(dest, TINY, **{"train.lr": 5e-4})
     third = _dvc(dest, "repro")
     ran = _ran(third.stdout)

@@ -280,10 +280,13 @@ def test_repeats_give_k_values_from_disjoint_seed_ranges(digits, classifier, tmp
     samples = write_samples(tmp_path / "samples", images, shard_size=90)  # shards need not align with repeats
     write_json(samples / "samples.json", {"sampler": "ddim", "steps": 100, "eta": 1.0, "use_ema": True,
                                           "checkpoint": "checkpoints/ckpt_00001500.pt", "checkpoint_step": 1500})
-    cfg = tiny_config({"evaluate.repeats": 3, "sample.num_samples": 100, "tracking.enabled": True})
+    # Feature batches of 100 = one repeat: each range's features come from the same computation as its run alone
+    # (oneDNN picks kernels per batch size, so a batch of 250 across two ranges could move their last bits).
+    cfg = tiny_config({"evaluate.repeats": 3, "sample.num_samples": 100, "tracking.enabled": True,
+                       "evaluate.batch_size": 100})
     m = evaluate_run(cfg, digits, samples, classifier, tmp_path / "ref", tmp_path / "eval.json")
 
-    alone = [evaluate_run(tiny_config({"sample.num_samples": 100}), digits,
+    alone = [evaluate_run(tiny_config({"sample.num_samples": 100, "evaluate.batch_size": 100}), digits,
                           write_samples(tmp_path / f"alone{i}", images[100 * i:100 * (i + 1)]), classifier,
                           tmp_path / "ref", tmp_path / f"alone{i}.json") for i in range(3)]
     fid = m["per_repeat"]["fid"]

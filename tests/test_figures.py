@@ -17,23 +17,6 @@ FIG = {"figures.enabled": True, "figures.seeds": 2, "figures.frames": 4, "figure
        "figures.gif_frames": 3}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The digits artifact and a tiny model trained for 6 steps in this process (the train stage's own loop)."""
-    import json as _json
-
-    from ddpm.config import apply_overrides, from_dict
-    from tasks import fetch
-    from tasks.train import run_local
-    from conftest import TINY
-
-    work = tmp_path_factory.mktemp("figures")
-    cfg = from_dict(apply_overrides(_json.loads(_json.dumps(TINY)), {}))
-    fetch.run(cfg, work / "dataset")
-    run_local(cfg, work / "dataset", work / "checkpoints", work / "train_loss.tsv", threads=1)
-    return work
-
-
 def _panel(grid: np.ndarray, row: int, col: int, side: int) -> np.ndarray:
     """The panel at (row, col) of a panel_grid, one channel, downscaled back to the image's own pixels."""
     c = cell_size(side)
@@ -52,12 +35,13 @@ def test_panel_grid_size_and_placement():
     assert panel_grid(big, 2).shape == (*grid_shape(1, 2, 40), 3) == (44, 86, 3)  # no upscaling past 32 px
 
 
-def test_figures_on_the_tiny_config(tiny_config, trained, tmp_path):
+def test_figures_on_the_tiny_config(tiny_config, tiny_trained, tmp_path):
     from tasks.common import load_dataset
 
     cfg = tiny_config(FIG)
     out = tmp_path / "figs"
-    summary = figures.run(cfg, trained / "checkpoints", trained / "dataset", trained / "train_loss.tsv", out)
+    inputs = (tiny_trained / "checkpoints", tiny_trained / "dataset", tiny_trained / "train_loss.tsv")
+    summary = figures.run(cfg, *inputs, out)
     assert json.loads((out / "figures.json").read_text()) == summary
     assert summary["sampler"] == "ddim-5 (eta 0)" and summary["checkpoint_step"] == 6
 
@@ -68,7 +52,7 @@ def test_figures_on_the_tiny_config(tiny_config, trained, tmp_path):
         assert im.size[::-1] == grid_shape(4, 4, 8)
 
     # 2. one reconstruction PNG per t: 3 held-out images x (original, diffused, 2 reconstructions)
-    holdout = load_dataset(trained / "dataset").holdout.images
+    holdout = load_dataset(tiny_trained / "dataset").holdout.images
     recon = summary["reconstruction"]
     assert [r["t"] for r in recon] == [100, 50, 0]
     assert sorted(p.name for p in out.glob("reconstruction_t*.png")) == [
@@ -99,15 +83,13 @@ def test_figures_on_the_tiny_config(tiny_config, trained, tmp_path):
     assert summary["loss"]["points"] == 6 and summary["loss"]["last_step"] == 6
 
     # Fewer fractions later: the stale PNG goes; disabled: only figures.json, no stale figures
-    figures.run(tiny_config({**FIG, "figures.recon_fractions": [0.5]}), trained / "checkpoints", trained / "dataset",
-                trained / "train_loss.tsv", out)
+    figures.run(tiny_config({**FIG, "figures.recon_fractions": [0.5]}), *inputs, out)
     assert [p.name for p in out.glob("reconstruction_t*.png")] == ["reconstruction_t0050.png"]
-    assert figures.run(tiny_config(), trained / "checkpoints", trained / "dataset", trained / "train_loss.tsv",
-                       out) == {"enabled": False}
+    assert figures.run(tiny_config(), *inputs, out) == {"enabled": False}
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "figures.json"]
 
 
-def test_figures_bad_inputs_are_one_line(tiny_config, trained, tmp_path, capsys):
+def test_figures_bad_inputs_are_one_line(tiny_config, tiny_trained, tmp_path, capsys):
     from tasks.common import DataError
 
     bad = tmp_path / "loss.tsv"
@@ -115,8 +97,8 @@ def test_figures_bad_inputs_are_one_line(tiny_config, trained, tmp_path, capsys)
     with pytest.raises(DataError, match="loss.tsv: not a loss log"):
         figures.read_loss(bad)
     with pytest.raises(DataError, match="figures.recon_images"):
-        figures.run(tiny_config({**FIG, "figures.recon_images": 10_000}), trained / "checkpoints",
-                    trained / "dataset", trained / "train_loss.tsv", tmp_path / "f")
+        figures.run(tiny_config({**FIG, "figures.recon_images": 10_000}), tiny_trained / "checkpoints",
+                    tiny_trained / "dataset", tiny_trained / "train_loss.tsv", tmp_path / "f")
     params = tmp_path / "params.yaml"
     params.write_text("figures:\n  frames: 1\n")
     with pytest.raises(SystemExit) as e:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ACROSS_BATCHES_ATOL
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import (
     ChainRecorder,
@@ -94,10 +95,11 @@ def test_img2img_is_per_seed_and_keeps_more_of_the_image_at_low_strength(tiny_un
     d = GaussianDiffusion(make_betas("linear", 20))
     x0, seeds = images(8), list(range(8))
     whole = img2img_sample(tiny_unet, d, x0, seeds, 0.5, sampler=sampler, **kw)
-    # Halves of 4, as in test_samplers: CPU kernels are batch-size invariant there (see ddpm/samplers.py).
-    split = torch.cat([img2img_sample(tiny_unet, d, x0[:4], seeds[:4], 0.5, sampler=sampler, **kw),
-                       img2img_sample(tiny_unet, d, x0[4:], seeds[4:], 0.5, sampler=sampler, **kw)])
-    assert torch.equal(whole, split)
+    assert torch.equal(whole, img2img_sample(tiny_unet, d, x0, seeds, 0.5, sampler=sampler, **kw))
+    # Another batch split is another computation (oneDNN picks kernels per batch size): equal within round-off.
+    split = torch.cat([img2img_sample(tiny_unet, d, x0[:3], seeds[:3], 0.5, sampler=sampler, **kw),
+                       img2img_sample(tiny_unet, d, x0[3:], seeds[3:], 0.5, sampler=sampler, **kw)])
+    torch.testing.assert_close(split, whole, rtol=0, atol=ACROSS_BATCHES_ATOL)
     assert not torch.equal(whole, img2img_sample(tiny_unet, d, x0, list(range(8, 16)), 0.5, sampler=sampler, **kw))
     low = img2img_sample(tiny_unet, d, x0, seeds, 0.1, sampler=sampler, **kw)
     high = img2img_sample(tiny_unet, d, x0, seeds, 1.0, sampler=sampler, **kw)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import ACROSS_BATCHES_ATOL
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.samplers import SeededNoise, ddim_sample, ddim_timesteps, ddpm_sample
 from ddpm.schedules import make_betas
@@ -183,7 +184,7 @@ def test_ddim_callback_and_argument_checks():
         ddpm_sample(MixEps(), d, [0], SHAPE, variance="learned")
 
 
-# -- one seed per sample, bit for bit ----------------------------------------------------------------------------
+# -- one seed per sample: bit for bit in one batch composition, round-off across splits ---------------------------
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,9 @@ def test_ddim_callback_and_argument_checks():
      ("ddim", {"steps": 5, "eta": 1.0})],
 )
 def test_seed_per_sample_is_independent_of_batching(tiny_unet, sampler, kwargs):
-    """Seeds 0-7 in one batch == seeds 0-3 and 4-7 in two batches, exactly, with a real UNet on CPU."""
+    """README "Reproducibility": seeds 0-7 in one batch, sampled again, are bitwise the same; in other batch splits
+    (4 + 4, 3 + 5, a shuffled batch) each seed gives its image within round-off, with a real UNet on CPU. The splits
+    are other computations: oneDNN picks kernels per batch size (8 vs 3 + 5 differ in the last bits on an AMD EPYC)."""
     d = GaussianDiffusion(make_betas("linear", 10))
     fn = ddpm_sample if sampler == "ddpm" else ddim_sample
 
@@ -200,13 +203,15 @@ def test_seed_per_sample_is_independent_of_batching(tiny_unet, sampler, kwargs):
         return fn(tiny_unet, d, seeds, UNET_SHAPE, **kwargs)
 
     whole = run(list(range(8)))
+    assert torch.equal(whole, run(list(range(8))))  # the same composition: the same bits
     halves = torch.cat([run([0, 1, 2, 3]), run([4, 5, 6, 7])])
     uneven = torch.cat([run([0, 1, 2]), run([3, 4, 5, 6, 7])])
     shuffled = run([7, 2, 5, 0, 3, 6, 1, 4])
-    assert torch.equal(whole, halves)
-    assert torch.equal(whole, uneven)
-    assert torch.equal(whole[[7, 2, 5, 0, 3, 6, 1, 4]], shuffled)
-    assert whole.std() > 0.1 and not torch.equal(whole[0], whole[1])  # the network matters: not a trivial pass
+    torch.testing.assert_close(halves, whole, rtol=0, atol=ACROSS_BATCHES_ATOL)
+    torch.testing.assert_close(uneven, whole, rtol=0, atol=ACROSS_BATCHES_ATOL)
+    torch.testing.assert_close(shuffled, whole[[7, 2, 5, 0, 3, 6, 1, 4]], rtol=0, atol=ACROSS_BATCHES_ATOL)
+    # The network matters and another seed is far beyond the tolerance: a row given the wrong seed would fail above.
+    assert whole.std() > 0.1 and (whole[0] - whole[1]).abs().max() > 100 * ACROSS_BATCHES_ATOL
 
 
 def test_sampling_uses_eval_mode_and_restores_train_mode():
