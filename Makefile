@@ -11,13 +11,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo serve mlflow-ui test test-fast clean help bench
+.PHONY: install demo serve mlflow-ui test test-fast clean help bench report
 
 help:
 	@echo "make demo   - install (once) and run the train-eval flow on the embedded digits dataset (no server)"
 	@echo "make serve  - a local Prefect server on 127.0.0.1:4200 + the train-eval deployments (Ctrl-C stops both)"
 	@echo "make mlflow-ui - the MLflow UI over this project's runs (mlflow.db, mlruns/) at http://127.0.0.1:5000"
 	@echo "make test   - install (once) and run the whole test suite"
+	@echo "make report - rewrite README.md's and BENCHMARKS.md's measured blocks from benchmarks/results/*.json"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,11 +52,16 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# Benchmarks 1-4 vs diffusers (~10 min on 2 cores), then BENCHMARKS.md's table; BENCH_DEMO=1 adds the whole
-# demo (benchmark 5). diffusers comes from the `bench` extra only: ddpm/, tasks/ and the tests never import it.
+# Benchmarks 1-4 vs diffusers (~10 min on 2 cores), then `make report`'s rewrite of the measured blocks; BENCH_DEMO=1
+# adds the whole demo (benchmark 5). diffusers comes from the `bench` extra only: ddpm/, tasks/ and the tests never import it.
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.run_all
+
+# Every measured number of README.md and BENCHMARKS.md, rewritten from the committed records in benchmarks/results/
+# (a second run changes nothing; `python -m benchmarks.report --check` names stale blocks without writing).
+report: install
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf .ray_results dvc_out

@@ -1,13 +1,20 @@
-"""Benchmark 5: `make demo` end to end (after install), broken down per stage.
+"""Benchmark 5: `make demo` end to end (after install), its stages and what it measured: benchmarks/results/demo.json.
 
-Runs the demo's command (``python -m flows.train_eval`` with params.yaml) once into a fresh output folder, so
-every stage runs rather than being served from cache, and reads the per-stage wall times the flow prints on
-its ``stages:`` line; the training and sampling stages' own records (Ray start-up, fit wall, images/s) come
-from the metrics files the run wrote. With ``--log`` it parses a saved demo output instead of running it.
+Runs the demo's command (``python -m flows.train_eval`` with params.yaml) once into a fresh output folder, so every
+stage runs rather than being served from cache, then measures the inpainting label agreement on the same outputs
+(``benchmarks.inpaint_agreement``, benchmarks/results/inpaint.json) and the reproducibility bounds of its
+checkpoint (``benchmarks.repro_bounds``, benchmarks/results/repro.json). The record holds the total wall, each stage's
+wall and status (the flow's ``stages:`` line), FID/KID mean ± std with the per-repeat values, the real-vs-real
+floor, fid_ratio, the classifier's held-out accuracy, the sampler table's rows and the machine; README.md's demo
+paragraph and sampler table are generated from it (``make report``).
 
-    python -m benchmarks.bench_demo            # runs the demo once (~6-12 min on 2 busy cores)
-    python -m benchmarks.bench_demo --log FILE # parse a saved `make demo` output
-    python -m benchmarks.bench_demo --records ROOT  # only what a finished demo's stages recorded (no rerun)
+    python -m benchmarks.bench_demo                 # runs the demo once (~10 min on 2 cores), then inpainting
+    python -m benchmarks.bench_demo --records ROOT  # the same record from a finished demo's outputs, no rerun
+    python -m benchmarks.bench_demo --records ROOT --log FILE  # ... with the stage walls of its saved output
+
+A demo run by this command leaves ``demo_stdout.log`` and ``demo_wall.json`` in its output folder, so
+``--records`` on that folder rebuilds the identical record. Without them (a plain ``make demo``), the stages
+are what the train and sample stages record themselves, and the total wall is unknown.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 from benchmarks.common import REPO, write_result
 
-STAGE_RE = re.compile(r"(\w+) (ran|cached|\w+) \((\d+(?:\.\d+)?) s\)")
+STAGE_RE = re.compile(r"(\w+) (\w+) \((\d+(?:\.\d+)?) s\)")
+RUN_COMMAND = "python -m benchmarks.bench_demo"
 
 
 def parse_stages(text: str) -> dict[str, dict]:
@@ -34,71 +43,158 @@ def parse_stages(text: str) -> dict[str, dict]:
     return {m.group(1): {"status": m.group(2), "wall_s": float(m.group(3))} for m in STAGE_RE.finditer(lines[-1])}
 
 
-def from_records(root: Path) -> dict:
-    """The walls the train and sample stages record in their metrics files (the flow prints, but does not store,
-    the other stages' walls; fetch, train_classifier and evaluate take seconds on the digits preset)."""
-    stages, details = {}, {}
-    for name, rel, wall_key in (("train", "metrics/train.json", "fit_wall_s"), ("sample", "samples/samples.json", "wall_s")):
-        f = root / rel
-        if not f.is_file():
-            raise SystemExit(f"error: {f} missing; run `make demo` first (or pass another --records root)")
-        d = json.loads(f.read_text())
-        wall = float(d[wall_key]) + (float(d.get("ray_startup_s") or 0) if name == "train" else 0.0)
-        stages[name] = {"status": "recorded", "wall_s": round(wall, 1)}
-        details[name] = {k: d.get(k) for k in ("ray_startup_s", "fit_wall_s", "wall_s", "images_per_s", "steps")
-                         if d.get(k) is not None}
-        details[name]["recorded_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f.stat().st_mtime))
-    result = {"source": f"stage records of the finished demo in {root} (train: Ray start-up + fit; sample: wall "
-                        "incl. Ray actors); fetch, train_classifier, evaluate are not recorded",
-              "total_wall_s": None, "stages": stages, "stage_details": details,
-              "sum_of_stages_s": round(sum(s["wall_s"] for s in stages.values()), 1)}
-    write_result("demo", result, f"python -m benchmarks.bench_demo --records {root}")
-    for name, s in stages.items():
-        print(f"{name:16s} {s['wall_s']:8.1f} s  {details[name]}")
+def _read(path: Path) -> Optional[dict]:
+    try:
+        d = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _summary(ev: dict, metric: str) -> Optional[dict]:
+    """A metric's {values, mean, std, min}: evaluate's per_repeat block, or the lone value of a run without one."""
+    s = (ev.get("per_repeat") or {}).get(metric)
+    if s:
+        return {k: s.get(k) for k in ("values", "mean", "std", "min")}
+    v = ev.get(metric)
+    return {"values": [v], "mean": v, "std": None, "min": v} if isinstance(v, (int, float)) else None
+
+
+def evaluation(ev: dict) -> dict[str, Any]:
+    """What README's demo paragraph quotes from metrics/eval.json."""
+    out: dict[str, Any] = {k: ev.get(k) for k in ("feature_extractor", "num_generated", "num_reference")}
+    out["repeats"] = ev.get("repeats", 1)
+    for m in ("fid", "kid_mean", "isc_mean"):
+        s = _summary(ev, m)
+        if s:
+            out[m] = s
+    floor = ev.get("floor") or {}
+    out["floor"] = {k: floor[k] for k in ("fid", "kid_mean", "isc_mean", "num_holdout", "num_reference") if k in floor}
+    out["fid_ratio"] = ev.get("fid_ratio")
+    if out.get("fid") and floor.get("fid"):
+        out["fid_ratio_min"] = out["fid"]["min"] / floor["fid"]
+    prov = ev.get("provenance") or {}
+    out["provenance"] = {k: prov.get(k) for k in ("sampler", "steps", "eta", "seed_ranges", "checkpoint") if k in prov}
+    return out
+
+
+SAMPLE_KEYS = ("count", "sampler", "steps", "eta", "use_ema", "checkpoint_step", "wall_s", "ray_startup_s",
+               "workers", "sampling_s", "images_per_s")
+TRAIN_KEYS = ("steps", "final_loss", "fit_wall_s", "ray_startup_s", "images_per_s", "num_workers")
+
+
+def collect(root: Path, log_text: Optional[str] = None, total_wall_s: Optional[float] = None) -> dict[str, Any]:
+    """The demo record from a finished demo's output root (``metrics/``, ``samples/``) and, when known, its printed
+    output (the stage walls) and total wall. Raises SystemExit when the root holds no demo outputs."""
+    root = Path(root)
+    train = _read(root / "metrics/train.json")
+    if train is None:
+        raise SystemExit(f"error: {root / 'metrics/train.json'} missing; run `make demo` first (or pass another "
+                         "--records root)")
+    samples = _read(root / "samples/samples.json")
+    details: dict[str, dict] = {"train": {k: train[k] for k in TRAIN_KEYS if train.get(k) is not None}}
+    if samples:
+        details["sample"] = {k: samples[k] for k in SAMPLE_KEYS if samples.get(k) is not None}
+    if log_text is not None:
+        stages = parse_stages(log_text)
+        source = "the flow's own stage walls (its `stages:` line)"
+    else:
+        # Without the printed output only the stages that store their walls are known.
+        stages = {"train": {"status": "recorded",
+                            "wall_s": round(float(train["fit_wall_s"]) + float(train.get("ray_startup_s") or 0), 1)}}
+        if samples:
+            stages["sample"] = {"status": "recorded", "wall_s": round(float(samples["wall_s"]), 1)}
+        source = ("the walls the train stage (Ray start-up + fit) and the sample stage record; the other stages' "
+                  "walls are printed by the flow, not stored")
+    result: dict[str, Any] = {
+        "source": source,
+        "total_wall_s": total_wall_s,
+        "stages": stages,
+        "sum_of_stages_s": round(sum(s["wall_s"] for s in stages.values()), 1),
+        "stage_details": details,
+    }
+    ev = _read(root / "metrics/eval.json")
+    if ev:
+        result["evaluate"] = evaluation(ev)
+    clf = _read(root / "metrics/classifier.json")
+    if clf:
+        result["classifier"] = {k: clf.get(k) for k in ("accuracy", "num_holdout", "num_train", "steps")}
+    table = _read(root / "metrics/sampler_table.json")
+    if table and table.get("rows"):
+        result["sampler_table"] = {k: table[k] for k in ("rows", "floor", "num_samples", "seeds", "checkpoint",
+                                                         "checkpoint_step", "use_ema", "device", "note",
+                                                         "feature_extractor", "num_reference") if k in table}
     return result
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_demo(out: Path) -> tuple[str, float]:
+    """Run the demo's flow once into ``out``; returns (its printed output, total wall in s). Leaves the output and
+    the wall in ``out`` (demo_stdout.log, demo_wall.json) so ``--records out`` rebuilds the same record."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "flows.train_eval", "--params", str(REPO / "params.yaml"), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    total = round(time.perf_counter() - t0, 1)
+    text = proc.stdout + proc.stderr
+    (out / "demo_stdout.log").write_text(text)
+    if proc.returncode:
+        print(text[-3000:], file=sys.stderr)
+        raise SystemExit(f"the demo failed (exit {proc.returncode}); output in {out}/demo_stdout.log")
+    (out / "demo_wall.json").write_text(json.dumps({"total_wall_s": total, "command": " ".join(cmd[1:]),
+                                                    "git_commit": _git_commit()}) + "\n")
+    return text, total
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--log", help="parse this saved demo output instead of running the demo")
-    p.add_argument("--keep", help="run into this folder (default: a temporary one)")
-    p.add_argument("--records", help="a finished demo's output root: report the walls its stages recorded")
+    p.add_argument("--records", help="a finished demo's output root: build the record from its outputs (no rerun)")
+    p.add_argument("--log", help="with --records: the demo's saved output, for the stage walls")
+    p.add_argument("--keep", help="run the demo into this folder (default: a new temporary one)")
+    p.add_argument("--no-inpaint", action="store_true", help="skip the inpainting measurement after the demo")
+    p.add_argument("--no-repro", action="store_true",
+                   help="skip the reproducibility bounds (benchmarks.repro_bounds) after the demo")
+    p.add_argument("--results", help="write demo.json (and inpaint.json) here instead of benchmarks/results/")
     args = p.parse_args(argv)
-    details: dict = {}
+    results = Path(args.results) if args.results else None
     if args.records:
-        return from_records(Path(args.records))
-    if args.log:
-        text = Path(args.log).read_text()
-        total = None
-        command = f"python -m benchmarks.bench_demo --log {args.log}"
-        source = f"parsed from {args.log}"
+        root = Path(args.records).resolve()
+        log = Path(args.log) if args.log else root / "demo_stdout.log"
+        text = log.read_text() if log.is_file() else None
+        wall = _read(root / "demo_wall.json") or {}
+        result = collect(root, text, wall.get("total_wall_s"))
+        commit = wall.get("git_commit")
+        command = f"python -m benchmarks.bench_demo --records {args.records}" + (f" --log {args.log}" if args.log else "")
+        if wall and not args.log:
+            command = RUN_COMMAND  # the record of a demo this command ran, rebuilt from its folder
     else:
-        out = Path(args.keep or tempfile.mkdtemp(prefix="bench_demo_")).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "flows.train_eval", "--params", str(REPO / "params.yaml"), "--out", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        total = round(time.perf_counter() - t0, 1)
-        text = proc.stdout + proc.stderr
-        (Path(out) / "demo_stdout.log").write_text(text)
-        if proc.returncode:
-            print(text[-3000:], file=sys.stderr)
-            raise SystemExit(f"the demo failed (exit {proc.returncode}); output in {out}/demo_stdout.log")
-        command = "python -m benchmarks.bench_demo  (runs python -m flows.train_eval --out <fresh folder>)"
-        source = "one fresh run of the demo's flow, every stage executed"
-        for name, rel in (("train", "metrics/train.json"), ("sample", "samples/samples.json")):
-            f = out / rel
-            if f.is_file():
-                d = json.loads(f.read_text())
-                details[name] = {k: d.get(k) for k in ("ray_startup_s", "fit_wall_s", "wall_s", "images_per_s")
-                                 if d.get(k) is not None}
-    stages = parse_stages(text)
-    result = {"source": source, "total_wall_s": total, "stages": stages, "stage_details": details,
-              "sum_of_stages_s": round(sum(s["wall_s"] for s in stages.values()), 1)}
-    write_result("demo", result, command)
-    for name, s in stages.items():
-        print(f"{name:16s} {s['status']:7s} {s['wall_s']:8.1f} s")
-    print(f"total wall {total} s (stages {result['sum_of_stages_s']} s; the rest is Prefect/imports)")
+        root = Path(args.keep or tempfile.mkdtemp(prefix="bench_demo_")).resolve()
+        print(f"running the demo into {root} (~10 min)", flush=True)
+        text, total = run_demo(root)
+        result = collect(root, text, total)
+        command = RUN_COMMAND
+        commit = (_read(root / "demo_wall.json") or {}).get("git_commit")
+    result["output_root"] = str(root)
+    result["git_commit"] = commit or _git_commit()
+    write_result("demo", result, command, results)
+    for name, s in result["stages"].items():
+        print(f"{name:16s} {s['status']:8s} {s['wall_s']:8.1f} s")
+    print(f"total wall {result['total_wall_s']} s (stages {result['sum_of_stages_s']} s)")
+    if not args.records and not args.no_inpaint:
+        from benchmarks import inpaint_agreement
+
+        inpaint_agreement.main(["--root", str(root), *(["--results", str(results)] if results else [])])
+    if not args.records and not args.no_repro:
+        from benchmarks import repro_bounds
+
+        repro_bounds.main(["--root", str(root), *(["--results", str(results)] if results else [])])
     return result
 
 

@@ -86,42 +86,55 @@ def throughput(fn: Callable[[], Any], images: int, reps: int = 1) -> Callable[[]
     return run
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``model name`` in /proc/cpuinfo on Linux; platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine() -> dict[str, Any]:
+    """What every results file records about where it ran. diffusers' version is read from the installed package's
+    metadata, without importing it, and is None without the `bench` extra: benchmarks that do not compare with
+    diffusers (the demo, inpainting, the report's tests) must not need it."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    cpu = platform.processor() or ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import diffusers  # noqa: F401  (version below; the bench extra is installed when this runs)
-
+        diffusers_version = version("diffusers")
+    except PackageNotFoundError:
+        diffusers_version = None
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in load] if load else None,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
+        "diffusers": diffusers_version,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def write_result(name: str, result: dict[str, Any], command: str) -> Path:
-    """benchmarks/results/<name>.json with the command and the machine (atomically)."""
+def write_result(name: str, result: dict[str, Any], command: str, results_dir: Path | None = None) -> Path:
+    """benchmarks/results/<name>.json (or ``results_dir``/<name>.json) with the command and the machine
+    (atomically)."""
     from ddpm.checkpoint import atomic_write_bytes
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = Path(results_dir) if results_dir is not None else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     blob = {"benchmark": name, "command": command, "machine": machine(), **result}
     atomic_write_bytes(path, lambda f: f.write(json.dumps(blob, indent=2).encode() + b"\n"))
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {path}")
     return path
 
 

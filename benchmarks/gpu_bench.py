@@ -3,7 +3,9 @@
 Random weights and synthetic data: nothing is downloaded. Prints one JSON line per measurement as it goes (so a run
 stopped at its time limit keeps what it measured) and writes them all to ``--out``/gpu_results.json.
 
-Measured, each against the chip's bf16 peak (``--peak-tflops``, 790 for an H200 as measured on random data):
+Each throughput's TFLOP/s is stated as a fraction of the roof measured in the same run (an 8192^3 bf16 matmul,
+``bf16_matmul_8192``), and beside it as a fraction of the chip's datasheet dense bf16 peak (``--datasheet-tflops``;
+known chips from benchmarks/reference.py), which the machine row records separately. Measured:
   * FLOPs per image, forward and forward+backward, from torch.utils.flop_counter (matmuls and convolutions);
   * FID feature extraction (torch-fidelity's InceptionV3, fp32, uint8 32x32 inputs resized to 299), images/s;
   * training images/s: L_simple (Algorithm 1) + Adam + grad clipping + EMA, bf16 autocast, channels_last, eager and
@@ -33,6 +35,9 @@ from ddpm.ema import EMA  # noqa: E402
 from ddpm.samplers import ddim_sample, ddpm_sample  # noqa: E402
 from ddpm.schedules import make_betas  # noqa: E402
 from ddpm.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+
+from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.reference import DATASHEET_SOURCE, datasheet_tflops  # noqa: E402
 
 CIFAR10 = UNetConfig(image_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                      attn_resolutions=(16,), dropout=0.1, num_groups=32)
@@ -70,8 +75,12 @@ class Bf16(nn.Module):
 
 
 class Report:
-    def __init__(self, out: Path, peak_tflops: float, deadline: float):
-        self.out, self.peak, self.deadline, self.rows = out, peak_tflops, deadline, []
+    """The rows of one run. ``roof``: the bf16 matmul TFLOP/s measured in this run, the denominator of every
+    ``fraction_of_roof``; ``datasheet``: the chip's datasheet dense bf16 TFLOP/s (None when unknown)."""
+
+    def __init__(self, out: Path, datasheet_tflops: float | None, deadline: float):
+        self.out, self.datasheet, self.deadline, self.rows = out, datasheet_tflops, deadline, []
+        self.roof: float | None = None
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -84,9 +93,12 @@ class Report:
         os.replace(tmp, self.out)
 
     def rate(self, name: str, images_per_s: float, flops_per_image: float, **extra) -> None:
+        if self.roof is None:
+            raise RuntimeError("the bf16 matmul roof must be measured before any throughput")
         tflops = images_per_s * flops_per_image / 1e12
         self.add(name=name, images_per_s=round(images_per_s, 1), achieved_tflops=round(tflops, 1),
-                 fraction_of_peak=round(tflops / self.peak, 3), **extra)
+                 fraction_of_roof=round(tflops / self.roof, 3),
+                 fraction_of_datasheet=round(tflops / self.datasheet, 3) if self.datasheet else None, **extra)
 
 
 def timed(fn, min_s: float = 3.0, warmup: int = 3, max_iters: int = 200) -> tuple[float, int]:
@@ -257,7 +269,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results", help="folder for gpu_results.json")
     p.add_argument("--budget-s", type=float, default=450, help="stop starting new measurements after this")
-    p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak of the chip (H200: ~790)")
+    p.add_argument("--datasheet-tflops", type=float, default=None,
+                   help="the chip's datasheet dense bf16 TFLOP/s, recorded beside the measured matmul roof "
+                        "(default: benchmarks/reference.py's figure for the device, if it knows it)")
     p.add_argument("--sample-batch", type=int, default=1024)
     p.add_argument("--max-train-batch", type=int, default=8192)
     p.add_argument("--fid-batch", type=int, default=500)
@@ -276,14 +290,19 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(out / "gpu_results.json", args.peak_tflops, time.perf_counter() + args.budget_s)
     if DEV == "cuda":
         props = torch.cuda.get_device_properties(0)
         gpu, mem = props.name, round(props.total_memory / 2**30)
     else:
         gpu, mem = "cpu (smoke)", None
-    rep.add(name="machine", gpu=gpu, memory_gib=mem, torch=torch.__version__, cuda=torch.version.cuda,
-            date=time.strftime("%Y-%m-%d"), peak_tflops_assumed=args.peak_tflops,
+    datasheet = args.datasheet_tflops if args.datasheet_tflops is not None else datasheet_tflops(gpu)
+    rep = Report(out / "gpu_results.json", datasheet, time.perf_counter() + args.budget_s)
+    rep.add(name="machine", gpu=gpu, memory_gib=mem, cpu=cpu_model(), torch=torch.__version__,
+            cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"), datasheet_dense_bf16_tflops=datasheet,
+            datasheet_source=(DATASHEET_SOURCE if args.datasheet_tflops is None and datasheet else
+                              "--datasheet-tflops" if datasheet else None),
+            fractions_of="the bf16 matmul roof measured in this run (fraction_of_roof) and the datasheet "
+                         "dense bf16 figure (fraction_of_datasheet)",
             params=count_parameters(UNet.from_config(MODEL)))
     torch.backends.cudnn.benchmark = True
     # One static graph per batch size: a second shape would otherwise switch dynamo to slower dynamic-shape kernels.
@@ -292,7 +311,8 @@ def main(argv=None) -> int:
     n = 8192 if DEV == "cuda" else 256
     a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
     sec, _ = timed(lambda: a @ a, min_s=1.0, warmup=3)
-    rep.add(name=f"bf16_matmul_{n}", tflops=round(2 * n**3 / sec / 1e12, 1))
+    rep.roof = 2 * n**3 / sec / 1e12
+    rep.add(name=f"bf16_matmul_{n}", tflops=round(rep.roof, 1 if rep.roof >= 10 else 4), roof=True)
     del a
 
     diffusion = GaussianDiffusion(make_betas("linear", 1000, beta_start=1e-4, beta_end=0.02))
