@@ -140,6 +140,18 @@ def load_latest(
     return None
 
 
+def newest_checkpoint(folder: os.PathLike | str, warn=None) -> Path:
+    """The newest readable checkpoint file in ``folder`` (corrupt newer ones are skipped and reported through
+    ``warn``). Raises :class:`CheckpointError` when there is none."""
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        raise CheckpointError(folder, "no checkpoints (ckpt_*.pt); run the train stage first")
+    state = load_latest(folder, warn=warn)
+    if state is None:
+        raise CheckpointError(folder, f"no readable checkpoint among {len(ckpts)} files")
+    return next(p for s, p in reversed(ckpts) if s == int(state["step"]))
+
+
 def prune_checkpoints(folder: os.PathLike | str, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints; return the removed paths."""
     if keep < 1:

@@ -69,3 +69,14 @@ class Autocast(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.module(x, t).float()
+
+
+def prepare_for_sampling(model: nn.Module, device: torch.device | str, *, precision: str = "fp32",
+                         channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """The module samplers should call: ``model`` in eval mode on ``device``, under bf16 autocast when ``precision``
+    is ``"bf16"`` on a GPU (ignored on CPU), then the layout and compile switches (:func:`prepare_model`)."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    if precision == "bf16" and device.type == "cuda":
+        model = Autocast(model, "cuda", torch.bfloat16)
+    return prepare_model(model, channels_last=channels_last, compile=compile)

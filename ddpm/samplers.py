@@ -141,6 +141,38 @@ def ddim_sample(
     return x
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+def sample(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    variance: str | Variance = Variance.FIXED_LARGE,
+    clip_denoised: bool = True,
+    device: torch.device | str | None = None,
+    callback: Optional[StepCallback] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Images for ``seeds`` from noise with the named sampler: the one place a sampler is chosen by name.
+
+    ``sampler`` is ``"ddpm"`` (Algorithm 2 over all T steps with ``variance``; ``steps`` and ``eta`` unused) or
+    ``"ddim"`` (``steps`` strided steps with ``eta``; ``variance`` unused). Returns x_0 [B, C, H, W].
+    """
+    if sampler == "ddpm":
+        return ddpm_sample(model, diffusion, seeds, shape, variance=variance, clip_denoised=clip_denoised,
+                           device=device, callback=callback, progress=progress)
+    if sampler == "ddim":
+        return ddim_sample(model, diffusion, seeds, shape, steps=steps, eta=eta, clip_denoised=clip_denoised,
+                           device=device, callback=callback, progress=progress)
+    raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable

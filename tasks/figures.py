@@ -22,20 +22,23 @@ import csv
 import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ddpm.checkpoint import newest_checkpoint
 from ddpm.config import Config, write_resolved
+from ddpm.perf import prepare_for_sampling
+from ddpm.pretrained import load_model
 from ddpm.samplers import (
     ChainRecorder,
     SeededNoise,
-    ddim_sample,
-    ddpm_sample,
     img2img_sample,
     reverse_pairs,
+    sample,
     start_index,
     trace_steps,
 )
@@ -106,14 +109,28 @@ class _Threads:
         torch.set_num_threads(self.previous)
 
 
-def load_sampler(cfg: Config, ckpt_dir, threads: int = 1):
-    """The sample stage's model holder (EMA or raw weights per ``sample.use_ema``) for the newest checkpoint."""
-    from .sample import ShardSampler, newest_checkpoint
+@dataclass(frozen=True)
+class Loaded:
+    """The network to call (with the sample section's speed switches), its diffusion, image shape and device."""
 
-    ckpt = newest_checkpoint(ckpt_dir)
-    device = "cuda" if want_gpu(cfg.sample.use_gpu) else "cpu"
+    model: torch.nn.Module
+    diffusion: Any
+    shape: tuple[int, int, int]
+    device: torch.device
+
+
+def load_sampler(cfg: Config, ckpt_dir, threads: int = 1) -> tuple[Loaded, Path]:
+    """The newest checkpoint's network (EMA or raw weights per ``sample.use_ema``) ready to sample, and its path."""
+    s = cfg.sample
+    ckpt = newest_checkpoint(ckpt_dir, warn=print)
+    device = torch.device("cuda" if want_gpu(s.use_gpu) else "cpu")
     # One thread: the figures' batches are small, and two threads on a busy 2-core machine run 10-100x slower.
-    holder = ShardSampler(str(ckpt), cfg.to_dict(), device, threads)
+    torch.set_num_threads(max(1, threads))
+    model, diffusion, state = load_model(ckpt, use_ema=s.use_ema)
+    m = state["config"]["model"]
+    holder = Loaded(prepare_for_sampling(model, device, precision=s.precision, channels_last=s.channels_last,
+                                         compile=s.compile), diffusion,
+                    (m["image_channels"], m["image_size"], m["image_size"]), device)
     if tuple(holder.shape) != cfg.data.shape:
         raise StageError(f"{ckpt}: the model makes {'x'.join(map(str, holder.shape))} images, the params' data "
                          f"shape is {'x'.join(map(str, cfg.data.shape))}")
@@ -137,12 +154,7 @@ def _chain(holder, cfg: Config, seeds: list[int], frames: int) -> ChainRecorder:
     s = cfg.sample
     pairs = reverse_pairs(s.sampler, holder.diffusion.num_timesteps, s.steps)
     rec = ChainRecorder(trace_steps(len(pairs), frames))
-    if s.sampler == "ddpm":
-        ddpm_sample(holder.model, holder.diffusion, seeds, holder.shape, variance=s.variance,
-                    clip_denoised=s.clip_denoised, device=holder.device, callback=rec)
-    else:
-        ddim_sample(holder.model, holder.diffusion, seeds, holder.shape, steps=s.steps, eta=s.eta,
-                    clip_denoised=s.clip_denoised, device=holder.device, callback=rec)
+    sample(holder.model, holder.diffusion, seeds, holder.shape, device=holder.device, callback=rec, **_kw(cfg))
     return rec
 
 

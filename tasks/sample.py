@@ -29,11 +29,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from ddpm.checkpoint import newest_checkpoint as _newest_checkpoint
 from ddpm.config import Config, write_resolved
-from ddpm.samplers import ddim_sample, ddpm_sample, img2img_sample, inpaint_sample, region_mask
-from ddpm.perf import Autocast, prepare_model
-from ddpm.unet import UNet
+from ddpm.perf import prepare_for_sampling
+from ddpm.pretrained import load_model
+from ddpm.samplers import img2img_sample, inpaint_sample, region_mask, sample as draw
 
 from . import tracking
 from .common import (
@@ -54,7 +54,6 @@ from .common import (
     write_json,
     write_npz,
 )
-from .train import build_diffusion
 
 SAMPLER_KEYS = ("sampler", "steps", "eta", "variance", "clip_denoised", "use_ema", "seed")
 # Keys that matter only in their mode (sample.mode); generate-mode keys stay as they were, so its shards are kept.
@@ -68,14 +67,8 @@ CPU_THREADS_PER_ACTOR = 1
 
 
 def newest_checkpoint(ckpt_dir: os.PathLike | str) -> Path:
-    """The newest readable checkpoint file in a train-stage output folder."""
-    ckpts = list_checkpoints(ckpt_dir)
-    if not ckpts:
-        raise DataError(f"{ckpt_dir}: no checkpoints (ckpt_*.pt); run the train stage first")
-    state = load_latest(ckpt_dir, warn=print)
-    if state is None:
-        raise DataError(f"{ckpt_dir}: no readable checkpoint among {len(ckpts)} files")
-    return next(p for s, p in reversed(ckpts) if s == int(state["step"]))
+    """The newest readable checkpoint of a train-stage output folder (skipped corrupt ones are printed)."""
+    return _newest_checkpoint(ckpt_dir, warn=print)
 
 
 def sampling_code_sha256() -> str:
@@ -137,21 +130,12 @@ class ShardSampler:
 
         torch.set_num_threads(max(1, threads))
         self.cfg = from_dict(params)
+        s = self.cfg.sample
         self.device = torch.device(device)
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        self.model = UNet.from_config(state["config"]["model"])
-        if self.cfg.sample.use_ema:
-            ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-            self.model.load_state_dict(ema)
-        else:
-            self.model.load_state_dict(state["model"])
-        self.model.to(self.device).eval()
-        # speed switches (ddpm/perf.py): self.model becomes what the samplers call, possibly a compiled module
-        if self.cfg.sample.precision == "bf16" and self.device.type == "cuda":
-            self.model = Autocast(self.model, "cuda", torch.bfloat16)
-        self.model = prepare_model(self.model, channels_last=self.cfg.sample.channels_last,
-                                   compile=self.cfg.sample.compile)
-        self.diffusion = build_diffusion(state["config"]["diffusion"])
+        model, self.diffusion, state = load_model(ckpt_path, use_ema=s.use_ema)
+        # speed switches (ddpm/perf.py): self.model is what the samplers call, possibly a compiled module
+        self.model = prepare_for_sampling(model, self.device, precision=s.precision, channels_last=s.channels_last,
+                                          compile=s.compile)
         m = state["config"]["model"]
         self.shape = (m["image_channels"], m["image_size"], m["image_size"])
 
@@ -174,12 +158,8 @@ class ShardSampler:
                 x0 = to_model_range(np.array(inputs[lo:lo + s.batch_size]))
                 x = inpaint_sample(self.model, self.diffusion, x0, region_mask(s.mask, self.shape[1:]), batch,
                                    jump_length=s.jump_length, jump_n_sample=s.jump_n_sample, **kw)
-            elif s.sampler == "ddpm":
-                x = ddpm_sample(self.model, self.diffusion, batch, self.shape, variance=s.variance,
-                                clip_denoised=s.clip_denoised, device=self.device)
             else:
-                x = ddim_sample(self.model, self.diffusion, batch, self.shape, steps=s.steps, eta=s.eta,
-                                clip_denoised=s.clip_denoised, device=self.device)
+                x = draw(self.model, self.diffusion, batch, self.shape, **kw)
             out.append(to_uint8(x))
         return np.concatenate(out)
 

@@ -32,10 +32,9 @@ from ddpm.checkpoint import (
     set_rng_state,
 )
 from ddpm.config import Config, from_dict, write_resolved
-from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
-from ddpm.schedules import make_betas
 from ddpm.perf import make_adam, prepare_model
+from ddpm.pretrained import build_diffusion
 from ddpm.unet import UNet
 
 from . import tracking
@@ -88,14 +87,6 @@ def run_key(cfg: Config, data_sha: str) -> dict[str, Any]:
         "diffusion": d["diffusion"],
         "train": {k: v for k, v in d["train"].items() if k not in resumable_keys(cfg)},
     }
-
-
-def build_diffusion(diffusion_cfg: dict[str, Any]) -> GaussianDiffusion:
-    """The diffusion process from a config dict (as stored in checkpoints)."""
-    from ddpm.config import DiffusionConfig
-
-    dc = DiffusionConfig(**diffusion_cfg)
-    return GaussianDiffusion(make_betas(dc.schedule, dc.timesteps, **dc.schedule_kwargs()), dc.objective)
 
 
 def lr_at(step: int, cfg: Config) -> float:

@@ -373,3 +373,35 @@ def test_checkpoint_file_is_a_plain_torch_zip(tmp_path):
     save_checkpoint(tmp_path / "c.pt", state)
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert raw["config"]["model"]["ch"] == 8
+
+
+# -- a checkpoint rebuilds its model alone --------------------------------------------------------------------------
+
+
+def test_load_model_rebuilds_ema_or_raw_weights_and_the_diffusion(tmp_path):
+    from ddpm.checkpoint import newest_checkpoint
+    from ddpm.pretrained import load_model
+
+    state, model, ema, _ = make_state(step=5)
+    save_checkpoint(checkpoint_path(tmp_path, 5), state)
+    (tmp_path / "ckpt_00000009.pt").write_bytes(b"cut short")  # a newer, corrupt file is skipped and reported
+    warned = []
+    path = newest_checkpoint(tmp_path, warn=warned.append)
+    assert path.name == "ckpt_00000005.pt" and len(warned) == 1 and "ckpt_00000009.pt" in warned[0]
+
+    net, diffusion, loaded = load_model(path)  # EMA weights by default
+    assert not net.training and loaded["step"] == 5
+    assert diffusion.num_timesteps == 100 and float(diffusion.betas[0]) == pytest.approx(1e-4)
+    ema_weights = {k.removeprefix("module."): v for k, v in ema.state_dict().items() if k.startswith("module.")}
+    assert_same(net.state_dict(), ema_weights)
+    raw, _, _ = load_model(path, use_ema=False)
+    assert_same(raw.state_dict(), model.state_dict())
+    ema_sd, raw_sd = net.state_dict(), raw.state_dict()
+    assert any(not torch.equal(ema_sd[k], raw_sd[k]) for k in raw_sd)  # EMA (decay 0.9, one update) != raw
+
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        newest_checkpoint(tmp_path / "empty")
+    bad = dict(state, config={**state["config"], "model": {**state["config"]["model"], "ch": 16}})
+    save_checkpoint(tmp_path / "other" / "ckpt_00000001.pt", bad)
+    with pytest.raises(CheckpointError, match="weights do not fit the stored model config"):
+        load_model(tmp_path / "other" / "ckpt_00000001.pt")

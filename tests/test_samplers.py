@@ -235,3 +235,21 @@ def test_ddpm_sample_leaves_the_global_rng_alone():
     ddpm_sample(MixEps(timesteps=10), d, [0, 1], SHAPE)
     ddim_sample(MixEps(timesteps=10), d, [0, 1], SHAPE, steps=5, eta=1.0)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sample_is_the_one_selection_by_name():
+    from ddpm.samplers import sample
+
+    T = 20
+    d = GaussianDiffusion(make_betas("linear", T))
+    model = MixEps(timesteps=T)
+    kw = dict(steps=5, eta=0.5, variance="fixedsmall", clip_denoised=True)
+    assert torch.equal(sample(model, d, [1, 2], SHAPE, sampler="ddpm", **kw),
+                       ddpm_sample(model, d, [1, 2], SHAPE, variance="fixedsmall"))
+    assert torch.equal(sample(model, d, [1, 2], SHAPE, sampler="ddim", **kw),
+                       ddim_sample(model, d, [1, 2], SHAPE, steps=5, eta=0.5))
+    seen = []
+    sample(model, d, [1], SHAPE, sampler="ddim", steps=4, callback=lambda i, t, x, x0: seen.append(t))
+    assert seen == [15, 10, 5, 0]
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; known: ddpm, ddim"):
+        sample(model, d, [1], SHAPE, sampler="euler")
