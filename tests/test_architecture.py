@@ -1,0 +1,45 @@
+"""The arrows docs/architecture.md says must never exist, read from every import in the code (module level and
+inside functions)."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_stage_deps import imports_of
+
+STAGES = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+# Stage -> stage imports that issue 14 has not removed yet. The list may only shrink.
+KNOWN_STAGE_IMPORTS = {("sampler_table", "sample"), ("sampler_table", "evaluate")}
+OUTSIDE_LIBRARY = ("ray", "prefect", "mlflow", "dvc", "tasks", "flows", "torch_fidelity")
+
+
+def _top_level_imports(path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ddpm").glob("*.py")), ids=lambda p: p.name)
+def test_the_library_imports_no_pipeline_part(path):
+    assert not _top_level_imports(path) & set(OUTSIDE_LIBRARY), path.name
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tasks").glob("*.py")), ids=lambda p: p.name)
+def test_tasks_never_import_flows(path):
+    assert "flows" not in _top_level_imports(path)
+    assert not any(f.parent.name == "flows" for f in imports_of(path))
+
+
+def test_no_stage_imports_another_stage_beyond_the_known_exceptions():
+    found = {(stage, f.stem) for stage in STAGES for f in imports_of(REPO / "tasks" / f"{stage}.py")
+             if f.parent.name == "tasks" and f.stem in STAGES and f.stem != stage}
+    assert found <= KNOWN_STAGE_IMPORTS, found - KNOWN_STAGE_IMPORTS
+    assert found == KNOWN_STAGE_IMPORTS, f"removed {KNOWN_STAGE_IMPORTS - found}: shrink KNOWN_STAGE_IMPORTS"
