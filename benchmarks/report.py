@@ -607,7 +607,7 @@ def block_sampler_table(r: Records) -> str:
                 f"`{Path(t.get('checkpoint', '')).name}` ({'EMA' if t.get('use_ema') else 'raw'} weights); "
                 f"{t.get('feature_extractor')} features against the {t.get('num_reference') or 0:,} training images, "
                 f"real-vs-real floor of {fl.get('num_holdout')} held-out images; {t.get('device')}, sampling time per "
-                f"actor without start-up. {t.get('note', '')}".rstrip()]
+                f"actor without start-up. {t.get('note', '')}".rstrip(" .") + "."]
     ddpm = next((x for x in rows if x["sampler"] == "ddpm"), None)
     ddim = max((x for x in rows if x["sampler"] == "ddim"), key=lambda x: x["steps"], default=None)
     facts = [f"The rows cost {evals:,} network evaluations per seed, {evals * n:,} in all"]
@@ -653,7 +653,10 @@ def block_repro(r: Records) -> str:
 
     twice = all(row["bitwise_equal"] for row in rows if "twice" in row["what"])
     worst = max(rows, key=lambda row: row["max_abs_diff"])
-    px = max(rows, key=lambda row: row["uint8_pixels_differing"])
+    px = max(rows, key=lambda row: (row["uint8_pixels_differing"], row["uint8_pixels"]))
+    pixels = (f"at most {px['uint8_pixels_differing']:,} of {px['uint8_pixels']:,} uint8 pixels moved ({px['what']}, "
+              f"η = {px['eta']:g}), by at most {px['uint8_max_levels']} level"
+              if px["uint8_pixels_differing"] else "no uint8 pixel moved in any comparison")
     m = x["machine"]
     etas = ", ".join(sorted({format(row["eta"], "g") for row in rows}))
     return (f"Measured on {m['cpu']} ({m['date']}, `{x['command']}`, {x['sampler']} of `{x['checkpoint']}`, "
@@ -661,8 +664,7 @@ def block_repro(r: Records) -> str:
             + ("bitwise equal" if twice else "NOT bitwise equal") + "; seeds 0-7 in one batch of 8 or in batches of "
             f"3 and 5 differ by {span(lambda w: '3+5' in w)} (max abs, [-1, 1] range), 1 vs 2 threads by "
             f"{span(lambda w: 'threads' in w)}; the largest difference was {worst['max_abs_diff']:.1e} "
-            f"({worst['what']}), where {px['uint8_pixels_differing']:,} of {px['uint8_pixels']:,} uint8 pixels moved "
-            f"by at most {px['uint8_max_levels']} level.")
+            f"({worst['what']}, η = {worst['eta']:g}); {pixels}.")
 
 
 def block_speed(r: Records) -> str:

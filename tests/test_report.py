@@ -264,4 +264,5 @@ def test_repro_bounds_compare_and_its_readme_sentence(tmp_path):
     text = " ".join(block.split())
     assert "Measured on Some CPU" in text and "sampled twice is bitwise equal" in text
     assert "3 and 5 differ by 4.0e-06" in text and "1 vs 2 threads by 3.0e-06" in text
-    assert "largest difference was 5.0e-05 (seeds 0-359, 1 thread: batch 90 vs batch 8), where 2 of 23,040" in text
+    assert ("largest difference was 5.0e-05 (seeds 0-359, 1 thread: batch 90 vs batch 8, η = 1); at most 2 of "
+            "23,040 uint8 pixels moved (seeds 0-359, 1 thread: batch 90 vs batch 8, η = 1), by at most 1 level") in text
