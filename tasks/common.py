@@ -57,13 +57,9 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The stage's validated config. Under ``dvc repro`` it also checks, before any compute, the external inputs
-    of this stage and of every stage after it (:func:`tasks.inputs.check_for_dvc_stage`)."""
-    from .inputs import check_for_dvc_stage
-
-    cfg = load_config(args.params, args.overrides)
-    check_for_dvc_stage(cfg)
-    return cfg
+    """The validated config of a command line built by :func:`stage_parser` (a stage's is
+    :func:`tasks.inputs.stage_config`, which also checks the run's external inputs under ``dvc repro``)."""
+    return load_config(args.params, args.overrides)
 
 
 def check_writable(*folders: os.PathLike | str) -> None:

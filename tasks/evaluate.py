@@ -51,11 +51,11 @@ from .inputs import (  # noqa: F401  (the Inception names are part of this stage
     INCEPTION_WEIGHTS_URL,
     extractor_for,
     inception_weights_path,
+    stage_config,
 )
 from .common import (
     DatasetArtifact,
     StageError,
-    config_from_args,
     load_dataset,
     load_samples,
     read_json,
@@ -416,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--ref-dir", required=True, help="folder of the keyed training-set reference statistics")
     p.add_argument("--out", required=True, help="metrics JSON to write, e.g. metrics/eval.json")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = stage_config(args)
     return run(cfg, args.data, args.samples, args.classifier, args.ref_dir, args.out, args.classifier_metrics)
 
 

@@ -27,13 +27,13 @@ from . import datasets
 from .common import (
     StageError,
     check_writable,
-    config_from_args,
     run_cli,
     sha256_arrays,
     stage_parser,
     write_json,
     write_npz,
 )
+from .inputs import stage_config
 
 OWNED = ("dataset.json", "train.npz", "holdout.npz", "config.json")  # dataset.json first: it marks "complete"
 
@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = stage_parser("Fetch the configured dataset into train/holdout arrays (the dataset artifact).")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/dataset")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = stage_config(args)
     meta = run(cfg, args.out)
     c, h, w = meta["shape"]
     classes = f"{meta['num_classes']} classes" if meta["num_classes"] else "unlabeled"

@@ -47,7 +47,6 @@ from .common import (
     DataError,
     StageError,
     atomic_write_bytes,
-    config_from_args,
     load_dataset,
     run_cli,
     stage_parser,
@@ -56,6 +55,7 @@ from .common import (
     want_gpu,
     write_json,
 )
+from .inputs import stage_config
 
 PAD = 2  # pixels between panels (torchvision make_grid padding)
 MIN_CELL = 32  # small images are upscaled (nearest) to at least this side so that 8x8 digits stay legible
@@ -322,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--loss-log", default="metrics/train_loss.tsv", help="the train stage's loss log")
     p.add_argument("--out", default="figures", help="output folder")
     args = p.parse_args(argv)
-    return run(config_from_args(args), args.checkpoints, args.data, args.loss_log, args.out)
+    return run(stage_config(args), args.checkpoints, args.data, args.loss_log, args.out)
 
 
 if __name__ == "__main__":

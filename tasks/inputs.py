@@ -18,6 +18,7 @@ is read at all under the chosen settings.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Iterable, Optional
 from ddpm.config import Config
 
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
-from .common import DataError, StageError
+from .common import DataError, StageError, config_from_args
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -219,3 +220,11 @@ def check_for_dvc_stage(cfg: Config) -> None:
     if name not in graph:
         return
     check(cfg, downstream(name, dvc_yaml), what=f"dvc repro (from stage {name})")
+
+
+def stage_config(args: argparse.Namespace) -> Config:
+    """A stage's validated config from its command line; under ``dvc repro`` also the check of the external inputs
+    of this stage and every stage after it (:func:`check_for_dvc_stage`), before any compute."""
+    cfg = config_from_args(args)
+    check_for_dvc_stage(cfg)
+    return cfg

@@ -42,7 +42,6 @@ from .common import (
     absolute,
     check_local_gpus,
     check_writable,
-    config_from_args,
     ensure_ray,
     read_json,
     run_cli,
@@ -54,6 +53,7 @@ from .common import (
     write_json,
     write_npz,
 )
+from .inputs import stage_config
 
 SAMPLER_KEYS = ("sampler", "steps", "eta", "variance", "clip_denoised", "use_ema", "seed")
 # Keys that matter only in their mode (sample.mode); generate-mode keys stay as they were, so its shards are kept.
@@ -345,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--data", default=None,
                    help="dataset folder (fetch output) whose held-out images sample.mode img2img/inpaint start from")
     args = p.parse_args(argv)
-    summary = run(config_from_args(args), args.checkpoints, args.out, args.data)
+    summary = run(stage_config(args), args.checkpoints, args.out, args.data)
     print(f"{summary['count']} samples in {args.out} ({summary['shards_reused']} shards reused); grid: {summary['grid']}")
     return summary
 

@@ -24,11 +24,11 @@ from ddpm.config import Config, apply_overrides, from_dict, write_resolved
 from .common import (
     StageError,
     atomic_write_bytes,
-    config_from_args,
     run_cli,
     stage_parser,
     write_json,
 )
+from .inputs import stage_config
 
 METRICS = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
 SETTINGS_NOTE = "DDIM rows use eta=0 (deterministic given x_T); DDPM is Algorithm 2 with sample.variance"
@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="JSON to write, e.g. metrics/sampler_table.json")
     p.add_argument("--markdown", required=True, help="markdown table to write, e.g. metrics/sampler_table.md")
     args = p.parse_args(argv)
-    return run(config_from_args(args), args.checkpoints, args.data, args.classifier, args.ref_dir, args.out,
+    return run(stage_config(args), args.checkpoints, args.data, args.classifier, args.ref_dir, args.out,
                args.markdown)
 
 

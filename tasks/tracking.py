@@ -68,7 +68,7 @@ _SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 
 # -- identity, place and params ------------------------------------------------------------------------------------
 def _execution_keys(cfg: Config) -> dict[str, frozenset]:
-    from .train import resumable_keys  # at call time: tasks.train imports this module
+    from .runkey import resumable_keys
 
     return {"train": resumable_keys(cfg), "sample": _SAMPLE_EXECUTION_KEYS,
             "evaluate": _EVALUATE_EXECUTION_KEYS}

@@ -44,7 +44,6 @@ from .common import (
     atomic_write_bytes,
     check_local_gpus,
     check_writable,
-    config_from_args,
     ensure_ray,
     load_dataset,
     read_json,
@@ -52,18 +51,8 @@ from .common import (
     stage_parser,
     write_json,
 )
-
-# Keys that may change without invalidating checkpoints: how long and how often, not what is learned.
-RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
-                            "channels_last", "compile", "adam_impl",  # speed switches: same numbers
-                            "max_failures"})
-
-
-def resumable_keys(cfg: Config) -> frozenset[str]:
-    """``RESUMABLE_KEYS``, less ``steps`` under a cosine lr schedule: its decay is laid over ``train.steps``, so a
-    longer run is a different curve from step 0, not a continuation."""
-    return RESUMABLE_KEYS - {"steps"} if cfg.train.lr_schedule == "cosine" else RESUMABLE_KEYS
-
+from .inputs import stage_config
+from .runkey import run_key
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -76,17 +65,6 @@ class NonFiniteLoss(StageError):
 # would retry a raised error train.max_failures times from the last checkpoint, and a deterministic error only
 # happens again. Worker deaths (a killed process, a lost node) still raise, and Ray restarts those.
 FAILURE_FILE = ".train_failure.json"
-
-
-def run_key(cfg: Config, data_sha: str) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed: data, model, diffusion, learning params."""
-    d = cfg.to_dict()
-    return {
-        "data_sha256": data_sha,
-        "model": d["model"],
-        "diffusion": d["diffusion"],
-        "train": {k: v for k, v in d["train"].items() if k not in resumable_keys(cfg)},
-    }
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -444,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--log", default="metrics/train_loss.tsv", help="per-step loss log (TSV)")
     p.add_argument("--metrics", default="metrics/train.json", help="training summary (JSON)")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = stage_config(args)
     summary = run(cfg, args.data, args.checkpoints, args.log, args.metrics)
     print(f"trained to step {summary['steps']}: loss {summary['final_loss']}, {summary['images_per_s']} images/s, "
           f"Ray start-up {summary['ray_startup_s']} s, fit {summary['fit_wall_s']} s -> {summary['checkpoint']}")

@@ -26,14 +26,13 @@ from .classifier import Classifier, ClassifierArgs, save_classifier, save_skippe
 from .common import (
     StageError,
     check_writable,
-    config_from_args,
     load_dataset,
     run_cli,
     stage_parser,
     to_model_range,
     write_json,
 )
-from .inputs import classifier_needed, extractor_for
+from .inputs import classifier_needed, extractor_for, stage_config
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -160,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="weights file to write, e.g. models/classifier.pt")
     p.add_argument("--metrics", required=True, help="metrics JSON to write, e.g. metrics/classifier.json")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = stage_config(args)
     return run(cfg, args.data, args.out, args.metrics)
 
 

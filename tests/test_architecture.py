@@ -43,3 +43,17 @@ def test_no_stage_imports_another_stage_beyond_the_known_exceptions():
              if f.parent.name == "tasks" and f.stem in STAGES and f.stem != stage}
     assert found <= KNOWN_STAGE_IMPORTS, found - KNOWN_STAGE_IMPORTS
     assert found == KNOWN_STAGE_IMPORTS, f"removed {KNOWN_STAGE_IMPORTS - found}: shrink KNOWN_STAGE_IMPORTS"
+
+
+def test_no_import_cycle_among_project_modules():
+    """Module-level and function-level imports together: no module reaches itself again."""
+    files = sorted((REPO / "tasks").glob("*.py")) + sorted((REPO / "ddpm").glob("*.py"))
+    graph = {f: {g for g in imports_of(f) if g.name != "__init__.py"} for f in files}
+    for start in files:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            f = todo.pop()
+            assert f != start, f"import cycle through {start.relative_to(REPO)}"
+            if f not in seen:
+                seen.add(f)
+                todo.extend(graph.get(f, ()))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.train import lr_at, read_loss_log, run_key, write_loss_log
+from tasks.runkey import run_key
+from tasks.train import lr_at, read_loss_log, write_loss_log
 
 
 def test_lr_warmup_then_cosine_to_zero(tiny_config):
