@@ -67,15 +67,27 @@ class NonFiniteLoss(StageError):
 FAILURE_FILE = ".train_failure.json"
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up over ``warmup_steps`` (the paper: 5,000), then constant or cosine decay to 0."""
+def lr_factor(step: int, cfg: Config) -> float:
+    """The multiple of ``train.lr`` used at 0-based ``step``: linear warm-up over ``warmup_steps`` (the paper: 5,000),
+    then constant or cosine decay to 0."""
     t = cfg.train
     if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
+        return (step + 1) / t.warmup_steps
     if t.lr_schedule == "cosine":
         span = max(1, t.steps - t.warmup_steps)
-        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - t.warmup_steps) / span)))
-    return t.lr
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - t.warmup_steps) / span)))
+    return 1.0
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """The learning rate at 0-based ``step`` (what the loop's scheduler gives the optimizer)."""
+    return cfg.train.lr * lr_factor(step, cfg)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's LambdaLR over :func:`lr_factor`: stepped after each optimizer step, its state (the step count) goes
+    into the checkpoint, so a resumed run continues the schedule exactly."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
 
 
 def write_loss_log(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -166,6 +178,7 @@ def train_loop(
     model = prepare_model(UNet.from_config(cfg.unet_config()).to(device), channels_last=tc.channels_last)
     ema = EMA(model, tc.ema_decay)
     opt = make_adam(model.parameters(), tc.lr, tc.adam_impl)
+    sched = make_scheduler(opt, cfg)
     diffusion = build_diffusion(cfg.diffusion.model_dump())
 
     step, rows = 0, []
@@ -175,6 +188,12 @@ def train_loop(
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
+        if "scheduler" in state:
+            sched.load_state_dict(state["scheduler"])
+        else:  # a checkpoint from before the scheduler was stored: the schedule is a function of the step alone
+            sched.last_epoch = step
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
         if "rng" in state:
             set_rng_state(state["rng"])
         if is_main:
@@ -190,7 +209,7 @@ def train_loop(
             return
         save_checkpoint(checkpoint_path(ckpt_dir, at_step), {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": at_step, "rng": rng_state(),
+            "scheduler": sched.state_dict(), "step": at_step, "rng": rng_state(),
             "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
                        "params": cfg.to_dict(), "data_sha256": loop_cfg["data_sha256"]},
         })
@@ -217,9 +236,7 @@ def train_loop(
             if tc.random_flip:
                 flip = torch.rand(x0.shape[0], device=device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = opt.param_groups[0]["lr"]  # the scheduler's value for this step (logged below)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = diffusion.training_loss(ddp_model, x0)
             opt.zero_grad(set_to_none=True)
@@ -236,6 +253,7 @@ def train_loop(
                 raise NonFiniteLoss(f"{what} at step {step + 1}; stopped before the update, {kept} "
                                     "(lower train.lr or enable train.grad_clip)")
             opt.step()
+            sched.step()
             ema.update(model)
             step += 1
             seen += x0.shape[0] * world

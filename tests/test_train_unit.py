@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.runkey import run_key
-from tasks.train import lr_at, read_loss_log, write_loss_log
+from tasks.train import lr_at, make_scheduler, read_loss_log, write_loss_log
 
 
 def test_lr_warmup_then_cosine_to_zero(tiny_config):
@@ -17,6 +17,48 @@ def test_lr_warmup_then_cosine_to_zero(tiny_config):
     assert lr_at(110, cfg) == pytest.approx(0.0, abs=1e-12)
     const = tiny_config({"train.lr": 2e-4, "train.warmup_steps": 0})
     assert [lr_at(s, const) for s in (0, 5, 10_000)] == [2e-4] * 3
+
+
+def test_torch_scheduler_follows_the_schedule_and_resumes_exactly_from_its_state(tiny_config, tmp_path):
+    import torch
+
+    from ddpm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config({"train.lr": 1e-3, "train.warmup_steps": 4, "train.steps": 20, "train.lr_schedule": "cosine"})
+
+    def fresh():
+        w = torch.nn.Parameter(torch.zeros(3))
+        opt = torch.optim.Adam([w], lr=cfg.train.lr)
+        return w, opt, make_scheduler(opt, cfg)
+
+    w, opt, sched = fresh()
+    used = []
+    for _ in range(20):  # the loop's order: read the lr, step the optimizer, step the scheduler
+        used.append(opt.param_groups[0]["lr"])
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert used == pytest.approx([lr_at(s, cfg) for s in range(20)], rel=1e-12)
+
+    # Saved at step 7 (in a real checkpoint, read back with weights_only) and resumed: the same lrs follow.
+    w, opt, sched = fresh()
+    for _ in range(7):
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    save_checkpoint(tmp_path / "ckpt_00000007.pt", {"model": {}, "ema": {}, "optimizer": opt.state_dict(),
+                                                     "scheduler": sched.state_dict(), "step": 7, "config": {}})
+    state = load_checkpoint(tmp_path / "ckpt_00000007.pt")
+    w2, opt2, sched2 = fresh()
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    resumed = []
+    for _ in range(13):
+        resumed.append(opt2.param_groups[0]["lr"])
+        w2.grad = torch.ones(3)
+        opt2.step()
+        sched2.step()
+    assert resumed == used[7:]
 
 
 def test_more_steps_resume_only_under_a_constant_schedule(tiny_config):
@@ -39,3 +81,27 @@ def test_loss_log_round_trip_is_cut_at_the_resumed_step(tmp_path):
     assert [int(r["step"]) for r in back] == [1, 2, 3]
     assert back[1]["loss"] == "0.500000"
     assert read_loss_log(tmp_path / "missing.tsv", 3) == []
+
+
+def test_interrupted_and_resumed_training_equals_the_uninterrupted_run(tiny_config, tmp_path):
+    """3 steps, then a rerun to 6, against 6 straight: the same weights bit for bit and the same lr column (warm-up
+    across the resume point, so the scheduler's state matters)."""
+    import torch
+
+    from ddpm.checkpoint import load_checkpoint
+    from tasks import fetch
+    from tasks.train import run_local
+
+    over = {"train.warmup_steps": 5, "train.lr_schedule": "constant"}
+    fetch.run(tiny_config(over), tmp_path / "data")
+    run_local(tiny_config(over), tmp_path / "data", tmp_path / "straight", tmp_path / "straight.tsv", threads=1)
+    run_local(tiny_config({**over, "train.steps": 3}), tmp_path / "data", tmp_path / "resumed", tmp_path / "r.tsv",
+              threads=1)
+    run_local(tiny_config(over), tmp_path / "data", tmp_path / "resumed", tmp_path / "r.tsv", threads=1)
+    a = load_checkpoint(tmp_path / "straight" / "ckpt_00000006.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "ckpt_00000006.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    lrs = lambda p: [r["lr"] for r in read_loss_log(p, 6)]  # noqa: E731
+    assert lrs(tmp_path / "straight.tsv") == lrs(tmp_path / "r.tsv") == [
+        f"{lr_at(s, tiny_config(over)):.6g}" for s in range(6)]
