@@ -244,23 +244,40 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
     tiny_params["tracking"] = {"enabled": True}  # the MLflow run must carry the flow-run id (part 3)
     params.write_text(yaml.safe_dump(tiny_params))
     out = work / "run"
-    missing = work / "no-such-weights.pth"
+    missing, wrong = work / "no-such-weights.pth", work / "wrong-weights.pth"
+    wrong.write_bytes(b"not torch-fidelity's Inception weights")
 
-    # 1. The evaluate stage cannot run (Inception weights missing): Failed with the stage's one-line message.
-    r1, run1, _ = _deployment_run(served, "local", params=str(params), out=str(out), overrides={
+    # 0. A missing input of a later stage (Inception weights): Failed before any stage ran, nothing written.
+    r0, run0, _ = _deployment_run(served, "local", params=str(params), out=str(out), overrides={
         "evaluate.feature_extractor": "inception-v3-compat", "evaluate.inception_weights": str(missing)})
+    assert r0.returncode == 1, _output(r0) + _tail(served["log"])
+    with _client(served) as c:
+        state = c.read_flow_run(run0).state
+        assert state.type.value == "FAILED"
+        assert state.message.startswith(f"evaluate.inception_weights: {missing} not found"), state.message
+        assert state.message.endswith("(read by evaluate); this run stopped before any stage ran"), state.message
+        assert _states(c, run0) == {}
+    assert not out.exists()
+
+    # 1. The weights file exists but is not the pinned one: only evaluate can tell (its SHA-256), so the stages
+    # before it run and evaluate fails with its one-line message.
+    r1, run1, _ = _deployment_run(served, "local", params=str(params), out=str(out), overrides={
+        "evaluate.feature_extractor": "inception-v3-compat", "evaluate.inception_weights": str(wrong)})
     assert r1.returncode == 1, _output(r1) + _tail(served["log"])
     with _client(served) as c:
         state = c.read_flow_run(run1).state
         assert state.type.value == "FAILED"
-        assert state.message.startswith(f"evaluate: evaluate.inception_weights: {missing} not found"), state.message
+        assert state.message.startswith(f"evaluate: evaluate.inception_weights: {wrong} has SHA-256 "), state.message
+        # With Inception features nothing reads a classifier: its stage runs but trains nothing.
         assert _states(c, run1) == {"fetch": "Completed", "train_classifier": "Completed", "train": "Completed",
                                     "sample": "Completed", "evaluate": "Failed"}
+    assert json.loads((out / "metrics" / "classifier.json").read_text())["skipped"] is True
     ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
     assert [p.name for p in ckpts][-1] == f"ckpt_{tiny_params['train']['steps']:08d}.pt"
-    stamps = {p: p.stat().st_mtime_ns for p in [*ckpts, out / "samples" / "grid.png", out / "models" / "classifier.pt"]}
+    stamps = {p: p.stat().st_mtime_ns for p in [*ckpts, out / "samples" / "grid.png"]}
 
-    # 2. Cause fixed (the default, classifier features): only evaluate runs, the rest comes from the cache.
+    # 2. Cause fixed (the default, classifier features): the classifier is needed now and trains (its params
+    # changed: evaluate.feature_extractor), evaluate runs, the rest comes from the cache.
     r2, run2, seconds = _deployment_run(served, "local", params=str(params), out=str(out))
     assert r2.returncode == 0, _output(r2) + _tail(served["log"])
     assert "Flow run finished successfully in 'Completed'" in r2.stdout
@@ -271,7 +288,7 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         assert c.read_flow_run(run2).state.name == "Completed"
-        assert _states(c, run2) == {"fetch": "Cached", "train_classifier": "Cached", "train": "Cached",
+        assert _states(c, run2) == {"fetch": "Cached", "train_classifier": "Completed", "train": "Cached",
                                     "sample": "Cached", "evaluate": "Completed"}
         artifacts = {a.key: a for a in c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run2])))}
@@ -312,18 +329,28 @@ def test_invalid_override_fails_the_flow_before_any_stage(served, tiny_params, t
 
 @pytest.mark.slow
 def test_cli_stage_failure_is_one_line_after_fetch_retries(served, tiny_params, tmp_path, capfd, monkeypatch):
-    """`python -m flows.train_eval` (here its main, in this process) with an image folder that does not exist."""
+    """`python -m flows.train_eval` (here its main, in this process) with an image folder that does not exist (caught
+    before Prefect starts), then with one that holds no image (only fetch can tell: retried, then one line)."""
     monkeypatch.delenv(te.FLOW_RUN_ENV, raising=False)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params))
-    missing, out = tmp_path / "no-such-images", tmp_path / "out"
-    with _settings(served):
-        code = te.main(["--params", str(params), "--out", str(out), "--set", "data.dataset=image-folder",
-                        "--set", f"data.root={missing}", "--set", "data.image_size=8", "--set", "data.channels=1"])
+    missing, empty, out = tmp_path / "no-such-images", tmp_path / "no-images", tmp_path / "out"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    folder = ["--set", "data.dataset=image-folder", "--set", "data.image_size=8", "--set", "data.channels=1"]
+    code = te.main(["--params", str(params), "--out", str(out), *folder, "--set", f"data.root={missing}"])
     stdout, stderr = capfd.readouterr()
     assert code == 2, stderr[-3000:]
-    assert stderr.splitlines()[-1] == (f"error: fetch: image-folder: {missing} is not a folder "
-                                       "(set data.root to the folder of PNG/JPEG images)")
+    assert stderr.splitlines() == [f"error: data.root: image-folder: {missing} is not a folder (set data.root to "
+                                   "the folder of PNG/JPEG images) (read by fetch); this run stopped before any "
+                                   "stage ran"]
+    assert not out.exists()
+    with _settings(served):
+        code = te.main(["--params", str(params), "--out", str(out), *folder, "--set", f"data.root={empty}"])
+    stdout, stderr = capfd.readouterr()
+    assert code == 2, stderr[-3000:]
+    assert stderr.splitlines()[-1] == (f"error: fetch: image-folder: no PNG or JPEG images under {empty} "
+                                       "(searched recursively)")
     assert "Traceback" not in stdout + stderr
     with _client(served) as c:
         from prefect.client.schemas.sorting import FlowRunSort
