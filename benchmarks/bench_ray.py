@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from ddpm.config import load_config
+    from tasks.config import load_config
     from tasks import fetch
     from tasks.common import ensure_ray
     from tasks.train import run, run_local

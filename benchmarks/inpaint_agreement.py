@@ -75,7 +75,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--results", help="write inpaint.json here instead of benchmarks/results/")
     args = p.parse_args(argv)
 
-    from ddpm.config import load_config
+    from tasks.config import load_config
     from ddpm.samplers import region_mask
     from tasks.common import load_dataset, load_samples
 

@@ -43,7 +43,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
 
 
 def main(argv=None) -> dict:
-    from ddpm.config import load_config
+    from tasks.config import load_config
     from ddpm.samplers import ddim_sample
     from tasks.sample import ShardSampler, newest_checkpoint
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpm.config import load_config  # noqa: E402
+from tasks.config import load_config  # noqa: E402
 from tasks import evaluate, fetch, sample, train, train_classifier  # noqa: E402
 from tasks.common import write_json, write_npz  # noqa: E402
 

@@ -41,7 +41,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Failed, State
 
-from ddpm.config import Config, ConfigError, load_config, parse_override
+from tasks.config import Config, ConfigError, load_config, parse_override
 from flows.fingerprint import fingerprint
 from tasks.common import StageError
 from tasks.inputs import check as check_inputs

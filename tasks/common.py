@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ddpm.checkpoint import CheckpointError, atomic_write_bytes
-from ddpm.config import Config, ConfigError, load_config
+from tasks.config import Config, ConfigError, load_config
 
 
 class StageError(RuntimeError):

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm.config import DataConfig
+from tasks.config import DataConfig
 
 from .common import DataError, Split
 

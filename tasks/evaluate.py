@@ -40,7 +40,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from ddpm.config import Config, write_resolved
+from tasks.config import Config, write_resolved
 
 from . import refstats, tracking
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR

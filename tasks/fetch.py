@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ddpm.config import Config, write_resolved
+from tasks.config import Config, write_resolved
 
 from . import datasets
 from .common import (

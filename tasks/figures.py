@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import newest_checkpoint
-from ddpm.config import Config, write_resolved
+from tasks.config import Config, write_resolved
 from ddpm.perf import prepare_for_sampling
 from ddpm.pretrained import load_model
 from ddpm.samplers import (

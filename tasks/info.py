@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ddpm.config import Config, ConfigError, load_config
+from tasks.config import Config, ConfigError, load_config
 
 from .common import config_from_args, stage_parser
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ddpm.config import Config
+from tasks.config import Config
 
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
 from .common import DataError, StageError, config_from_args

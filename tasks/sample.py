@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import newest_checkpoint as _newest_checkpoint
-from ddpm.config import Config, write_resolved
+from tasks.config import Config, write_resolved
 from ddpm.perf import prepare_for_sampling
 from ddpm.pretrained import load_model
 from ddpm.samplers import img2img_sample, inpaint_sample, region_mask, sample as draw
@@ -126,7 +126,7 @@ class ShardSampler:
     """Holds one copy of the network; samples shards of seeds in batches. Used as a Ray actor or in-process."""
 
     def __init__(self, ckpt_path: str, params: dict[str, Any], device: str, threads: int):
-        from ddpm.config import from_dict
+        from tasks.config import from_dict
 
         torch.set_num_threads(max(1, threads))
         self.cfg = from_dict(params)

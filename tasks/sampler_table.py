@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ddpm.config import Config, apply_overrides, from_dict, write_resolved
+from tasks.config import Config, apply_overrides, from_dict, write_resolved
 
 from .common import (
     StageError,

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ddpm.config import Config
+from tasks.config import Config
 
 # Offline by design: no usage telemetry (MLflow ignores DO_NOT_TRACK=1, it wants "true").
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

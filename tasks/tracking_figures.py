@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ddpm.config import Config
+from tasks.config import Config
 
 from .tracking import _dataset_sha_from_checkpoints, _log_stage, _metrics, _numbers
 

@@ -31,7 +31,7 @@ from ddpm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ddpm.config import Config, from_dict, write_resolved
+from tasks.config import Config, from_dict, write_resolved
 from ddpm.ema import EMA
 from ddpm.perf import make_adam, prepare_model
 from ddpm.pretrained import build_diffusion

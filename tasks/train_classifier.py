@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddpm.config import Config, write_resolved
+from tasks.config import Config, write_resolved
 
 from .classifier import Classifier, ClassifierArgs, save_classifier, save_skipped
 from .common import (

@@ -57,3 +57,13 @@ def test_no_import_cycle_among_project_modules():
             if f not in seen:
                 seen.add(f)
                 todo.extend(graph.get(f, ()))
+
+
+def test_the_library_holds_no_pipeline_config():
+    import ddpm.config as lib
+    import tasks.config as pipeline
+
+    for name in ("RayConfig", "TrackingConfig", "FiguresConfig", "SamplerTableConfig", "Config", "load_config"):
+        assert not hasattr(lib, name), name
+        assert hasattr(pipeline, name), name
+    assert set(pipeline.Config.model_fields) >= {"ray", "tracking", "figures", "sampler_table", "model", "diffusion"}

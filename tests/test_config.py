@@ -1,4 +1,5 @@
-"""The configuration tree (ddpm/config.py): defaults, overrides, frozen sections, errors naming the dotted key."""
+"""The configuration tree (tasks/config.py, over ddpm/config.py's sections): defaults, overrides, frozen sections,
+errors naming the dotted key."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from ddpm.config import (
+from tasks.config import (
     Config,
     ConfigError,
     apply_overrides,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.config import load_config
+from tasks.config import load_config
 from tasks import evaluate, fetch, refstats, train_classifier
 from tasks.classifier import ClassifierFeatureExtractor, load_classifier
 from tasks.common import StageError, load_dataset, sha256_file, to_model_range, write_json, write_npz

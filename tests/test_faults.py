@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from ddpm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from ddpm.config import from_dict
+from tasks.config import from_dict
 from tasks import fetch, train
 from tasks.common import StageError, load_samples, sha256_arrays, sha256_file, shard_paths
 

@@ -131,7 +131,7 @@ def test_sampler_table_rows_and_markdown(tiny_config):
     assert md[2:5] == ["| DDPM (Alg. 2) | 100 | 1.5 | 0.01 | 12.0 | 0.8 |",
                        "| DDIM, η=0 | 10 | 3.25 | 0.2 | 1.2 | 8.3 |",
                        "| real held-out images (floor) | – | 0.5 | -0.01 | – | – |"]
-    from ddpm.config import ConfigError
+    from tasks.config import ConfigError
 
     with pytest.raises(ConfigError, match="sampler_table.ddim_steps"):
         tiny_config({"sampler_table.enabled": True, "sampler_table.ddim_steps": [200]})

@@ -215,7 +215,7 @@ def test_inpainting_the_bottom_half_of_held_out_digits_keeps_their_class(digits_
 @pytest.fixture(scope="module")
 def digits_and_classifier(tmp_path_factory):
     """The digits dataset artifact and a classifier trained on it (100 steps)."""
-    from ddpm.config import load_config
+    from tasks.config import load_config
     from tasks import fetch, train_classifier
 
     work = tmp_path_factory.mktemp("modes")
@@ -284,7 +284,7 @@ def test_sample_stage_modes_need_the_dataset(tiny_config, tmp_path):
 
 
 def test_mode_keys_are_validated(tiny_config):
-    from ddpm.config import ConfigError
+    from tasks.config import ConfigError
 
     with pytest.raises(ConfigError, match="sample.mode"):
         tiny_config({"sample.mode": "outpaint"})

@@ -101,7 +101,7 @@ def test_unknown_adam_implementation_is_refused():
 
 
 def test_config_rejects_a_bad_switch_value(tiny_config):
-    from ddpm.config import ConfigError
+    from tasks.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.adam_impl"):
         tiny_config({"train.adam_impl": "apex"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddpm.config import load_config
+from tasks.config import load_config
 from ddpm.unet import UNet, count_parameters
 
 
