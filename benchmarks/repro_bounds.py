@@ -45,7 +45,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
 def main(argv=None) -> dict:
     from tasks.config import load_config
     from ddpm.samplers import ddim_sample
-    from tasks.sample import ShardSampler, newest_checkpoint
+    from tasks.sampling import ShardSampler, newest_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=str(REPO), help="a finished demo's output root (holds checkpoints/)")

@@ -9,7 +9,7 @@ samples an older kept checkpoint. ``ms_step_med``/``ms_step_best`` come from the
 fastest 10-step interval: the machine is shared, the fastest interval is the closest to an unloaded machine).
 
 Prints one JSON line: train/sample/eval wall times, FID, floor FID, ratio. The pipeline's own stages are used
-(fetch.run, train.run_local, sample.ShardSampler, evaluate.run), so what is measured is what the demo runs.
+(fetch.run, train.run_local, sampling.ShardSampler, evaluate.run), so what is measured is what the demo runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import load_config  # noqa: E402
-from tasks import evaluate, fetch, sample, train, train_classifier  # noqa: E402
+from tasks import evaluate, fetch, sampling, train, train_classifier  # noqa: E402
 from tasks.common import write_json, write_npz  # noqa: E402
 
 
@@ -59,19 +59,19 @@ def main() -> None:
             raise SystemExit(f"--resample: {w / 'ckpt'} has no trained run")
         out_dir = w / args.resample
     t_train = time.perf_counter() - t0
-    ckpt = sample.newest_checkpoint(w / "ckpt")
+    ckpt = sampling.newest_checkpoint(w / "ckpt")
     if args.ckpt_step is not None:
         from ddpm.checkpoint import checkpoint_path
 
         ckpt = checkpoint_path(w / "ckpt", args.ckpt_step)
     t1 = time.perf_counter()
-    sampler = sample.ShardSampler(str(ckpt), cfg.to_dict(), "cpu", args.threads)
+    sampler = sampling.ShardSampler(str(ckpt), cfg.to_dict(), "cpu", args.threads)
     seeds = list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_samples))
     images = sampler.sample(seeds)
     t_sample = time.perf_counter() - t1
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     write_npz(out_dir / "samples" / "shard_00000.npz", images=images, seeds=torch.tensor(seeds).numpy())
-    sample.save_grid(images[:100], out_dir / "samples" / "grid.png")
+    sampling.save_grid(images[:100], out_dir / "samples" / "grid.png")
     t2 = time.perf_counter()
     m = evaluate.run(cfg, data, out_dir / "samples", clf, w.parent / "ref_stats", out_dir / "eval.json")
     t_eval = time.perf_counter() - t2

@@ -81,15 +81,15 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         atomic_write_bytes(markdown_path, lambda f: f.write(b"sampler_table.enabled is false: no table\n"))
         print("sampler_table.enabled is false: no table")
         return result
-    from . import evaluate as ev_stage
-    from . import sample as sample_stage
+    from .sampling import sample_shards
+    from .scoring import score_samples
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = list(range(st.seed, st.seed + st.num_samples))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp:
         for spec in settings(cfg):
-            # The sample and evaluate stages themselves, on this row's sampler, without their MLflow logging.
+            # The sample and evaluate stages' own machinery, on this row's sampler, without their MLflow logging.
             over = {"sample.sampler": spec["sampler"], "sample.steps": spec["steps"], "sample.mode": "generate",
                     "sample.num_samples": st.num_samples, "sample.seed": st.seed, "sample.batch_size": st.batch_size,
                     "sample.shard_size": -(-st.num_samples // cfg.sample.num_workers),
@@ -100,12 +100,12 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
                 over["evaluate.repeats"] = 1
             row_cfg = from_dict(apply_overrides(cfg.to_dict(), over))
             name = f"{spec['sampler']}{spec['steps']}"
-            summary = sample_stage.run(row_cfg, ckpt_dir, Path(tmp) / name)
+            summary = sample_shards(row_cfg, ckpt_dir, Path(tmp) / name)
             if summary["seeds"][0] != seeds[0]:
                 raise StageError(f"sampler_table: row {name} sampled seeds from {summary['seeds'][0]}, not {seeds[0]}")
             wall = summary["wall_s"] - summary["ray_startup_s"]  # Ray starts once, for the first row
             sampling = summary.get("sampling_s") or wall  # inside the actors: no actor start-up, no grid
-            ev = ev_stage.run(row_cfg, data_dir, Path(tmp) / name, classifier_path, ref_dir, Path(tmp) / f"{name}.json")
+            ev = score_samples(row_cfg, data_dir, Path(tmp) / name, classifier_path, ref_dir, Path(tmp) / f"{name}.json")
             scores = {k: ev[k] for k in METRICS if isinstance(ev.get(k), (int, float))}
             rows.append({**spec, **scores, "sampling_s": round(sampling, 2), "wall_s": round(wall, 2),
                          "images_per_s": round(summary["count"] / sampling, 2) if sampling > 0 else None})

@@ -12,8 +12,8 @@ from conftest import REPO
 from test_stage_deps import imports_of
 
 STAGES = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-# Stage -> stage imports that issue 14 has not removed yet. The list may only shrink.
-KNOWN_STAGE_IMPORTS = {("sampler_table", "sample"), ("sampler_table", "evaluate")}
+# Stage -> stage imports that are still to be removed. The set may only shrink (it is empty).
+KNOWN_STAGE_IMPORTS: set[tuple[str, str]] = set()
 OUTSIDE_LIBRARY = ("ray", "prefect", "mlflow", "dvc", "tasks", "flows", "torch_fidelity")
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tasks.config import load_config
-from tasks import evaluate, fetch, refstats, train_classifier
+from tasks import evaluate, fetch, refstats, scoring, train_classifier
 from tasks.classifier import ClassifierFeatureExtractor, load_classifier
 from tasks.common import StageError, load_dataset, sha256_file, to_model_range, write_json, write_npz
 
@@ -107,7 +107,7 @@ def test_classifier_on_unlabeled_data_is_skipped_or_refused(tmp_path, tiny_confi
                              tmp_path / "c2.pt", tmp_path / "c2.json")
     assert not (tmp_path / "c2.pt").exists()
     # evaluate's auto choice on unlabeled data is Inception, which needs its weights file.
-    with pytest.raises(StageError, match=evaluate.INCEPTION_WEIGHTS_FILE):
+    with pytest.raises(StageError, match=scoring.INCEPTION_WEIGHTS_FILE):
         evaluate.run(tiny_config(), tmp_path, tmp_path, None, tmp_path / "ref", tmp_path / "eval.json")
 
 
@@ -171,7 +171,7 @@ def test_reference_statistics_are_cached_and_reused(digits, classifier, noise, t
     assert prov["image_shape"] == [1, 8, 8] and prov["num_images"] == n_train == first["num_reference"]
     assert prov["feature_extractor"] == "ddpm-classifier" and prov["feature_layer"] == "features"
     assert prov["feature_extractor_weights_sha256"] == sha256_file(classifier["weights"])
-    assert prov["preprocessing"] == evaluate.PREPROCESSING["ddpm-classifier"]
+    assert prov["preprocessing"] == scoring.PREPROCESSING["ddpm-classifier"]
     assert set(prov["libraries"]) == {"python", "numpy", "torch", "torch_fidelity"}
     with np.load(ref / f"{key}.npz") as z:  # the statistics are those of the train split's features
         feats = z["features"]
@@ -350,14 +350,14 @@ def test_inception_without_weights_is_one_line_exit_2(digits, noise, tmp_path, r
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert evaluate.INCEPTION_WEIGHTS_FILE in lines[0] and "evaluate.inception_weights" in lines[0]
+    assert scoring.INCEPTION_WEIGHTS_FILE in lines[0] and "evaluate.inception_weights" in lines[0]
     assert not (tmp_path / "eval.json").exists()
 
 
 def test_inception_weights_are_pinned_checked_and_read_without_pickle(digits, noise, tmp_path, tiny_config):
     # The published file's SHA-256 (its name carries the first 8 hex digits, torch.hub's convention).
-    assert tiny_config().evaluate.inception_sha256.startswith(evaluate.INCEPTION_WEIGHTS_FILE.split("-")[-1][:8])
-    fake = tmp_path / evaluate.INCEPTION_WEIGHTS_FILE
+    assert tiny_config().evaluate.inception_sha256.startswith(scoring.INCEPTION_WEIGHTS_FILE.split("-")[-1][:8])
+    fake = tmp_path / scoring.INCEPTION_WEIGHTS_FILE
     torch.save({"fc.weight": torch.randn(4, 4), "fc.bias": torch.randn(4)}, fake)
     actual = sha256_file(fake)
     over = {"evaluate.feature_extractor": "inception-v3-compat", "evaluate.inception_weights": str(fake)}
@@ -377,7 +377,7 @@ def test_inception_weights_are_pinned_checked_and_read_without_pickle(digits, no
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": torch.zeros(1), "meta": argparse.Namespace(run="code")}, evil)
     with pytest.raises(StageError, match=r"does not load as plain tensors with weights_only=True"):
-        evaluate.VerifiedInceptionV3(evaluate.INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(evil),
+        scoring.VerifiedInceptionV3(scoring.INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(evil),
                                      expected_sha256=sha256_file(evil))
 
 
@@ -404,7 +404,7 @@ def test_verified_inception_gives_torch_fidelity_features(digits, tmp_path):
     weights = tmp_path / "random-inception.pth"
     torch.save(state, weights)
 
-    ours = evaluate.VerifiedInceptionV3(evaluate.INCEPTION_EXTRACTOR, ["2048"], str(weights),
+    ours = scoring.VerifiedInceptionV3(scoring.INCEPTION_EXTRACTOR, ["2048"], str(weights),
                                         expected_sha256=sha256_file(weights))
     theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
     x = torch.from_numpy(load_dataset(digits).holdout.images[:2]).expand(-1, 3, -1, -1)

@@ -55,7 +55,8 @@ def test_stage_table_is_read_from_dvc_yaml():
     assert list(dvc) == STAGE_NAMES == list(te.STAGE_TASKS)
     assert te.STAGES["evaluate"].inputs == ("dataset", "samples", "classifier", "classifier_metrics")
     assert te.STAGES["train"].outputs == ("checkpoints", "train_metrics", "train_log")
-    assert te.STAGES["sample"].code == ("tasks/sample.py", "tasks/common.py", "tasks/config.py", "ddpm")
+    assert te.STAGES["sample"].code == ("tasks/sample.py", "tasks/sampling.py", "tasks/common.py", "tasks/config.py",
+                                        "ddpm")
     for name, spec in te.STAGES.items():
         assert all((REPO / c).exists() for c in spec.code), name
 

@@ -242,7 +242,7 @@ def _fake_checkpoint(tiny_config, path, tiny_unet) -> None:
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
 def test_shard_sampler_modes(tiny_config, tmp_path, tiny_unet, mode):
     from tasks.common import to_model_range
-    from tasks.sample import ShardSampler
+    from tasks.sampling import ShardSampler
 
     ckpt = tmp_path / "ckpt_00000006.pt"
     _fake_checkpoint(tiny_config, ckpt, tiny_unet)
@@ -261,7 +261,7 @@ def test_shard_sampler_modes(tiny_config, tmp_path, tiny_unet, mode):
 
 
 def test_sampling_key_depends_on_the_mode_and_its_inputs(tiny_config, tmp_path, tiny_unet):
-    from tasks.sample import sampling_key
+    from tasks.sampling import sampling_key
 
     ckpt = tmp_path / "ckpt_00000006.pt"
     _fake_checkpoint(tiny_config, ckpt, tiny_unet)
@@ -276,7 +276,7 @@ def test_sampling_key_depends_on_the_mode_and_its_inputs(tiny_config, tmp_path, 
 
 def test_sample_stage_modes_need_the_dataset(tiny_config, tmp_path):
     from tasks.common import StageError
-    from tasks.sample import input_images
+    from tasks.sampling import input_images
 
     assert input_images(tiny_config(), None) == (None, None)
     with pytest.raises(StageError, match="--data"):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ACROSS_BATCHES_UINT8_FRACTION, ACROSS_BATCHES_UINT8_LEVELS
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
-from tasks import fetch, sample, train
+from tasks import fetch, sample, sampling, train
 from tasks.common import load_samples, shard_paths
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def test_sample_stage_images_do_not_depend_on_the_number_of_actors(tiny_config, 
     # uint8 rounding hides most last-bit differences (threads 1 vs 2 changed the floats by ~1e-6 but no uint8 pixel of
     # this model), so the cause of such differences is checked too: every actor of both runs sampled with one thread
     # count, as the actors report it.
-    assert runs[1][1]["actor_threads"] == runs[2][1]["actor_threads"] == [sample.CPU_THREADS_PER_ACTOR]
+    assert runs[1][1]["actor_threads"] == runs[2][1]["actor_threads"] == [sampling.CPU_THREADS_PER_ACTOR]
     names = [p.name for p in shard_paths(runs[1][0])]
     assert names == [p.name for p in shard_paths(runs[2][0])] == ["shard_00000.npz", "shard_00001.npz",
                                                                   "shard_00002.npz"]

@@ -18,7 +18,7 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.unet import UNet
-from tasks import evaluate, fetch, sample, train, train_classifier, tracking
+from tasks import evaluate, fetch, sample, sampling, train, train_classifier, tracking
 from tasks.common import grid_image
 
 ON = {"tracking.enabled": True}  # explicit: the tiny test params may turn tracking off for the other tests
@@ -395,6 +395,6 @@ def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
 
     images = np.arange(40 * 64, dtype=np.int64).reshape(40, 1, 8, 8).astype(np.uint8)
     seeds = np.arange(40)
-    np.testing.assert_array_equal(sample.grid_images(cfg, images, seeds, ckpt), images[30:34])
-    got = sample.grid_images(cfg, images[:24], seeds[:24], ckpt)  # the samples lack seeds 30..33
+    np.testing.assert_array_equal(sampling.grid_images(cfg, images, seeds, ckpt), images[30:34])
+    got = sampling.grid_images(cfg, images[:24], seeds[:24], ckpt)  # the samples lack seeds 30..33
     np.testing.assert_array_equal(got, want)
