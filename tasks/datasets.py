@@ -110,7 +110,7 @@ def mnist_raw_folder(dataset: str, root: str | os.PathLike) -> Path:
     return Path(root) / _mnist_class(dataset).__name__ / "raw"
 
 
-def _missing_mnist(dataset: str, raw: Path) -> list[str]:
+def mnist_missing(dataset: str, raw: Path) -> list[str]:
     return [n for n in mnist_files(dataset) if not (raw / n).is_file() and not (raw / f"{n}.gz").is_file()]
 
 
@@ -174,13 +174,13 @@ def load_mnist(dataset: str, root: str | os.PathLike, download: bool = False) ->
     """
     cls = _mnist_class(dataset)
     raw = mnist_raw_folder(dataset, root)
-    missing = _missing_mnist(dataset, raw)
+    missing = mnist_missing(dataset, raw)
     if missing and download:
         try:
             cls(str(root), train=True, download=True)  # fetches all four files
         except Exception as e:  # noqa: BLE001 - network and archive errors come in many types
             raise DataError(f"{dataset}: download into {raw} failed: {_one_line(e)}") from None
-        missing = _missing_mnist(dataset, raw)
+        missing = mnist_missing(dataset, raw)
     if missing:
         raise DataError(
             f"{dataset}: missing {', '.join(missing)} in {raw}/ (put the four IDX files "
@@ -298,11 +298,16 @@ def read_cifar_batch(path: Path) -> Split:
     return Split(data.reshape(-1, 3, 32, 32), labels)
 
 
+def cifar10_missing(root: str | os.PathLike) -> list[str]:
+    """The python-batch files of CIFAR-10 missing from ``<root>/cifar-10-batches-py``."""
+    folder = Path(root) / CIFAR10_FOLDER
+    return [n for n in (*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META) if not (folder / n).is_file()]
+
+
 def load_cifar10(root: str | os.PathLike, download: bool = False) -> Source:
     """CIFAR-10 from its python batches: train [50000, 3, 32, 32], official test split [10000, 3, 32, 32]."""
     folder = Path(root) / CIFAR10_FOLDER
-    expected = [*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META]
-    missing = [n for n in expected if not (folder / n).is_file()]
+    missing = cifar10_missing(root)
     archive = Path(root) / CIFAR10_ARCHIVE
     if missing and download and not archive.is_file():
         from torchvision.datasets import CIFAR10
@@ -314,7 +319,7 @@ def load_cifar10(root: str | os.PathLike, download: bool = False) -> Source:
             raise DataError(f"cifar10: download into {root} failed: {_one_line(e)}") from None
     if missing and archive.is_file():
         extract_archive(archive, root)
-        missing = [n for n in expected if not (folder / n).is_file()]
+        missing = cifar10_missing(root)
     if missing:
         raise DataError(
             f"cifar10: missing {', '.join(missing)} in {folder}/ (put the official {CIFAR10_ARCHIVE} in {root} "

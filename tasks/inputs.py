@@ -124,15 +124,14 @@ def source_problem(cfg: Config) -> Optional[str]:
     root = Path(d.root)
     if d.dataset in ("mnist", "fashion-mnist"):
         raw = ds.mnist_raw_folder(d.dataset, root)
-        missing = ds._missing_mnist(d.dataset, raw)
+        missing = ds.mnist_missing(d.dataset, raw)
         return (f"{d.dataset}: missing {', '.join(missing)} in {raw}/ (the four IDX files, .gz or not)"
                 if missing else None)
     if d.dataset == "cifar10":
-        folder = root / ds.CIFAR10_FOLDER
-        missing = [n for n in (*ds.CIFAR10_TRAIN, ds.CIFAR10_TEST, ds.CIFAR10_META) if not (folder / n).is_file()]
+        missing = ds.cifar10_missing(root)
         if missing and not (root / ds.CIFAR10_ARCHIVE).is_file():
-            return (f"cifar10: missing {', '.join(missing)} in {folder}/ (put the official {ds.CIFAR10_ARCHIVE} "
-                    f"in {root} or extract it there)")
+            return (f"cifar10: missing {', '.join(missing)} in {root / ds.CIFAR10_FOLDER}/ (put the official "
+                    f"{ds.CIFAR10_ARCHIVE} in {root} or extract it there)")
         return None
     if not root.is_dir():  # image-folder
         return f"image-folder: {root} is not a folder (set data.root to the folder of PNG/JPEG images)"

@@ -174,3 +174,19 @@ def test_dvc_repro_with_cifar10_preset_fails_before_fetch_without_inception_weig
     assert err[0].startswith("error: evaluate.inception_weights: ") and "not found" in err[0]
     assert "dvc repro (from stage fetch) stopped before any stage ran" in err[0]
     assert not (dest / "data" / "dataset").exists() and not (dest / "checkpoints").exists()
+
+
+def test_missing_mnist_and_image_folder_sources_are_named(tiny_config, tmp_path):
+    from test_fetch import make_mnist
+
+    cfg = tiny_config({"data.dataset": "mnist", "data.root": str(tmp_path / "raw"), "model.attn_resolutions": []})
+    [m] = inputs.missing_inputs(cfg, ["fetch"])
+    assert m.key == "data.root" and "mnist: missing train-images-idx3-ubyte" in m.message and "MNIST/raw" in m.message
+    make_mnist(tmp_path / "raw")
+    assert inputs.missing_inputs(cfg, ["fetch"]) == []
+    download = tiny_config({"data.dataset": "mnist", "data.root": str(tmp_path / "elsewhere"), "data.download": True,
+                            "model.attn_resolutions": []})
+    assert inputs.missing_inputs(download, ["fetch"]) == []  # download: true fetches them
+    folder = tiny_config({"data.dataset": "image-folder", "data.image_size": 8, "data.root": str(tmp_path / "no")})
+    [m] = inputs.missing_inputs(folder, ["fetch", "train"])
+    assert m.message.endswith("no is not a folder (set data.root to the folder of PNG/JPEG images)")
