@@ -247,11 +247,9 @@ def resolve_config(params: str, overrides: Optional[dict[str, Any]], root: Path)
 def mlflow_run(cfg: Config) -> Optional[dict[str, str]]:
     """The MLflow run of this pipeline run for the summary and the link artifact: {"run_id", "url"?} or None.
 
-    HOOK, a no-op for now: the stages log to MLflow through tasks/tracking.py (the only module that imports
-    mlflow; it tags the run with this flow run's id from ``DDPM_PREFECT_FLOW_RUN_ID``), but that module offers no
-    read-only look-up of the run yet. Once it has ``find_run(cfg) -> {"run_id", "experiment_id", "url"} | None``
-    (the run its stages log into for these params; url: the run's page in the MLflow UI, when one is known), the
-    summary shows the run and a link artifact points to it; until then this returns None.
+    The stages log to MLflow through tasks/tracking.py (the only module that imports mlflow; it tags the run with
+    this flow run's id from ``DDPM_PREFECT_FLOW_RUN_ID``); its read-only ``find_run(cfg)`` gives the run they logged
+    into for these params (url: the run's page in the MLflow UI, when one is known).
     """
     try:
         from tasks import tracking
