@@ -60,6 +60,16 @@ def _device_of(model, device) -> torch.device:
         return torch.device("cpu")
 
 
+SAMPLERS = ("ddpm", "ddim")  # Algorithm 2, DDIM
+
+
+def check_sampler(name: str) -> str:
+    """``name`` if it is a known sampler; else ValueError listing the known ones."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return name
+
+
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The DDIM sub-sequence: ``steps`` evenly strided indices 0, k, 2k, ... with k = T // steps."""
     if not 1 <= steps <= num_timesteps:
@@ -141,9 +151,6 @@ def ddim_sample(
     return x
 
 
-SAMPLERS = ("ddpm", "ddim")
-
-
 def sample(
     model: Model,
     diffusion: GaussianDiffusion,
@@ -164,13 +171,11 @@ def sample(
     ``sampler`` is ``"ddpm"`` (Algorithm 2 over all T steps with ``variance``; ``steps`` and ``eta`` unused) or
     ``"ddim"`` (``steps`` strided steps with ``eta``; ``variance`` unused). Returns x_0 [B, C, H, W].
     """
-    if sampler == "ddpm":
+    if check_sampler(sampler) == "ddpm":
         return ddpm_sample(model, diffusion, seeds, shape, variance=variance, clip_denoised=clip_denoised,
                            device=device, callback=callback, progress=progress)
-    if sampler == "ddim":
-        return ddim_sample(model, diffusion, seeds, shape, steps=steps, eta=eta, clip_denoised=clip_denoised,
-                           device=device, callback=callback, progress=progress)
-    raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    return ddim_sample(model, diffusion, seeds, shape, steps=steps, eta=eta, clip_denoised=clip_denoised,
+                       device=device, callback=callback, progress=progress)
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -201,14 +206,12 @@ def reverse_pairs(sampler: str, num_timesteps: int, steps: int, t_start: Optiona
     t_start = num_timesteps - 1 if t_start is None else int(t_start)
     if not -1 <= t_start < num_timesteps:
         raise ValueError(f"t_start must be between -1 and {num_timesteps - 1}, got {t_start}")
-    if sampler == "ddpm":
+    if check_sampler(sampler) == "ddpm":
         seq = list(range(t_start + 1))
-    elif sampler == "ddim" and full:
+    elif full:
         seq = ddim_timesteps(num_timesteps, steps)
-    elif sampler == "ddim":
-        seq = [s for s in ddim_timesteps(num_timesteps, steps) if s < t_start] + ([t_start] if t_start >= 0 else [])
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; known: 'ddpm', 'ddim'")
+        seq = [s for s in ddim_timesteps(num_timesteps, steps) if s < t_start] + ([t_start] if t_start >= 0 else [])
     return list(zip(reversed(seq), reversed([-1] + seq[:-1])))
 
 
@@ -216,8 +219,7 @@ class _Stepper:
     """One reverse step t -> t_prev for either sampler, drawing its noise from the per-sample generators."""
 
     def __init__(self, diffusion: GaussianDiffusion, sampler: str, eta: float, variance, clip_denoised: bool):
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; known: 'ddpm', 'ddim'")
+        check_sampler(sampler)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.d, self.sampler, self.eta = diffusion, sampler, eta
