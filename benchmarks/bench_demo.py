@@ -1,7 +1,7 @@
 """Benchmark 5: `make demo` end to end (after install), its stages and what it measured: benchmarks/results/demo.json.
 
-Runs the demo's command (``python -m flows.train_eval`` with params.yaml) once into a fresh output folder, so every
-stage runs rather than being served from cache, then measures the inpainting label agreement on the same outputs
+Runs the demo's command (``python -m flows.train_eval`` with params.yaml) once in a fresh clone of the repository
+(its HEAD), so every stage runs rather than being up to date, then measures the inpainting label agreement on the same outputs
 (``benchmarks.inpaint_agreement``, benchmarks/results/inpaint.json) and the reproducibility bounds of its
 checkpoint (``benchmarks.repro_bounds``, benchmarks/results/repro.json). The record holds the total wall, each stage's
 wall and status (the flow's ``stages:`` line), FID/KID mean ± std with the per-repeat values, the real-vs-real
@@ -136,12 +136,13 @@ def _git_commit() -> Optional[str]:
 
 
 def run_demo(out: Path) -> tuple[str, float]:
-    """Run the demo's flow once into ``out``; returns (its printed output, total wall in s). Leaves the output and
-    the wall in ``out`` (demo_stdout.log, demo_wall.json) so ``--records out`` rebuilds the same record."""
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "flows.train_eval", "--params", str(REPO / "params.yaml"), "--out", str(out)]
+    """``make demo``'s flow once in ``out``, a fresh ``git clone`` of this repository's HEAD (what a user has);
+    returns (its printed output, total wall in s). Leaves the output and the wall in ``out`` (demo_stdout.log,
+    demo_wall.json) so ``--records out`` rebuilds the same record."""
+    subprocess.run(["git", "clone", "-q", str(REPO), str(out)], check=True)
+    cmd = [sys.executable, "-m", "flows.train_eval"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
     total = round(time.perf_counter() - t0, 1)
     text = proc.stdout + proc.stderr
     (out / "demo_stdout.log").write_text(text)

@@ -1,265 +1,205 @@
-"""The ``train-eval`` flow: fetch -> train_classifier -> train -> sample -> evaluate as Prefect tasks, then the
-optional figures and sampler_table (``figures.enabled``, ``sampler_table.enabled``; on in the demo's params).
+"""The ``train-eval`` flow: the stages of dvc.yaml (fetch -> train_classifier -> train -> sample -> evaluate ->
+figures, sampler_table) as Prefect tasks, each run by DVC.
 
-Each task is a thin wrapper around a stage's ``run(cfg, paths…)`` in ``tasks/``: the same functions whose command
-lines ``dvc repro`` runs, writing the same layout (``data/dataset``, ``models/``, ``checkpoints/``, ``samples/``,
-``metrics/``, ``ref_stats/``) under one output root. What the flow adds:
+dvc.yaml is the one declaration of the pipeline: its stages, their commands, deps, params and outputs. The flow
+reads the stage list from it and runs each stage with ``dvc repro --single-item <stage>``, so a flow run leaves
+its workspace exactly as ``dvc repro`` would: dvc.lock updated, outputs in the DVC cache, ``dvc status`` clean,
+``dvc push`` ready. What the flow adds:
 
-- One config: the ``params`` file plus dotted ``overrides`` (``{"train.steps": 2000}``), validated before any
-  compute; an invalid value fails the run at once with the config's one-line message.
-- Skipping: a stage whose inputs (content hashes of the files and folders it reads, and of its code) and params
-  sections are unchanged is not run again. That is Prefect's cache, persisted under ``<out>/.prefect-cache`` so it
-  outlives the process; a cached result is trusted only while the stage's outputs are still the ones it
-  recorded, so deleted or overwritten outputs (``rm -r samples``, a ``dvc repro`` with other params) make the
-  stage run again. After a failure, a rerun starts at the stage that failed.
+- One config, checked before any compute: the ``params`` file plus dotted ``overrides``
+  (``{"train.steps": 2000}``); an invalid value, or a missing dataset or weights file of any stage, fails the run at
+  once with one line.
+- A workspace per set of params (flows/workspace.py). The project's own params.yaml runs in the project folder;
+  other params (overrides, another preset) run in a git worktree under ``runs/`` (or ``out``), recorded at the end
+  as a DVC experiment (``dvc exp show`` in the project lists it, with its params and metrics).
+- "Cached" means DVC says the stage is up to date (or restored it from its run-cache). After a failure, a rerun
+  starts at the stage that failed.
 - Retries on the I/O-bound fetch. Training resumes from its newest checkpoint whenever it runs again.
-- Logs through the run logger (the stages' own progress lines included) and artifacts: a markdown summary, a
-  table of the evaluation metrics and, when the run was tracked, a link to its MLflow run.
+- The ids tie together: the stages tag their MLflow run with the Prefect flow run and the DVC experiment, the
+  experiment holds ``metrics/run.json`` (the flow run and MLflow run ids), and the flow run's summary artifact
+  names both.
+- Logs (every line of the stages' output) and artifacts: a markdown summary, a table of the evaluation metrics and,
+  when the run was tracked, a link to its MLflow run.
 
-Run it in this process (without a server Prefect starts a temporary local API, ~20 s)::
+Run it in this process, from the project folder (without a server Prefect starts a temporary local API, ~20 s)::
 
     python -m flows.train_eval [--params params.yaml] [--set train.steps=2000 ...] [--out DIR]
 
 or through a deployment (prefect.yaml; ``python -m flows.serve``)::
 
     prefect deployment run 'train-eval/local' --param overrides='{"train.steps": 2000}' --watch
+
+Runs in different workspaces may go side by side (they share only DVC's cache, which is safe for that); a second
+run in the same workspace fails at once with a line naming the first.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.states import Failed, State
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
 
-from tasks.config import Config, ConfigError, load_config, parse_override
-from flows.fingerprint import fingerprint
+from flows import workspace as wsp
 from tasks.common import StageError
+from tasks.config import Config, ConfigError, load_config, parse_override
 from tasks.inputs import check as check_inputs
+from tasks.inputs import dvc_stages
 
 PROJECT = Path(__file__).resolve().parents[1]
-CACHE_DIR = ".prefect-cache"  # under the output root: a root's cache describes that root's outputs
 FLOW_RUN_ENV = "DDPM_PREFECT_FLOW_RUN_ID"  # read by the MLflow tracking module to tag its run
+RETRIES = {"fetch": (2, [2, 10])}  # (retries, delays in s): I/O-bound stages only
 
-# Every file and folder of a run, relative to the output root: dvc.yaml's layout.
+# The files of a run a reader of its results (the summary, the artifacts) opens, relative to the workspace;
+# tests/test_stage_deps.py checks that each lies at or under an output of dvc.yaml.
 LAYOUT = {
     "dataset": "data/dataset",
-    "classifier": "models/classifier.pt",
+    "dataset_record": "data/dataset/dataset.json",
     "classifier_metrics": "metrics/classifier.json",
     "checkpoints": "checkpoints",
-    "train_log": "metrics/train_loss.tsv",
     "train_metrics": "metrics/train.json",
     "samples": "samples",
-    "ref_stats": "ref_stats",
+    "samples_record": "samples/samples.json",
     "eval_metrics": "metrics/eval.json",
     "figures": "figures",
+    "figures_record": "figures/figures.json",
     "sampler_table": "metrics/sampler_table.json",
     "sampler_table_md": "metrics/sampler_table.md",
 }
+# What each stage reports, read after it ran or was found up to date.
+RECORDS = {"fetch": "dataset_record", "train_classifier": "classifier_metrics", "train": "train_metrics",
+           "sample": "samples_record", "evaluate": "eval_metrics", "figures": "figures_record",
+           "sampler_table": "sampler_table"}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage's cache key covers, read from its dvc.yaml entry (the one declaration of the stages)."""
+    """A stage as dvc.yaml declares it."""
 
-    params: tuple[str, ...]  # the params sections (or dotted keys) it reads
-    code: tuple[str, ...]  # its source files and folders, relative to the project
-    inputs: tuple[str, ...]  # LAYOUT names it reads
-    outputs: tuple[str, ...]  # LAYOUT names it writes
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]  # outs, metrics and plots
 
 
 def stages_from_dvc_yaml(path: Path = PROJECT / "dvc.yaml") -> dict[str, Stage]:
-    """``{stage: Stage}`` in dvc.yaml's order: deps that are run outputs (LAYOUT) are inputs, the rest code."""
-    import yaml
-
-    names = {rel: name for name, rel in LAYOUT.items()}
-    out = {}
-    for name, st in yaml.safe_load(path.read_text())["stages"].items():
-        deps = [str(d) for d in st.get("deps") or []]
-        outs = [next(iter(o)) if isinstance(o, dict) else o
-                for kind in ("outs", "metrics", "plots") for o in st.get(kind) or []]
-        out[name] = Stage(tuple(str(p) for p in st.get("params") or []),
-                          tuple(d for d in deps if d not in names), tuple(names[d] for d in deps if d in names),
-                          tuple(names[o] for o in outs if o in names))
-    return out
+    """``{stage: Stage}`` in dvc.yaml's order, which must run each stage after every stage whose outputs it reads."""
+    stages = {name: Stage(tuple(deps), tuple(outs)) for name, (deps, outs) in dvc_stages(path).items()}
+    made: dict[str, str] = {}
+    for name, st in stages.items():
+        for o in st.outs:
+            made[o.rstrip("/")] = name
+    seen: set[str] = set()
+    for name, st in stages.items():
+        for d in st.deps:
+            producer = next((made[o] for o in made if d == o or d.startswith(o + "/") or o.startswith(d + "/")),
+                            None)
+            if producer is not None and producer != name and producer not in seen:
+                raise ValueError(f"{path}: stage {name} reads {d}, an output of {producer}, which comes after it")
+        seen.add(name)
+    return stages
 
 
 STAGES = stages_from_dvc_yaml()
-OPTIONAL_STAGES = ("figures", "sampler_table")
 
 
-# -- cache keys -----------------------------------------------------------------------------------------------------
-def param_inputs(stage: str, cfg: Config) -> dict[str, str]:
-    """Input files named by params rather than by the layout: a file-based dataset's sources, Inception weights."""
-    if stage == "fetch" and cfg.data.dataset != "digits":  # digits ship with scikit-learn
-        return {"data.root": cfg.data.root}
-    if stage == "evaluate" and cfg.evaluate.inception_weights:
-        return {"evaluate.inception_weights": cfg.evaluate.inception_weights}
-    return {}
+def read_record(root: Path, stage: str) -> dict[str, Any]:
+    import json
 
-
-def stage_key(stage: str, cfg: Config, paths: dict[str, str]) -> str:
-    """``<stage>-<sha256>`` of the stage's params sections and the content of its inputs and code (no paths)."""
-    spec = STAGES[stage]
-    files = {name: paths[name] for name in spec.inputs} | param_inputs(stage, cfg)
-    blob = {
-        "params": cfg.section_hash(*spec.params),
-        "inputs": {name: fingerprint(p) for name, p in files.items()},
-        "code": {c: fingerprint(PROJECT / c) for c in spec.code},
-    }
-    return f"{stage}-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()}"
-
-
-def outputs_fingerprint(stage: str, paths: dict[str, str]) -> dict[str, str]:
-    return {name: fingerprint(paths[name]) for name in STAGES[stage].outputs}
-
-
-def _cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
-    return lambda _context, parameters: stage_key(stage, parameters["cfg"], parameters["paths"])
+    try:
+        return json.loads((root / LAYOUT[RECORDS[stage]]).read_text())
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 # -- the stages as tasks --------------------------------------------------------------------------------------------
-def _outcome(stage: str, paths: dict[str, str], call: Callable[[], Any]) -> Any:
-    """Run the stage; return its result with its outputs' fingerprints (checked before a cached result is reused).
+class StageCrashed(RuntimeError):
+    """A stage that failed without its one-line message (a bug, a killed process): the output's tail."""
 
-    A problem the user can fix (missing file, bad input) becomes a Failed state with the stage's one-line
-    message rather than a traceback; anything else raises as usual.
-    """
-    from tasks.common import USER_ERRORS
 
+def run_stage(stage: str, workspace: str, env: dict[str, str]) -> Any:
+    """``dvc repro --single-item <stage>`` in the workspace; its output goes to the run's log line by line."""
+    logger = get_run_logger()
+    ws = wsp.Workspace(Path(workspace), Path(workspace))
+    result = wsp.repro(ws, stage, env, logger.info)
+    if result.status == "failed":
+        if result.error:  # the stage's own message: something the user can fix
+            return Failed(message=f"{stage}: {result.error}")
+        raise StageCrashed(f"{stage}: dvc repro exited with {result.returncode}:\n{result.tail}")
+    if result.status in ("up to date", "restored"):
+        why = "DVC: up to date" if result.status == "up to date" else "DVC: restored from its run-cache"
+        return Completed(name="Cached", message=why)
+    return "ran"
+
+
+STAGE_TASKS = {
+    name: task(run_stage, name=name, cache_policy=NO_CACHE, retries=RETRIES.get(name, (0, 0))[0],
+               retry_delay_seconds=RETRIES.get(name, (0, 0))[1] or 0,
+               description=f"dvc repro --single-item {name}")
+    for name in STAGES
+}
+
+
+def save_experiment(project: str, workspace: str, name: str, message: str) -> str:
+    """The workspace as DVC experiment ``name``; returns its commit."""
+    return wsp.save_experiment(wsp.Workspace(Path(project), Path(workspace)), name, message)
+
+
+SAVE_EXPERIMENT = task(save_experiment, name="dvc-exp-save", cache_policy=NO_CACHE,
+                       description="dvc exp save: the workspace's params, dvc.lock and metrics as a DVC experiment")
+
+
+@contextmanager
+def shared_ray(cfg: Config) -> Iterator[dict[str, str]]:
+    """One local Ray for all the stages of this run, as a Ray cluster they join through ``RAY_ADDRESS``: each
+    stage is a process of its own, and starting and stopping a Ray per stage costs seconds each time. With
+    ``RAY_ADDRESS`` or ``ray.address`` set the stages join that cluster instead, and nothing is started here."""
+    if os.environ.get("RAY_ADDRESS") or cfg.ray.address:
+        yield {}
+        return
+    import ray
+
+    from tasks.common import ensure_ray
+
+    ensure_ray(cfg)
     try:
-        result = call()
-    except USER_ERRORS as e:
-        return Failed(message=f"{stage}: {e}")
-    return {"result": result, "outputs": outputs_fingerprint(stage, paths)}
+        env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        if os.environ.get("RAY_AUTH_MODE", "") != "disabled":
+            env["RAY_AUTH_MODE"] = "token"  # a driver given an address sends the local token only in this mode
+        yield env
+    finally:
+        ray.shutdown()
 
 
-_PERSISTED = dict(persist_result=True, result_serializer="json", log_prints=True)
+def tracking_env(cfg: Config, project: Path) -> dict[str, str]:
+    """The MLflow store every workspace of the project logs to: MLFLOW_TRACKING_URI, else ``tracking.uri``, else
+    the project's SQLite store, local paths resolved against the project (not the workspace)."""
+    from tasks.tracking import resolve_uri
 
-
-@task(name="fetch", cache_key_fn=_cache_key_fn("fetch"), retries=2, retry_delay_seconds=[2, 10], **_PERSISTED)
-def fetch(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """Read the configured dataset into the dataset artifact. I/O-bound, so retried."""
-    from tasks import fetch as stage
-
-    return _outcome("fetch", paths, lambda: stage.run(cfg, paths["dataset"]))
-
-
-@task(name="train_classifier", cache_key_fn=_cache_key_fn("train_classifier"), **_PERSISTED)
-def train_classifier(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """The classifier whose features FID/KID use on labelled grayscale datasets."""
-    from tasks import train_classifier as stage
-
-    return _outcome("train_classifier", paths, lambda: stage.run(
-        cfg, paths["dataset"], paths["classifier"], paths["classifier_metrics"]))
-
-
-@task(name="train", cache_key_fn=_cache_key_fn("train"), **_PERSISTED)
-def train(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """Ray Train; resumes from the newest checkpoint made with the same params."""
-    from tasks import train as stage
-
-    return _outcome("train", paths, lambda: stage.run(
-        cfg, paths["dataset"], paths["checkpoints"], paths["train_log"], paths["train_metrics"]))
-
-
-@task(name="sample", cache_key_fn=_cache_key_fn("sample"), **_PERSISTED)
-def sample(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """Shards of samples over Ray actors; finished shards are kept."""
-    from tasks import sample as stage
-
-    return _outcome("sample", paths, lambda: stage.run(cfg, paths["checkpoints"], paths["samples"]))
-
-
-@task(name="evaluate", cache_key_fn=_cache_key_fn("evaluate"), **_PERSISTED)
-def evaluate(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """FID/KID (IS, precision/recall) with torch-fidelity, and the real-vs-real floor."""
-    from tasks import evaluate as stage
-
-    return _outcome("evaluate", paths, lambda: stage.run(
-        cfg, paths["dataset"], paths["samples"], paths["classifier"], paths["ref_stats"], paths["eval_metrics"],
-        paths["classifier_metrics"]))
-
-
-@task(name="figures", cache_key_fn=_cache_key_fn("figures"), **_PERSISTED)
-def figures(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """Progressive generation, reconstructions from partial diffusion, the denoising GIF and the loss curve."""
-    from tasks import figures as stage
-
-    return _outcome("figures", paths, lambda: stage.run(
-        cfg, paths["checkpoints"], paths["dataset"], paths["train_log"], paths["figures"]))
-
-
-@task(name="sampler_table", cache_key_fn=_cache_key_fn("sampler_table"), **_PERSISTED)
-def sampler_table(cfg: Config, paths: dict[str, str]) -> dict[str, Any]:
-    """FID/KID and wall time of DDPM-T and DDIM at several step counts on the same seeds."""
-    from tasks import sampler_table as stage
-
-    return _outcome("sampler_table", paths, lambda: stage.run(
-        cfg, paths["checkpoints"], paths["dataset"], paths["classifier"], paths["ref_stats"],
-        paths["sampler_table"], paths["sampler_table_md"]))
-
-
-STAGE_TASKS = {"fetch": fetch, "train_classifier": train_classifier, "train": train, "sample": sample,
-               "evaluate": evaluate, "figures": figures, "sampler_table": sampler_table}
-
-
-def run_stage(name: str, stage_task, cfg: Config, paths: dict[str, str], logger) -> tuple[State, str]:
-    """Run one stage task; reuse a cached result only while the outputs it recorded are still in place."""
-    state = stage_task(cfg, paths, return_state=True)
-    if state.name != "Cached":
-        return state, "ran"
-    cached = state.result()
-    recorded = cached.get("outputs", {}) if isinstance(cached, dict) else {}
-    current = outputs_fingerprint(name, paths)
-    if recorded == current:
-        return state, "cached"
-    changed = ", ".join(LAYOUT[k] for k in current if recorded.get(k) != current[k])
-    logger.info(f"{name}: inputs and params unchanged, but its outputs ({changed}) were deleted or changed "
-                "since it ran; running it again")
-    return stage_task.with_options(refresh_cache=True)(cfg, paths, return_state=True), "reran"
-
-
-def planned_stages(cfg: Config) -> list[str]:
-    """The stages this flow runs under ``cfg``, in order (the optional ones only when enabled)."""
-    return [name for name in STAGE_TASKS if name not in OPTIONAL_STAGES or getattr(cfg, name).enabled]
-
-
-def resolve_config(params: str, overrides: Optional[dict[str, Any]], root: Path) -> Config:
-    """The params file with the overrides applied; Ray Train's run folder (an output) goes under the root."""
-    cfg = load_config(params, overrides or {})
-    storage = cfg.ray.storage
-    if "://" not in storage and not Path(storage).is_absolute():
-        cfg = load_config(params, {**(overrides or {}), "ray.storage": str(root / storage)})
-    return cfg
+    return {"MLFLOW_TRACKING_URI": resolve_uri(cfg, root=project)}
 
 
 # -- MLflow ---------------------------------------------------------------------------------------------------------
-def mlflow_run(cfg: Config) -> Optional[dict[str, str]]:
-    """The MLflow run of this pipeline run for the summary and the link artifact: {"run_id", "url"?} or None.
+def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
+    """The MLflow run the stages logged into for these params: {"run_id", "url"?} or None.
 
-    The stages log to MLflow through tasks/tracking.py (the only module that imports mlflow; it tags the run with
-    this flow run's id from ``DDPM_PREFECT_FLOW_RUN_ID``); its read-only ``find_run(cfg)`` gives the run they logged
-    into for these params (url: the run's page in the MLflow UI, when one is known).
+    The stages log to MLflow through tasks/tracking.py and tag the run with this flow run's id
+    (``DDPM_PREFECT_FLOW_RUN_ID``) and the DVC experiment (``DVC_EXP_NAME``); its read-only ``find_run`` gives
+    the run (url: the run's page in the MLflow UI, for a tracking server).
     """
-    try:
-        from tasks import tracking
-    except ImportError:
+    if not cfg.tracking.enabled:
         return None
-    find = getattr(tracking, "find_run", None)
-    if find is None or not cfg.tracking.enabled:
-        return None
+    from tasks import tracking
+
     try:
-        info = find(cfg)
+        info = tracking.find_run(cfg, root=project)
     except Exception as e:  # a convenience for the summary: never fail a finished run over it
         print(f"warning: MLflow run look-up failed ({type(e).__name__}: {e})")
         return None
@@ -285,7 +225,8 @@ def _g(x: Any) -> str:
 
 
 def summary_markdown(cfg: Config, results: dict[str, Any], runs: dict[str, dict[str, Any]],
-                     paths: dict[str, str], mlflow: Optional[dict[str, str]], flow_run_id: str) -> str:
+                     paths: dict[str, str], mlflow: Optional[dict[str, str]], flow_run_id: str,
+                     dvc: dict[str, Any]) -> str:
     ds, tr, sm, ev = results["fetch"], results["train"], results["sample"], results["evaluate"]
     clf = results["train_classifier"]
     c, h, w = ds["shape"]
@@ -317,6 +258,8 @@ def summary_markdown(cfg: Config, results: dict[str, Any], runs: dict[str, dict[
               if tr.get("checkpoint") else f"- **Checkpoints**: `{paths['checkpoints']}`",
               f"- **Metrics**: `{paths['eval_metrics']}`",
               f"- **MLflow**: {ml}",
+              f"- **DVC**: " + (f"experiment `{dvc['experiment']}` (`{dvc['commit']}`), workspace `{dvc['workspace']}`"
+                                if dvc.get("experiment") else f"`dvc repro` state of `{dvc['workspace']}` (dvc.lock)"),
               f"- **Prefect flow run**: `{flow_run_id}`"]
     return "\n".join(lines) + "\n"
 
@@ -374,74 +317,93 @@ def publish_figures(fig: Optional[dict[str, Any]], table: Optional[dict[str, Any
 
 
 # -- the flow -------------------------------------------------------------------------------------------------------
+def _fail(logger, message: str) -> State:
+    logger.error(message)
+    return Failed(message=message)
+
+
 @flow(name="train-eval", log_prints=True)
 def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
-               out: str = ".") -> dict[str, Any]:
-    """Fetch, train the FID classifier, train the DDPM (Ray Train), sample (Ray actors), evaluate (FID/KID).
+               out: Optional[str] = None) -> dict[str, Any]:
+    """Fetch, train the FID classifier, train the DDPM (Ray Train), sample (Ray actors), evaluate (FID/KID), the
+    figures and the sampler table: dvc.yaml's stages, each through ``dvc repro``.
 
     Args:
-        params: the params file (relative paths are relative to the working directory).
+        params: the params file (relative paths are relative to the working directory, the project folder).
         overrides: dotted keys to override, e.g. {"train.steps": 2000, "sample.sampler": "ddim"}.
-        out: the output root; data/, models/, checkpoints/, samples/, metrics/, ref_stats/ go under it.
-            Two runs with different roots share nothing.
+        out: the workspace. Default: the project folder for its own params.yaml without overrides (a run there is
+            ``dvc repro``), else ``runs/exp-<hash of the params and overrides>``, a git worktree of the project
+            whose run is saved as a DVC experiment.
     """
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
-    flow_run_id = str(flow_run.get_id())
-    os.environ[FLOW_RUN_ENV] = flow_run_id
-    root = Path(out).expanduser().resolve()
+    flow_run_id, flow_run_name = str(flow_run.get_id()), str(flow_run.get_name())
+    overrides = dict(overrides or {})
     try:
-        cfg = resolve_config(params, overrides, root)
-    except ConfigError as e:
-        logger.error(f"invalid params: {e}")
-        return Failed(message=str(e))
-    try:  # every file from outside that a stage of this run reads, before the first stage starts
-        check_inputs(cfg, planned_stages(cfg))
-    except StageError as e:
-        logger.error(str(e))
-        return Failed(message=str(e))
-    paths = {name: str(root / rel) for name, rel in LAYOUT.items()}
+        project = wsp.find_project(Path.cwd())
+        cfg = load_config(params, overrides)
+        check_inputs(cfg, STAGES)  # every file from outside that a stage reads, before the first stage starts
+    except (ConfigError, StageError, wsp.WorkspaceError) as e:
+        return _fail(logger, str(e))
+    base = Path(params).resolve()
+    try:
+        ws = wsp.open_workspace(project, Path(out).expanduser() if out else wsp.default_out(project, base, overrides))
+    except wsp.WorkspaceError as e:
+        return _fail(logger, str(e))
+    try:
+        with wsp.locked(ws, flow_run_id):
+            return _run_pipeline(logger, cfg, params, base, overrides, ws, flow_run_id, flow_run_name)
+    except wsp.WorkspaceError as e:
+        return _fail(logger, str(e))
+
+
+def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[str, Any], ws: wsp.Workspace,
+                  flow_run_id: str, flow_run_name: str) -> Any:
+    if overrides or base != ws.path(wsp.PARAMS_FILE).resolve():
+        wsp.write_params(ws, base, overrides)
+    experiment = (wsp.experiment_name(ws, flow_run_name)
+                  if ws.separate or wsp.params_changed_from_head(ws) else None)
+    env = {FLOW_RUN_ENV: flow_run_id, **tracking_env(cfg, ws.project)}
+    if experiment:
+        env["DVC_EXP_NAME"] = experiment  # what `dvc exp run` sets: the MLflow run is named and tagged with it
+    where = "the project folder" if not ws.separate else f"workspace {ws.root}"
     logger.info(f"params {params}{f' with {overrides}' if overrides else ''}: {cfg.data.dataset}, "
-                f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; outputs under {root}")
+                f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; in {where}"
+                + (f", saved as DVC experiment {experiment}" if experiment else ""))
 
-    results: dict[str, Any] = {}
-    runs: dict[str, dict[str, Any]] = {}
-    for i, (name, stage_task) in enumerate(STAGE_TASKS.items(), 1):
-        if name in OPTIONAL_STAGES and not getattr(cfg, name).enabled:
-            logger.info(f"[{i}/{len(STAGE_TASKS)}] {name}: skipped ({name}.enabled is false)")
-            continue
-        logger.info(f"[{i}/{len(STAGE_TASKS)}] {name} ...")
-        t0 = time.perf_counter()
-        state, status = run_stage(name, stage_task.with_options(result_storage=root / CACHE_DIR), cfg, paths, logger)
-        wall = time.perf_counter() - t0
-        if state.is_failed():
-            error = state.result(raise_on_failure=False)
-            if isinstance(error, BaseException):  # not a user error: keep the traceback
-                raise error
-            logger.error(f"[{i}/{len(STAGE_TASKS)}] {name} failed after {wall:.1f} s: {state.message}")
-            return Failed(message=state.message)
-        results[name] = state.result()["result"]
-        runs[name] = {"status": status, "wall_s": round(wall, 2)}
-        logger.info(f"[{i}/{len(STAGE_TASKS)}] {name}: {status} in {wall:.1f} s"
-                    + (" (inputs and params unchanged)" if status == "cached" else ""))
-        if isinstance(results[name], dict) and results[name].get("skipped"):  # train_classifier, when unread
-            logger.info(f"[{i}/{len(STAGE_TASKS)}] {name}: nothing computed, {results[name].get('reason')}")
+    with shared_ray(cfg) as ray_env:
+        runs = _run_stages(logger, {**env, **ray_env}, ws)
+    if isinstance(runs, State):
+        return runs
 
-    mlflow = mlflow_run(cfg)
-    markdown = summary_markdown(cfg, results, runs, paths, mlflow, flow_run_id)
+    results = {name: read_record(ws.root, name) for name in STAGES}
+    mlflow = mlflow_run(cfg, ws.project)
+    wsp.write_run_record(ws, {"prefect_flow_run_id": flow_run_id, "prefect_flow_run_name": flow_run_name,
+                              "mlflow_run_id": (mlflow or {}).get("run_id"), "dvc_experiment": experiment,
+                              "workspace": str(ws.root)})
+    commit = None
+    if experiment:
+        commit = SAVE_EXPERIMENT(str(ws.project), str(ws.root), experiment,
+                                 f"train-eval flow run {flow_run_name} ({flow_run_id})"
+                                 + (f", MLflow run {mlflow['run_id']}" if mlflow else ""))
+        logger.info(f"DVC experiment {experiment} ({commit}): `dvc exp show` in {ws.project} lists it")
+    paths = {name: str(ws.path(rel)) for name, rel in LAYOUT.items()}
+    dvc = {"workspace": str(ws.root), "experiment": experiment, "commit": commit}
+    markdown = summary_markdown(cfg, results, runs, paths, mlflow, flow_run_id, dvc)
     publish(markdown, results["evaluate"], mlflow)
     publish_figures(results.get("figures"), results.get("sampler_table"), paths)
     ev = results["evaluate"]
     logger.info("FID %s (floor %s), KID %s (floor %s); sample grid %s", _g(ev.get("fid")),
                 _g(ev.get("floor", {}).get("fid")), _g(ev.get("kid_mean")), _g(ev.get("floor", {}).get("kid_mean")),
-                results["sample"]["grid"])
+                results["sample"].get("grid"))
     return {
         "flow_run_id": flow_run_id,
-        "out": str(root),
+        "out": str(ws.root),
+        "dvc": dvc,
         "stages": runs,
         "metrics": {k: v for k, v in ev.items() if k in METRIC_NAMES or k in ("floor", "fid_ratio")},
-        "grid": results["sample"]["grid"],
+        "grid": results["sample"].get("grid"),
         "checkpoint": results["train"].get("checkpoint"),
         "figures": paths["figures"] if (results.get("figures") or {}).get("enabled") else None,
         "sampler_table": paths["sampler_table_md"] if (results.get("sampler_table") or {}).get("enabled") else None,
@@ -449,29 +411,52 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
     }
 
 
+def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace) -> dict[str, dict[str, Any]] | State:
+    """Every stage in dvc.yaml's order: {stage: {status, wall_s}}, or the Failed state of the first that failed."""
+    runs: dict[str, dict[str, Any]] = {}
+    n = len(STAGE_TASKS)
+    for i, (name, stage_task) in enumerate(STAGE_TASKS.items(), 1):
+        logger.info(f"[{i}/{n}] {name} ...")
+        t0 = time.perf_counter()
+        state = stage_task(name, str(ws.root), env, return_state=True)
+        wall = time.perf_counter() - t0
+        if state.is_failed():
+            error = state.result(raise_on_failure=False)
+            if isinstance(error, BaseException) and not isinstance(error, StageCrashed):
+                raise error
+            message = state.message if not isinstance(error, StageCrashed) else str(error).splitlines()[0]
+            logger.error(f"[{i}/{n}] {name} failed after {wall:.1f} s: {message}")
+            return Failed(message=message)
+        status = "cached" if state.name == "Cached" else "ran"
+        runs[name] = {"status": status, "wall_s": round(wall, 2)}
+        logger.info(f"[{i}/{n}] {name}: {status} in {wall:.1f} s"
+                    + (f" ({state.message})" if status == "cached" and state.message else ""))
+        record = read_record(ws.root, name)
+        if record.get("skipped"):  # train_classifier, when unread
+            logger.info(f"[{i}/{n}] {name}: nothing computed, {record.get('reason')}")
+    return runs
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
-def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Run the train-eval flow in this process (no server needed).")
+    p = argparse.ArgumentParser(description="Run the train-eval flow in this process (no server needed), from the "
+                                            "project folder.")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key, e.g. --set train.steps=2000 (repeatable)")
-    p.add_argument("--out", default=".", help="output root (default: the working directory, dvc.yaml's layout)")
+    p.add_argument("--out", default=None,
+                   help="the workspace (default: the project folder for params.yaml without overrides, else "
+                        "runs/exp-<hash>, a git worktree saved as a DVC experiment)")
     args = p.parse_args(argv)
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         # Bad input stops here, before Prefect starts anything: the params, then every file from outside the
-        # pipeline that one of the stages to run will read (dataset sources, Inception weights, a reference).
+        # pipeline that one of the stages will read (dataset sources, Inception weights, a reference), then the
+        # project the run is versioned in.
         cfg = load_config(args.params, overrides)
-        check_inputs(cfg, planned_stages(cfg))
-    except (ConfigError, StageError) as e:
+        check_inputs(cfg, STAGES)
+        wsp.find_project(Path.cwd())
+    except (ConfigError, StageError, wsp.WorkspaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -479,12 +464,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        _shutdown_ray()
     if not state.is_completed():  # Failed, or Crashed/Cancelled
         error = state.result(raise_on_failure=False)
         print(f"error: {state.message}", file=sys.stderr)
-        return 1 if isinstance(error, BaseException) else 2
+        return 1 if isinstance(error, BaseException) and not isinstance(error, StageCrashed) else 2
     summary = state.result()
     from tasks.summary import summarize
 
@@ -497,6 +480,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(f"figures:    {summary['figures']}")
     if summary.get("sampler_table"):
         lines.append(f"sampler table: {summary['sampler_table']}")
+    dvc = summary["dvc"]
+    if dvc["experiment"]:
+        lines.append(f"DVC experiment: {dvc['experiment']} ({dvc['commit']}) in {dvc['workspace']}; "
+                     "`dvc exp show` lists it, `dvc exp apply` brings it here")
+    else:
+        lines.append(f"DVC:        dvc.lock updated in {dvc['workspace']}; `dvc status` is clean, `dvc push` "
+                     "sends the outputs to the remote")
     if summary["mlflow"]:
         lines.append(f"MLflow run: {summary['mlflow'].get('url') or summary['mlflow']['run_id']}")
     lines.append(f"Prefect flow run: {summary['flow_run_id']}")

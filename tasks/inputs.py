@@ -26,12 +26,14 @@ from typing import Iterable, Optional
 
 from tasks.config import Config
 
-from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
 from .common import DataError, StageError, config_from_args
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+# tasks.classifier.FEATURE_EXTRACTOR_NAME (tests/test_inputs.py checks they agree). Importing it would load
+# torch-fidelity and torchvision (~1 s) in every stage, since every stage checks its inputs first.
+CLASSIFIER_EXTRACTOR = "ddpm-classifier"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 LABELED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")

@@ -209,7 +209,7 @@ def grid_images(cfg: Config, images: np.ndarray, seeds: np.ndarray, ckpt: Path,
     if (seeds[pos] == want).all():
         return images[pos]
     device = "cuda" if s.use_gpu is not False and torch.cuda.is_available() else "cpu"
-    sampler = ShardSampler(str(ckpt), cfg.to_dict(), device, torch.get_num_threads())
+    sampler = ShardSampler(str(absolute(ckpt)), cfg.to_dict(), device, torch.get_num_threads())
     return sampler.sample(want.tolist(), _shard_inputs(inputs, want.tolist(), s.seed))
 
 
@@ -269,7 +269,7 @@ def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, An
             print(f"sample.num_workers: {s.num_workers} actors do not fit; using {workers}")
         threads = 1 if use_gpu else CPU_THREADS_PER_ACTOR  # never derived from `workers` (see CPU_THREADS_PER_ACTOR)
         Actor = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(ShardSampler)
-        actors = [Actor.remote(str(ckpt), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)
+        actors = [Actor.remote(str(absolute(ckpt)), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)
                   for _ in range(workers)]
         pool = ray.util.ActorPool(actors)
         jobs = pool.map_unordered(

@@ -97,18 +97,20 @@ def project_dir() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
-def resolve_uri(cfg: Config) -> str:
-    """``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the project's SQLite store; local paths made absolute."""
+def resolve_uri(cfg: Config, root: Optional[Path] = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the project's SQLite store; local paths made absolute
+    against ``root`` (default: :func:`project_dir`)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    base = Path(root).resolve() if root is not None else project_dir()
     if not uri:
-        return f"sqlite:///{project_dir() / 'mlflow.db'}"
+        return f"sqlite:///{base / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         if path and not path.startswith("/") and path != ":memory:":
-            return f"sqlite:///{project_dir() / path}"
+            return f"sqlite:///{base / path}"
         return uri
     if uri.startswith(("/", ".", "~")):  # a folder: MLflow's file store
-        return (project_dir() / uri).expanduser().resolve().as_uri()
+        return (base / uri).expanduser().resolve().as_uri()
     return uri
 
 
@@ -229,12 +231,13 @@ def _newest_run(client, experiment_id: str, phash: str):
     return found[0] if found else None
 
 
-def find_run(cfg: Config) -> Optional[dict[str, str]]:
+def find_run(cfg: Config, root: Optional[Path] = None) -> Optional[dict[str, str]]:
     """Read-only look-up of the run the stages log into for these params: ``{"run_id", "experiment_id", "uri"}``
-    plus ``"url"`` (the run's page) for a tracking server; None when tracking is off or there is no such run."""
+    plus ``"url"`` (the run's page) for a tracking server; None when tracking is off or there is no such run.
+    ``root``: what relative store paths are relative to (:func:`resolve_uri`)."""
     if not cfg.tracking.enabled:
         return None
-    uri = resolve_uri(cfg)
+    uri = resolve_uri(cfg, root)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return None  # opening would create an empty store
     if not _reachable(uri):

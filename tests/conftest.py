@@ -38,6 +38,33 @@ def repo_root() -> Path:
     return REPO
 
 
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+
+
+def clone_project(dest: Path, params: dict | None = None, repo: Path = REPO) -> Path:
+    """A fresh project at ``dest``: this working tree's files (tracked and not ignored, without tests/, benchmarks/
+    and the run outputs under metrics/), committed to a new git repository, with ``params`` (if given) as its
+    committed params.yaml. What a user has after ``git clone``, uncommitted edits of the working tree included."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for f in listed:
+        if (repo / f).is_file() and not f.startswith(("tests/", "benchmarks/", "metrics/")):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / f, dest / f)
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, **GIT_ENV}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "init"]):
+        subprocess.run(["git", *args], cwd=dest, check=True, env=env)
+    return dest
+
+
 # Small enough that a train/sample stage runs in seconds on 2 CPU cores.
 TINY = {
     "data": {"dataset": "digits", "holdout_fraction": 0.2},

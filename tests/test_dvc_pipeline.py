@@ -17,26 +17,11 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-
-
-def _project_files(repo: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                         capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if (repo / f).is_file() and not f.startswith(("tests/", "benchmarks/"))]
+from conftest import GIT_ENV, clone_project
 
 
 def _clone(repo: Path, dest: Path) -> Path:
-    """A fresh project: the working tree's files (tracked and not ignored), committed to a new git repo."""
-    for f in _project_files(repo):
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo / f, dest / f)
-    env = {**os.environ, **GIT_ENV}
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
-    subprocess.run(["git", "commit", "-qm", "init"], cwd=dest, check=True, env=env)
-    return dest
+    return clone_project(dest, repo=repo)
 
 
 def _params(dest: Path, base: dict, **changes) -> None:
@@ -89,6 +74,22 @@ def test_dvc_repro_end_to_end(tmp_path, repo_root, tiny_params):
 
     second = _dvc(dest, "repro")
     assert _ran(second.stdout) == []
+
+    # Each library file in turn: editing it makes stale exactly the stages whose deps cover it, which include every
+    # stage whose code imports it (tests/test_stage_deps.py), and nothing else.
+    from test_stage_deps import code_closure, covered
+
+    stages = yaml.safe_load((dest / "dvc.yaml").read_text())["stages"]
+    for f in sorted((dest / "ddpm").glob("*.py")):
+        rel, original = f"ddpm/{f.name}", f.read_bytes()
+        f.write_bytes(original + b"\n# an edit\n")
+        try:
+            stale = {k.rpartition(":")[2] for k in json.loads(_dvc(dest, "status", "--json").stdout)}
+        finally:
+            f.write_bytes(original)
+        assert stale == {n for n, st in stages.items() if covered(rel, st["deps"])}, rel
+        assert {n for n in stages if rel in code_closure(n)} <= stale, rel
+    assert json.loads(_dvc(dest, "status", "--json").stdout) == {}
 
     # Editing the library (here a comment in ddpm/diffusion.py, where p_sample and ddim_step live) makes every stage
     # that runs the model stale; train finds its checkpoint complete and keeps it, the samples are drawn again (their

@@ -1,6 +1,7 @@
 """The ``train-eval`` Prefect flow (flows/): its deployment against a real Prefect server on loopback, served by
 ``python -m flows.serve`` and launched with ``prefect deployment run … --watch``; a failing stage, skipping on the
-rerun, the command line; and what needs no server (prefect.yaml's entrypoints, cache keys, the stage table)."""
+rerun, a flow run that leaves DVC's state as `dvc repro` would, deployment runs as DVC experiments, the command line;
+and what needs no server (prefect.yaml's entrypoints, the stage table)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import yaml
 from tasks.config import load_config
 from flows import serve as flows_serve
 from flows import train_eval as te
-from flows.fingerprint import ABSENT, fingerprint
+from conftest import GIT_ENV, clone_project
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -50,38 +51,21 @@ def test_prefect_yaml_entrypoints_load_the_train_eval_flow():
 
 
 def test_stage_table_is_read_from_dvc_yaml():
-    """The flow's cache keys cover what DVC tracks for each stage (tests/test_stage_deps.py checks the deps)."""
+    """The flow's tasks are dvc.yaml's stages, in its order; no second list of deps, params or commands."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == STAGE_NAMES == list(te.STAGE_TASKS)
-    assert te.STAGES["evaluate"].inputs == ("dataset", "samples", "classifier", "classifier_metrics")
-    assert te.STAGES["train"].outputs == ("checkpoints", "train_metrics", "train_log")
-    assert te.STAGES["sample"].code == ("tasks/sample.py", "tasks/sampling.py", "tasks/common.py", "tasks/config.py",
-                                        "ddpm")
-    for name, spec in te.STAGES.items():
-        assert all((REPO / c).exists() for c in spec.code), name
+    assert te.STAGES["evaluate"].deps == tuple(dvc["evaluate"]["deps"])
+    assert set(te.STAGES["train"].outs) == {"checkpoints", "metrics/train.json", "metrics/train_loss.tsv"}
+    assert {name: t.retries for name, t in te.STAGE_TASKS.items()} == {n: 2 if n == "fetch" else 0 for n in dvc}
 
 
-def test_cache_key_follows_content_and_params_not_paths(tiny_config, tmp_path):
-    def layout(root: Path) -> dict[str, str]:
-        return {k: str(root / v) for k, v in te.LAYOUT.items()}
-
-    for root in (tmp_path / "a", tmp_path / "b"):
-        d = root / "data" / "dataset"
-        d.mkdir(parents=True)
-        (d / "train.npz").write_bytes(b"x" * 100)
-        (d / "dataset.json").write_text("{}")
-        (d / ".train.npz.123.tmp").write_bytes(b"half-written")  # an interrupted atomic write is not content
-    (tmp_path / "b" / "data" / "dataset" / ".train.npz.123.tmp").write_bytes(b"other")
-    cfg = tiny_config()
-    key = te.stage_key("train", cfg, layout(tmp_path / "a"))
-    assert re.fullmatch(r"train-[0-9a-f]{64}", key)
-    assert te.stage_key("train", cfg, layout(tmp_path / "b")) == key  # the same bytes in another folder
-    assert te.stage_key("train", tiny_config({"sample.steps": 4}), layout(tmp_path / "a")) == key  # not its params
-    assert te.stage_key("train", tiny_config({"train.lr": 5e-4}), layout(tmp_path / "a")) != key
-    assert te.stage_key("train_classifier", cfg, layout(tmp_path / "a")) != key
-    (tmp_path / "b" / "data" / "dataset" / "train.npz").write_bytes(b"x" * 101)
-    assert te.stage_key("train", cfg, layout(tmp_path / "b")) != key
-    assert fingerprint(tmp_path / "nothing") == ABSENT != fingerprint(tmp_path)
+def test_stage_order_must_follow_the_data(tmp_path):
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stages = spec["stages"]
+    spec["stages"] = {"train": stages["train"], **{k: v for k, v in stages.items() if k != "train"}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ValueError, match="stage train reads data/dataset, an output of fetch, which comes after it"):
+        te.stages_from_dvc_yaml(tmp_path / "dvc.yaml")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -156,8 +140,8 @@ def prefect_api(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(prefect_api, tmp_path_factory):
-    """`python -m flows.serve` in a temporary working folder: prefect.yaml's deployments, runs executed there."""
-    work = tmp_path_factory.mktemp("work")
+    """`python -m flows.serve` in a fresh clone of the project: prefect.yaml's deployments, runs executed there."""
+    work = clone_project(tmp_path_factory.mktemp("work"))
     log = work / "serve.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=work, env=prefect_api["env"],
@@ -238,6 +222,62 @@ def _output(r: subprocess.CompletedProcess) -> str:
     return f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
 
 
+def _stage_statuses(stdout: str) -> dict[str, str]:
+    """``{stage: "ran" | "cached"}`` from the command line's ``stages:`` line."""
+    line = next(l for l in stdout.splitlines() if l.startswith("stages:"))
+    return dict(re.findall(r"(\w+) (ran|cached) \(", line))
+
+
+def _flow_cli(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "flows.train_eval", *args], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, _output(r)
+    return r
+
+
+def _exp_rows(work: Path, env: dict) -> dict[str, dict[str, str]]:
+    """``dvc exp show`` in the project: {experiment name: its row}, rows as DVC's CSV writes them."""
+    import csv
+    import io
+
+    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--csv"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, _output(r)
+    return {row["Experiment"]: row for row in csv.DictReader(io.StringIO(r.stdout)) if row["Experiment"]}
+
+
+@pytest.mark.slow
+def test_a_flow_run_leaves_dvc_as_dvc_repro_would(prefect_api, tmp_path, tiny_params):
+    """`python -m flows.train_eval` (what `make demo` runs) in a fresh clone: afterwards DVC knows every output
+    (`dvc status` clean, `dvc repro` runs nothing, `dvc push` sends them). Editing ddpm/diffusion.py then makes
+    the stages that run the model stale, for `dvc status` and for the flow's rerun alike."""
+    from test_dvc_pipeline import _dvc, _ran
+
+    work = clone_project(tmp_path / "proj", params=tiny_params)
+    env = {**prefect_api["env"], **GIT_ENV}
+    first = _flow_cli(work, env)
+    assert _stage_statuses(first.stdout) == {name: "ran" for name in STAGE_NAMES}, first.stdout
+    assert "Data and pipelines are up to date." in _dvc(work, "status").stdout
+    assert _ran(_dvc(work, "repro").stdout) == []
+    _dvc(work, "push")
+    pushed = [p for p in (work / ".dvc-remote").rglob("*") if p.is_file()]
+    assert len(pushed) >= 10
+    record = json.loads((work / "metrics" / "run.json").read_text())
+    assert f"Prefect flow run: {record['prefect_flow_run_id']}" in first.stdout
+    assert record["dvc_experiment"] is None and record["workspace"] == str(work)  # the project: `dvc repro`'s state
+
+    with open(work / "ddpm" / "diffusion.py", "a") as f:
+        f.write("\n# an edit\n")
+    stale = {k.rpartition(":")[2] for k in json.loads(_dvc(work, "status", "--json").stdout)}
+    assert stale == {"train", "sample", "figures", "sampler_table"}
+    second = _flow_cli(work, env)
+    assert _stage_statuses(second.stdout) == {
+        "fetch": "cached", "train_classifier": "cached", "train": "ran", "sample": "ran",
+        "evaluate": "ran",  # its input, the samples, was drawn again under the new code
+        "figures": "ran", "sampler_table": "ran"}, second.stdout
+    assert "Data and pipelines are up to date." in _dvc(work, "status").stdout
+
+
 @pytest.mark.slow
 def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served, tiny_params):
     work = served["work"]
@@ -289,8 +329,10 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         assert c.read_flow_run(run2).state.name == "Completed"
+        # figures and sampler_table come after the stage that failed: they run for the first time.
         assert _states(c, run2) == {"fetch": "Cached", "train_classifier": "Completed", "train": "Cached",
-                                    "sample": "Cached", "evaluate": "Completed"}
+                                    "sample": "Cached", "evaluate": "Completed", "figures": "Completed",
+                                    "sampler_table": "Completed", "dvc-exp-save": "Completed"}
         artifacts = {a.key: a for a in c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run2])))}
     assert {"train-eval-summary", "train-eval-metrics"} <= set(artifacts)
@@ -314,6 +356,46 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
     tagged = ml.search_runs([exp.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{run2}'")
     assert tagged and tagged[0].data.metrics["fid"] == pytest.approx(metrics["fid"])
 
+    # 4. The run is a DVC experiment of the project, carrying both ids; its MLflow run names it.
+    rows = [row for row in _exp_rows(work, served["env"]).values() if row.get("prefect_flow_run_id") == run2]
+    assert len(rows) == 1 and rows[0]["mlflow_run_id"] == tagged[0].info.run_id, rows
+    assert rows[0]["Experiment"].startswith("run-") and rows[0]["evaluate.feature_extractor"] == "auto"
+    assert tagged[0].data.tags["dvc_exp_name"] == rows[0]["Experiment"]
+    assert f"experiment `{rows[0]['Experiment']}`" in summary.data
+
+
+@pytest.mark.slow
+def test_deployment_runs_with_overrides_are_dvc_experiments(served, tiny_params):
+    """Two `prefect deployment run 'train-eval/local'` with different overrides: two DVC experiments (each in its
+    own workspace under runs/), listed by `dvc exp show` in the project with their params, metrics and MLflow run."""
+    work = served["work"]
+    tiny_params["tracking"] = {"enabled": True}
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    flow_runs = {}
+    for lr in (5e-4, 2e-3):
+        r, run_id, _ = _deployment_run(served, "local", overrides={"train.lr": lr})
+        assert r.returncode == 0, _output(r) + _tail(served["log"])
+        flow_runs[lr] = run_id
+    rows = _exp_rows(work, served["env"])
+    by_run = {row["prefect_flow_run_id"]: (name, row) for name, row in rows.items()
+              if row.get("prefect_flow_run_id") in flow_runs.values()}
+    assert len(by_run) == 2, rows
+    from mlflow import MlflowClient
+
+    ml = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    mlflow_ids = set()
+    for lr, run_id in flow_runs.items():
+        name, row = by_run[run_id]
+        assert name.startswith("exp-") and float(row["train.lr"]) == lr and float(row["fid"]) > 0, row
+        run = ml.get_run(row["mlflow_run_id"])
+        assert run.data.tags["prefect_flow_run_id"] == run_id and run.data.tags["dvc_exp_name"] == name
+        assert run.data.metrics["fid"] == pytest.approx(float(row["fid"]))
+        mlflow_ids.add(row["mlflow_run_id"])
+    assert len(mlflow_ids) == 2
+    assert not (work / "dvc.lock").exists()  # the project's own workspace was not touched by them
+
+
+
 
 @pytest.mark.slow
 def test_invalid_override_fails_the_flow_before_any_stage(served, tiny_params, tmp_path, monkeypatch):
@@ -333,6 +415,7 @@ def test_cli_stage_failure_is_one_line_after_fetch_retries(served, tiny_params, 
     """`python -m flows.train_eval` (here its main, in this process) with an image folder that does not exist (caught
     before Prefect starts), then with one that holds no image (only fetch can tell: retried, then one line)."""
     monkeypatch.delenv(te.FLOW_RUN_ENV, raising=False)
+    monkeypatch.chdir(served["work"])  # a run needs a project to run in; the workspace at `out` is a worktree of it
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params))
     missing, empty, out = tmp_path / "no-such-images", tmp_path / "no-images", tmp_path / "out"

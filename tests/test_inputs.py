@@ -190,3 +190,9 @@ def test_missing_mnist_and_image_folder_sources_are_named(tiny_config, tmp_path)
     folder = tiny_config({"data.dataset": "image-folder", "data.image_size": 8, "data.root": str(tmp_path / "no")})
     [m] = inputs.missing_inputs(folder, ["fetch", "train"])
     assert m.message.endswith("no is not a folder (set data.root to the folder of PNG/JPEG images)")
+
+
+def test_the_classifier_extractor_name_is_the_classifiers():
+    from tasks import classifier, inputs
+
+    assert inputs.CLASSIFIER_EXTRACTOR == classifier.FEATURE_EXTRACTOR_NAME
