@@ -32,8 +32,9 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # The main job: the train-eval Prefect flow in this process (fetch -> train_classifier -> train -> sample ->
-# evaluate) on the embedded digits with params.yaml; Prefect starts a temporary local API, no server needed.
-# A second `make demo` reruns nothing. `dvc repro` runs the same stages as a DVC pipeline.
+# evaluate -> figures, sampler_table, each through `dvc repro`) on the embedded digits with params.yaml; Prefect
+# starts a temporary local API, no server needed. Afterwards `dvc status` is clean and a second `make demo` or
+# `dvc repro` reruns nothing.
 demo: install
 	$(PY) -m flows.train_eval
 

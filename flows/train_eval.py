@@ -42,18 +42,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
+from flows import tracking_layer
 from flows import workspace as wsp
 from tasks.common import StageError
 from tasks.config import Config, ConfigError, load_config, parse_override
+from tasks.inputs import EXTERNAL_PATH_KEYS, dvc_stages
 from tasks.inputs import check as check_inputs
-from tasks.inputs import dvc_stages
+from tasks.tracking import TRACKING_BY_ENV
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOW_RUN_ENV = "DDPM_PREFECT_FLOW_RUN_ID"  # read by the MLflow tracking module to tag its run
@@ -287,10 +289,9 @@ def figures_markdown(fig: Optional[dict[str, Any]], table: Optional[dict[str, An
                     ("training loss", fig["loss"]["file"])]
         lines += [f"- {what}: [{name}]({(folder / name).as_uri()}) `{folder / name}`" for what, name in entries]
         lines.append("")
-    if table and table.get("enabled"):
-        from tasks.sampler_table import markdown_table
-
-        lines += ["## Sampler table", "", markdown_table(table)]
+    md = Path(paths["sampler_table_md"]) if paths.get("sampler_table_md") else None
+    if table and table.get("enabled") and md is not None and md.is_file():  # the stage's own markdown table
+        lines += ["## Sampler table", "", md.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -360,25 +361,41 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
 
 def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[str, Any], ws: wsp.Workspace,
                   flow_run_id: str, flow_run_name: str) -> Any:
+    values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in EXTERNAL_PATH_KEYS}
+    localized = wsp.external_paths(ws, values, Path.cwd())
+    if localized:
+        logger.info("in the workspace, inputs from outside the pipeline are named by absolute path: "
+                    + ", ".join(f"{k}={v}" for k, v in localized.items()))
+    overrides = {**overrides, **localized}
     if overrides or base != ws.path(wsp.PARAMS_FILE).resolve():
         wsp.write_params(ws, base, overrides)
     experiment = (wsp.experiment_name(ws, flow_run_name)
                   if ws.separate or wsp.params_changed_from_head(ws) else None)
-    env = {FLOW_RUN_ENV: flow_run_id, **tracking_env(cfg, ws.project)}
+    tags = {FLOW_RUN_ENV: flow_run_id, **tracking_env(cfg, ws.project)}
     if experiment:
-        env["DVC_EXP_NAME"] = experiment  # what `dvc exp run` sets: the MLflow run is named and tagged with it
+        tags["DVC_EXP_NAME"] = experiment  # what `dvc exp run` sets: the MLflow run is named and tagged with it
+    env = {**tags, TRACKING_BY_ENV: "flow"}  # the stages leave logging their outputs to the tracking layer
     where = "the project folder" if not ws.separate else f"workspace {ws.root}"
     logger.info(f"params {params}{f' with {overrides}' if overrides else ''}: {cfg.data.dataset}, "
                 f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; in {where}"
                 + (f", saved as DVC experiment {experiment}" if experiment else ""))
 
+    ws_cfg = load_config(ws.path(wsp.PARAMS_FILE))  # what the stages read: the params with the overrides
+
+    def track(stage: str) -> None:
+        try:
+            tracking_layer.log_stage(stage, ws_cfg, ws.root, tags)
+        except Exception as e:  # tracking never fails a stage that ran (as in the stages themselves)
+            logger.warning(f"tracking: logging what {stage} wrote failed ({type(e).__name__}: {e}); its outputs "
+                           "are in place")
+
     with shared_ray(cfg) as ray_env:
-        runs = _run_stages(logger, {**env, **ray_env}, ws)
+        runs = _run_stages(logger, {**env, **ray_env}, ws, track)
     if isinstance(runs, State):
         return runs
 
     results = {name: read_record(ws.root, name) for name in STAGES}
-    mlflow = mlflow_run(cfg, ws.project)
+    mlflow = mlflow_run(ws_cfg, ws.project)
     wsp.write_run_record(ws, {"prefect_flow_run_id": flow_run_id, "prefect_flow_run_name": flow_run_name,
                               "mlflow_run_id": (mlflow or {}).get("run_id"), "dvc_experiment": experiment,
                               "workspace": str(ws.root)})
@@ -411,8 +428,10 @@ def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[
     }
 
 
-def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace) -> dict[str, dict[str, Any]] | State:
-    """Every stage in dvc.yaml's order: {stage: {status, wall_s}}, or the Failed state of the first that failed."""
+def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace,
+                track: Callable[[str], None]) -> dict[str, dict[str, Any]] | State:
+    """Every stage in dvc.yaml's order, each that ran followed by ``track(stage)`` (the tracking layer):
+    {stage: {status, wall_s}}, or the Failed state of the first that failed."""
     runs: dict[str, dict[str, Any]] = {}
     n = len(STAGE_TASKS)
     for i, (name, stage_task) in enumerate(STAGE_TASKS.items(), 1):
@@ -428,6 +447,9 @@ def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace) -> dict[str, dic
             logger.error(f"[{i}/{n}] {name} failed after {wall:.1f} s: {message}")
             return Failed(message=message)
         status = "cached" if state.name == "Cached" else "ran"
+        if status == "ran":
+            track(name)
+            wall = time.perf_counter() - t0
         runs[name] = {"status": status, "wall_s": round(wall, 2)}
         logger.info(f"[{i}/{n}] {name}: {status} in {wall:.1f} s"
                     + (f" ({state.message})" if status == "cached" and state.message else ""))

@@ -139,20 +139,19 @@ def _copy_uncommitted(project: Path, out: Path) -> None:
 
 
 def _project_remote(project: Path) -> Optional[tuple[str, str]]:
-    """The project's default DVC remote with a local URL made absolute (a worktree resolves it elsewhere)."""
-    r = subprocess.run([_dvc_bin(), "remote", "default"], cwd=project, capture_output=True, text=True)
-    name = r.stdout.strip()
-    if r.returncode != 0 or not name:
+    """The project's default DVC remote with a local URL made absolute (a worktree resolves it elsewhere).
+    Read with ``dvc config`` (raw values): ``dvc remote list`` wraps long lines at the terminal's width."""
+    def value(key: str) -> str:
+        r = subprocess.run([_dvc_bin(), "config", key], cwd=project, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    name = value("core.remote")
+    url = value(f"remote.{name}.url") if name else ""
+    if not url:
         return None
-    r = subprocess.run([_dvc_bin(), "remote", "list"], cwd=project, capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == name:
-            url = parts[1]
-            if "://" in url:
-                return name, url
-            return name, str((project / ".dvc" / url).resolve()) if not Path(url).is_absolute() else url
-    return None
+    if "://" in url or Path(url).is_absolute():
+        return name, url
+    return name, str((project / ".dvc" / url).resolve())  # relative to the config file's folder
 
 
 def write_params(ws: Workspace, base: Path, overrides: dict[str, Any]) -> bool:
@@ -178,6 +177,20 @@ def write_params(ws: Workspace, base: Path, overrides: dict[str, Any]) -> bool:
         return False
     atomic_write_bytes(target, lambda f: f.write(text.encode()))
     return True
+
+
+def external_paths(ws: Workspace, values: dict[str, Any], base: Path) -> dict[str, str]:
+    """Overrides that make relative paths to files from outside the pipeline (``values``: param -> path, relative
+    to ``base``, the directory the run was launched from) absolute, for a separate workspace, which does not hold
+    them (they are git-ignored or never in the project). Paths that exist in the workspace stay as they are."""
+    if not ws.separate:
+        return {}
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if (base / value).exists() and not (ws.root / value).exists():
+                out[key] = str((base / value).resolve())
+    return out
 
 
 def params_changed_from_head(ws: Workspace) -> bool:

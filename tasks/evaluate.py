@@ -32,8 +32,9 @@ def run(cfg: Config, data_dir: os.PathLike | str, samples_dir: os.PathLike | str
     and log the numbers to the run's MLflow run."""
     result = score_samples(cfg, data_dir, samples_dir, classifier_path, ref_dir, metrics_path, classifier_metrics_path)
     meta = Path(data_dir) / "dataset.json"
-    tracking.log_evaluation(cfg, result, read_json(meta).get("sha256") if meta.is_file() else None, samples_dir,
-                            metrics_path)
+    if tracking.logged_by_stage():
+        tracking.log_evaluation(cfg, result, read_json(meta).get("sha256") if meta.is_file() else None, samples_dir,
+                                metrics_path)
     return result
 
 

@@ -308,9 +308,10 @@ def run(cfg: Config, ckpt_dir, data_dir, loss_log, out_dir) -> dict[str, Any]:
     write_resolved(cfg, out_dir)
     files = [prog["file"], *(r["file"] for r in recon), gif["file"], loss["file"]]
     print(f"{len(files)} figures ({summary['sampler']}) in {out_dir} in {summary['wall_s']:.1f} s: {', '.join(files)}")
-    from . import tracking_figures
+    from . import tracking, tracking_figures
 
-    tracking_figures.log_figures(cfg, summary, out_dir)
+    if tracking.logged_by_stage():
+        tracking_figures.log_figures(cfg, summary, out_dir)
     return summary
 
 

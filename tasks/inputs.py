@@ -37,6 +37,8 @@ CLASSIFIER_EXTRACTOR = "ddpm-classifier"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 LABELED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+# The params that name files from outside the pipeline (relative paths are relative to the working directory).
+EXTERNAL_PATH_KEYS = ("data.root", "evaluate.inception_weights", "evaluate.reference")
 
 
 # -- what the params ask for ----------------------------------------------------------------------------------------

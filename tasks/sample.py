@@ -28,7 +28,8 @@ def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
     seeds, samples.json) and log them to the run's MLflow run; returns the summary (see
     :func:`tasks.sampling.sample_shards`). ``data_dir`` is read only in the img2img and inpaint modes."""
     summary = sample_shards(cfg, ckpt_dir, out_dir, data_dir)
-    tracking.log_samples(cfg, summary, absolute(out_dir))
+    if tracking.logged_by_stage():
+        tracking.log_samples(cfg, summary, absolute(out_dir))
     return summary
 
 

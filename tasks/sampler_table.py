@@ -134,9 +134,10 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
     atomic_write_bytes(markdown_path, lambda f: f.write(md.encode()))
     write_resolved(cfg, out_path.parent, f"{out_path.stem}.config.json")
     print(md)
-    from . import tracking_figures
+    from . import tracking, tracking_figures
 
-    tracking_figures.log_sampler_table(cfg, result, out_path, markdown_path)
+    if tracking.logged_by_stage():
+        tracking_figures.log_sampler_table(cfg, result, out_path, markdown_path)
     return result
 
 

@@ -51,6 +51,9 @@ GIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the UI shows it as th
 PREFECT_TAG = "prefect_flow_run_id"
 DVC_EXP_TAG = "dvc_exp_name"
 PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
+# "flow": an orchestrator logs what the sample, evaluate, figures and sampler_table stages wrote, after them
+# (flows/tracking_layer.py), so the stages skip their own MLflow logging. Unset: the stages log themselves.
+TRACKING_BY_ENV = "DDPM_TRACKING_BY"
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns
 MODEL_NAME = "ema_unet"
 GRID_KEY = "train_samples"
@@ -522,6 +525,11 @@ class TrainTracker:
 
 
 # -- the sample and evaluate stages --------------------------------------------------------------------------------
+def logged_by_stage() -> bool:
+    """Whether a stage logs its own outputs: not when the train-eval flow's tracking layer does it after the stage."""
+    return os.environ.get(TRACKING_BY_ENV, "stage") != "flow"
+
+
 def _log_stage(cfg: Config, what: str, dataset_sha256: Optional[str], body) -> Optional[str]:
     """Open the pipeline run from this (driver) process, run ``body(client, run_id)``, end it; the run id or None."""
     opened = _open_from_driver(cfg, f"{what} set-up", dataset_sha256, False, status="RUNNING")

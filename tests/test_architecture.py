@@ -67,3 +67,12 @@ def test_the_library_holds_no_pipeline_config():
         assert not hasattr(lib, name), name
         assert hasattr(pipeline, name), name
     assert set(pipeline.Config.model_fields) >= {"ray", "tracking", "figures", "sampler_table", "model", "diffusion"}
+
+
+def test_the_flow_runs_stages_only_through_dvc():
+    """flows/ reads what the stages wrote and runs them with `dvc repro`; it never imports a stage module (which
+    would run or format a stage's work a second way, beside dvc.yaml's command)."""
+    for path in sorted((REPO / "flows").glob("*.py")):
+        stages = {f.stem for f in imports_of(path) if f.parent.name == "tasks" and f.stem in STAGES}
+        assert not stages, f"{path.name} imports the stage module(s) {sorted(stages)}"
+

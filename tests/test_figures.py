@@ -158,7 +158,10 @@ def test_flow_artifacts_of_the_figures_and_table(tmp_path):
                                         "images_per_s": 10.0}], "floor": {"fid": 0.5, "kid_mean": 0.0},
              "num_samples": 10, "seeds": [0, 9], "checkpoint": "/c/ckpt_00000006.pt", "use_ema": True,
              "feature_extractor": "ddpm-classifier", "num_reference": 1437, "device": "1 actor"}
-    md = figures_markdown(fig, table, {"figures": str(tmp_path / "figures")})
+    from tasks.sampler_table import markdown_table
+
+    (tmp_path / "t.md").write_text(markdown_table(table) + "\n")  # what the stage writes beside its json
+    md = figures_markdown(fig, table, {"figures": str(tmp_path / "figures"), "sampler_table_md": str(tmp_path / "t.md")})
     for name in ("progressive.png", "reconstruction_t0100.png", "denoising.gif", "loss.png"):
         assert f"({(tmp_path / 'figures' / name).as_uri()})" in md
     assert "t = 81, 1" in md and "2 reconstructions" in md and "| DDIM, η=0 | 10 | 2 | 0.1 |" in md

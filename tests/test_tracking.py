@@ -398,3 +398,46 @@ def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
     np.testing.assert_array_equal(sampling.grid_images(cfg, images, seeds, ckpt), images[30:34])
     got = sampling.grid_images(cfg, images[:24], seeds[:24], ckpt)  # the samples lack seeds 30..33
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_flows_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monkeypatch):
+    """flows/tracking_layer.py reads a workspace's files after a stage and logs them into the run of its params,
+    tagged with the flow run and DVC experiment it is given; a stage under the flow leaves that to it."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from flows import tracking_layer
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV, tracking.TRACKING_BY_ENV):
+        monkeypatch.delenv(var, raising=False)
+    assert tracking.logged_by_stage()
+    monkeypatch.setenv(tracking.TRACKING_BY_ENV, "flow")
+    assert not tracking.logged_by_stage()
+    monkeypatch.delenv(tracking.TRACKING_BY_ENV)
+
+    ws = tmp_path / "ws"
+    (ws / "samples").mkdir(parents=True)
+    (ws / "metrics").mkdir()
+    (ws / "data" / "dataset").mkdir(parents=True)
+    Image.new("L", (8, 8), 128).save(ws / "samples" / "grid.png")
+    (ws / "samples" / "samples.json").write_text(json.dumps(
+        {"count": 24, "sampler": "ddim", "steps": 5, "checkpoint": "checkpoints/ckpt_00000006.pt",
+         "checkpoint_step": 6, "wall_s": 1.5}))
+    (ws / "metrics" / "eval.json").write_text(json.dumps({"fid": 3.5, "floor": {"fid": 1.75}, "fid_ratio": 2.0}))
+    (ws / "data" / "dataset" / "dataset.json").write_text(json.dumps({"sha256": "sha-ws"}))
+    uri = f"sqlite:///{tmp_path}/store.db"
+    cfg = tiny_config(ON)
+    tags = {"MLFLOW_TRACKING_URI": uri, tracking.PREFECT_ENV: "flow-run-1", "DVC_EXP_NAME": "ws-exp"}
+    run_id = tracking_layer.log_stage("sample", cfg, ws, tags)
+    assert run_id and tracking_layer.log_stage("evaluate", cfg, ws, tags) == run_id
+    assert tracking_layer.log_stage("fetch", cfg, ws, tags) is None  # nothing of fetch's is logged
+    assert tracking_layer.log_stage("evaluate", tiny_config(), ws, tags) is None  # tracking off
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "DVC_ROOT" not in os.environ  # the environment restored
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.run_name == "ws-exp"
+    assert run.data.tags[tracking.PREFECT_TAG] == "flow-run-1" and run.data.tags[tracking.DVC_EXP_TAG] == "ws-exp"
+    assert run.data.tags["sample.checkpoint"] == str(ws / "checkpoints/ckpt_00000006.pt")
+    assert run.data.metrics["fid"] == 3.5 and run.data.metrics["floor_fid"] == 1.75
+    assert run.data.metrics["sample_count"] == 24
+    names = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "samples")}
+    assert names == {"samples/grid.png", "samples/samples.json"}
