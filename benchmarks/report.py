@@ -548,7 +548,7 @@ def block_demo(r: Records) -> str:
     det = d.get("stage_details", {})
     gpu = "without GPU" if m.get("gpu", "") is None else f"with {m['gpu']}" if m.get("gpu") else ""
     out = [f"What to expect, measured on a {m['cores']}-core machine{' ' + gpu if gpu else ''} ({m['cpu']}; {m['date']}, "
-           f"`{d['command']}`: the demo's flow once in a fresh output folder, load average at the end "
+           f"`{d['command']}`: the demo's flow once in a fresh clone, load average at the end "
            f"{m['load_average']}): `make demo` takes **{_dur(d['total_wall_s'])}** after install:"]
     parts = []
     for name, s in st.items():
@@ -561,7 +561,8 @@ def block_demo(r: Records) -> str:
             txt += (f" ({k} × {n // k:,} images for `evaluate.repeats: {k}`)" if k > 1 else f" ({n:,} images)")
         parts.append(txt)
     rest = d["total_wall_s"] - d["sum_of_stages_s"]
-    out.append(f"- {', '.join(parts)}; the rest ({_dur(rest)}) is Prefect's temporary API and Python start-up;")
+    out.append(f"- {', '.join(parts)} (each through `dvc repro`, its own Python process included); the rest "
+               f"({_dur(rest)}) is Prefect's temporary API, the run's Ray and the flow's start-up;")
     fid, floor = ev.get("fid"), ev.get("floor", {})
     k = ev.get("repeats", 1)
     if fid:

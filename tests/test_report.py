@@ -133,7 +133,8 @@ def test_the_demo_record_of_a_finished_demo_writes_the_readme_paragraph_and_tabl
     demo_text = " ".join(_block(readme, "demo").split())
     assert "`make demo` takes **9 min 23 s** after install" in demo_text
     assert ("fetch 2 s, train_classifier 6 s, train 332 s (1,500 steps), sample 51 s (3 × 360 images for "
-            "`evaluate.repeats: 3`), evaluate 1 s, figures 19 s, sampler_table 132 s; the rest (20 s)") in demo_text
+            "`evaluate.repeats: 3`), evaluate 1 s, figures 19 s, sampler_table 132 s (each through `dvc repro`, its own "
+            "Python process included); the rest (20 s)") in demo_text
     assert ("**0.876 ± 0.244** (mean ± std of 3 disjoint seed ranges of 360 images: 0.633, 1.121, 0.873; min 0.633) "
             "against a real-vs-real floor of 0.518, i.e. 1.69× on the mean, 1.22× on the min; KID 0.103 ± 0.049 "
             "against a floor of -0.076; the classifier's held-out accuracy is 99.2%") in demo_text

@@ -252,3 +252,18 @@ def test_timestep_embedding_pinned_slice():
     args = [10.0, 10 * 10 ** (-4 / 3), 10 * 10 ** (-8 / 3), 1e-3]
     expected = torch.tensor([math.sin(a) for a in args] + [math.cos(a) for a in args])
     torch.testing.assert_close(emb[0], expected, rtol=0, atol=1e-5)
+
+
+def test_the_unet_is_described_once():
+    """UNetConfig holds the library's defaults (the paper's CIFAR-10 network); UNet's arguments take the same ones.
+    The params' model section keeps its own defaults: an empty params file means digits at 8x8, where the paper's
+    network (attention at 16x16) does not fit."""
+    import dataclasses
+    import inspect
+
+    from ddpm.unet import UNetConfig
+
+    config = {f.name: f.default for f in dataclasses.fields(UNetConfig)}
+    init = {k: p.default for k, p in inspect.signature(UNet.__init__).parameters.items() if k in config}
+    assert init == config
+    assert config["ch"] == 128 and config["ch_mult"] == (1, 2, 2, 2) and config["attn_resolutions"] == (16,)
