@@ -58,6 +58,9 @@ def find_project(start: Path) -> Path:
     start = start.resolve()
     for d in (start, *start.parents):
         if (d / "dvc.yaml").is_file() and (d / ".dvc").is_dir():
+            if _git(d, "rev-parse", "--git-dir", check=False).returncode != 0:
+                raise WorkspaceError(f"{d} is not a git repository; DVC versions the runs with git: use a git "
+                                     "clone of the project (or git init && git add -A && git commit)")
             if _git(d, "rev-parse", "--verify", "-q", "HEAD", check=False).returncode != 0:
                 raise WorkspaceError(f"{d}: the DVC project has no git commit yet; DVC records runs against one "
                                      "(git add -A && git commit)")
@@ -126,7 +129,7 @@ def open_workspace(project: Path, out: Path) -> Workspace:
 
 
 def _copy_uncommitted(project: Path, out: Path) -> None:
-    changed = _git(project, "diff", "--name-only", "HEAD").stdout.split()
+    changed = [f for f in _git(project, "diff", "--name-only", "-z", "HEAD").stdout.split("\0") if f]
     for rel in changed:
         if rel in (PARAMS_FILE, "dvc.lock"):
             continue  # the run writes its own params; the workspace keeps its own lock

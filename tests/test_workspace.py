@@ -51,6 +51,11 @@ def test_find_project_names_what_is_missing(tmp_path, project):
     with pytest.raises(wsp.WorkspaceError, match=r"is not inside the project: run the flow from the folder that "
                                                  r"holds dvc\.yaml"):
         wsp.find_project(tmp_path)
+    unpacked = tmp_path / "unpacked"  # a copy of the files without git (a tarball)
+    (unpacked / ".dvc").mkdir(parents=True)
+    (unpacked / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(wsp.WorkspaceError, match="is not a git repository; DVC versions the runs with git"):
+        wsp.find_project(unpacked)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     _run(fresh, "git", "init", "-q")
