@@ -40,10 +40,15 @@ class WorkspaceError(Exception):
     """A problem with the project or workspace the user can fix; its message is one line."""
 
 
+def _last_line(r: subprocess.CompletedProcess) -> str:
+    lines = (r.stderr or r.stdout or "").strip().splitlines()
+    return lines[-1] if lines else f"exit {r.returncode}"
+
+
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
     if check and r.returncode != 0:
-        raise WorkspaceError(f"git {' '.join(args)} in {cwd}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        raise WorkspaceError(f"git {' '.join(args)} in {cwd}: {_last_line(r)}")
     return r
 
 
@@ -117,15 +122,18 @@ def open_workspace(project: Path, out: Path) -> Workspace:
         if saved is not None:
             atomic_write_bytes(lock, lambda f: f.write(saved))
     _copy_uncommitted(project, out)
-    dvc = _dvc_bin()
-    for key, value in (("cache.dir", str(project / ".dvc" / "cache")),):
-        subprocess.run([dvc, "config", "--local", key, value], cwd=out, check=True, capture_output=True)
+    _dvc(out, "config", "--local", "cache.dir", str(project / ".dvc" / "cache"))
     remote = _project_remote(project)
     if remote:
         name, url = remote
-        subprocess.run([dvc, "remote", "modify", "--local", name, "url", url], cwd=out, check=True,
-                       capture_output=True)
+        _dvc(out, "remote", "modify", "--local", name, "url", url)
     return Workspace(project, out)
+
+
+def _dvc(cwd: Path, *args: str) -> None:
+    r = subprocess.run([_dvc_bin(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise WorkspaceError(f"dvc {' '.join(args)} in {cwd}: {_last_line(r)}")
 
 
 def _copy_uncommitted(project: Path, out: Path) -> None:
@@ -291,7 +299,7 @@ def save_experiment(ws: Workspace, name: str, message: str) -> str:
                                "train-eval@localhost")
     r = subprocess.run(args, cwd=ws.root, capture_output=True, text=True, timeout=300, env=env)
     if r.returncode != 0:
-        raise WorkspaceError(f"dvc exp save in {ws.root}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        raise WorkspaceError(f"dvc exp save in {ws.root}: {_last_line(r)}")
     refs = _git(ws.root, "for-each-ref", "refs/exps", "--format=%(refname) %(objectname:short)").stdout
     return next((sha for ref, sha in (line.split() for line in refs.splitlines()) if ref.endswith(f"/{name}")), "")
 
