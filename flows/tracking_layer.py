@@ -8,29 +8,13 @@ curves and stepped sample grids are logged while it runs, by its rank-0 worker.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from flows.workspace import LAYOUT, read_output
 from tasks.config import Config
-
-FILES = {  # what each stage wrote, relative to the workspace (dvc.yaml's outputs)
-    "sample": ("samples", "samples/samples.json"),
-    "evaluate": ("metrics/eval.json", "data/dataset/dataset.json", "samples"),
-    "figures": ("figures", "figures/figures.json"),
-    "sampler_table": ("metrics/sampler_table.json", "metrics/sampler_table.md"),
-}
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
-
 
 def _absolute_checkpoint(record: dict[str, Any], root: Path) -> dict[str, Any]:
     """A record's checkpoint path, relative to the workspace it was written in, made absolute."""
@@ -43,39 +27,39 @@ def _absolute_checkpoint(record: dict[str, Any], root: Path) -> dict[str, Any]:
 def _sample(cfg: Config, root: Path) -> Optional[str]:
     from tasks import tracking
 
-    folder, record = FILES["sample"]
-    summary = _read(root / record)
-    return tracking.log_samples(cfg, _absolute_checkpoint(summary, root), root / folder) if summary else None
+    summary = read_output(root, "samples_record")
+    if not summary:
+        return None
+    return tracking.log_samples(cfg, _absolute_checkpoint(summary, root), root / LAYOUT["samples"])
 
 
 def _evaluate(cfg: Config, root: Path) -> Optional[str]:
     from tasks import tracking
 
-    metrics, dataset, samples = FILES["evaluate"]
-    result = _read(root / metrics)
+    result = read_output(root, "eval_metrics")
     if not result:
         return None
-    return tracking.log_evaluation(cfg, result, _read(root / dataset).get("sha256"), root / samples, root / metrics)
+    return tracking.log_evaluation(cfg, result, read_output(root, "dataset_record").get("sha256"),
+                                   root / LAYOUT["samples"], root / LAYOUT["eval_metrics"])
 
 
 def _figures(cfg: Config, root: Path) -> Optional[str]:
     from tasks import tracking_figures
 
-    folder, record = FILES["figures"]
-    summary = _read(root / record)
+    summary = read_output(root, "figures_record")
     if not summary.get("enabled"):  # figures.enabled: false writes only a note, as the stage logs nothing then
         return None
-    return tracking_figures.log_figures(cfg, _absolute_checkpoint(summary, root), root / folder)
+    return tracking_figures.log_figures(cfg, _absolute_checkpoint(summary, root), root / LAYOUT["figures"])
 
 
 def _sampler_table(cfg: Config, root: Path) -> Optional[str]:
     from tasks import tracking_figures
 
-    table, markdown = FILES["sampler_table"]
-    result = _read(root / table)
+    result = read_output(root, "sampler_table")
     if not result.get("enabled"):
         return None
-    return tracking_figures.log_sampler_table(cfg, _absolute_checkpoint(result, root), root / table, root / markdown)
+    return tracking_figures.log_sampler_table(cfg, _absolute_checkpoint(result, root), root / LAYOUT["sampler_table"],
+                                              root / LAYOUT["sampler_table_md"])
 
 
 LOGGERS: dict[str, Callable[[Config, Path], Optional[str]]] = {

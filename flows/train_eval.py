@@ -51,6 +51,7 @@ from prefect.states import Completed, Failed, State
 
 from flows import tracking_layer
 from flows import workspace as wsp
+from flows.workspace import LAYOUT
 from tasks.common import StageError
 from tasks.config import Config, ConfigError, load_config, parse_override
 from tasks.inputs import EXTERNAL_PATH_KEYS, dvc_stages
@@ -61,22 +62,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 FLOW_RUN_ENV = "DDPM_PREFECT_FLOW_RUN_ID"  # read by the MLflow tracking module to tag its run
 RETRIES = {"fetch": (2, [2, 10])}  # (retries, delays in s): I/O-bound stages only
 
-# The files of a run a reader of its results (the summary, the artifacts) opens, relative to the workspace;
-# tests/test_stage_deps.py checks that each lies at or under an output of dvc.yaml.
-LAYOUT = {
-    "dataset": "data/dataset",
-    "dataset_record": "data/dataset/dataset.json",
-    "classifier_metrics": "metrics/classifier.json",
-    "checkpoints": "checkpoints",
-    "train_metrics": "metrics/train.json",
-    "samples": "samples",
-    "samples_record": "samples/samples.json",
-    "eval_metrics": "metrics/eval.json",
-    "figures": "figures",
-    "figures_record": "figures/figures.json",
-    "sampler_table": "metrics/sampler_table.json",
-    "sampler_table_md": "metrics/sampler_table.md",
-}
 # What each stage reports, read after it ran or was found up to date.
 RECORDS = {"fetch": "dataset_record", "train_classifier": "classifier_metrics", "train": "train_metrics",
            "sample": "samples_record", "evaluate": "eval_metrics", "figures": "figures_record",
@@ -113,12 +98,7 @@ STAGES = stages_from_dvc_yaml()
 
 
 def read_record(root: Path, stage: str) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads((root / LAYOUT[RECORDS[stage]]).read_text())
-    except (OSError, ValueError, KeyError):
-        return {}
+    return wsp.read_output(root, RECORDS[stage])
 
 
 # -- the stages as tasks --------------------------------------------------------------------------------------------
@@ -129,8 +109,7 @@ class StageCrashed(RuntimeError):
 def run_stage(stage: str, workspace: str, env: dict[str, str]) -> Any:
     """``dvc repro --single-item <stage>`` in the workspace; its output goes to the run's log line by line."""
     logger = get_run_logger()
-    ws = wsp.Workspace(Path(workspace), Path(workspace))
-    result = wsp.repro(ws, stage, env, logger.info)
+    result = wsp.repro(Path(workspace), stage, env, logger.info)
     if result.status == "failed":
         if result.error:  # the stage's own message: something the user can fix
             return Failed(message=f"{stage}: {result.error}")
@@ -260,7 +239,7 @@ def summary_markdown(cfg: Config, results: dict[str, Any], runs: dict[str, dict[
               if tr.get("checkpoint") else f"- **Checkpoints**: `{paths['checkpoints']}`",
               f"- **Metrics**: `{paths['eval_metrics']}`",
               f"- **MLflow**: {ml}",
-              f"- **DVC**: " + (f"experiment `{dvc['experiment']}` (`{dvc['commit']}`), workspace `{dvc['workspace']}`"
+              "- **DVC**: " + (f"experiment `{dvc['experiment']}` (`{dvc['commit']}`), workspace `{dvc['workspace']}`"
                                 if dvc.get("experiment") else f"`dvc repro` state of `{dvc['workspace']}` (dvc.lock)"),
               f"- **Prefect flow run**: `{flow_run_id}`"]
     return "\n".join(lines) + "\n"

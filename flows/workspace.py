@@ -36,6 +36,34 @@ LOCK_FILE = ".dvc/tmp/train-eval.lock"
 RUN_RECORD = "metrics/run.json"  # the ids of the last flow run in a workspace (dvc.yaml's top-level metrics)
 
 
+# The files of a run that readers of its results open (the flow's summary and artifacts, its tracking layer),
+# relative to the workspace; tests/test_stage_deps.py checks that each lies at or under an output of dvc.yaml.
+LAYOUT = {
+    "dataset": "data/dataset",
+    "dataset_record": "data/dataset/dataset.json",
+    "classifier_metrics": "metrics/classifier.json",
+    "checkpoints": "checkpoints",
+    "train_metrics": "metrics/train.json",
+    "samples": "samples",
+    "samples_record": "samples/samples.json",
+    "eval_metrics": "metrics/eval.json",
+    "figures": "figures",
+    "figures_record": "figures/figures.json",
+    "sampler_table": "metrics/sampler_table.json",
+    "sampler_table_md": "metrics/sampler_table.md",
+}
+
+
+def read_output(root: Path, name: str) -> dict[str, Any]:
+    """The JSON record ``LAYOUT[name]`` under the workspace ``root``; {} when it is missing or not a JSON object
+    (a reader of results, never a reason to fail a run)."""
+    try:
+        d = json.loads((root / LAYOUT[name]).read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 class WorkspaceError(Exception):
     """A problem with the project or workspace the user can fix; its message is one line."""
 
@@ -242,11 +270,11 @@ _RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
 _RAN = re.compile(r"Running stage '([^']+)'")
 
 
-def repro(ws: Workspace, stage: str, env: dict[str, str], log: Callable[[str], None]) -> ReproResult:
-    """``dvc repro --single-item <stage>`` in the workspace, its output passed line by line to ``log``."""
+def repro(root: Path, stage: str, env: dict[str, str], log: Callable[[str], None]) -> ReproResult:
+    """``dvc repro --single-item <stage>`` in the workspace ``root``, its output passed line by line to ``log``."""
     full_env = {**os.environ, **env,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([_dvc_bin(), "repro", "--single-item", stage], cwd=ws.root, env=full_env,
+    proc = subprocess.Popen([_dvc_bin(), "repro", "--single-item", stage], cwd=root, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     status, error, lines = None, None, []
     assert proc.stdout is not None
