@@ -4,9 +4,10 @@ One row per sampler: Algorithm 2 over all T steps (``sampler_table.ddpm``) and D
 each of ``sampler_table.ddim_steps``; every row samples the same seeds (``sampler_table.seed`` ...), from the
 newest checkpoint with the weights ``sample.use_ema`` names. Each row runs the sample stage (Ray actors) into a
 temporary folder and scores it with the evaluate stage's ``run`` (FID/KID against the training split, the same
-feature extractor and cached reference statistics in ``--ref-dir``); its wall time is the sampling time without
-Ray's start-up. The real-vs-real floor at the same sample count closes the table. Writes ``--out`` (JSON) and
-``--markdown`` (the table).
+feature extractor and cached reference statistics in ``--ref-dir``). One set of actors, started before the first
+row, samples every row, so no row's wall time holds Ray's or the actors' start-up (``actors_startup_s``). The
+real-vs-real floor at the same sample count closes the table. Writes ``--out`` (JSON) and ``--markdown`` (the
+table).
 
     python -m tasks.sampler_table --params params.yaml --checkpoints checkpoints --data data/dataset \
         --classifier models/classifier.pt --ref-dir ref_stats --out metrics/sampler_table.json \
@@ -16,6 +17,7 @@ Ray's start-up. The real-vs-real floor at the same sample count closes the table
 from __future__ import annotations
 
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -81,13 +83,14 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         atomic_write_bytes(markdown_path, lambda f: f.write(b"sampler_table.enabled is false: no table\n"))
         print("sampler_table.enabled is false: no table")
         return result
-    from .sampling import sample_shards
+    from .sampling import SamplerPool, newest_checkpoint, sample_shards
     from .scoring import score_samples
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = list(range(st.seed, st.seed + st.num_samples))
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp:
+    pool: Optional[SamplerPool] = None  # one set of actors (one copy of the network each) samples every row
+    with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp, ExitStack() as actors:
         for spec in settings(cfg):
             # The sample and evaluate stages' own machinery, on this row's sampler, without their MLflow logging.
             over = {"sample.sampler": spec["sampler"], "sample.steps": spec["steps"], "sample.mode": "generate",
@@ -100,17 +103,22 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
                 over["evaluate.repeats"] = 1
             row_cfg = from_dict(apply_overrides(cfg.to_dict(), over))
             name = f"{spec['sampler']}{spec['steps']}"
-            summary = sample_shards(row_cfg, ckpt_dir, Path(tmp) / name)
+            if pool is None:
+                shards = -(-st.num_samples // over["sample.shard_size"])
+                pool = actors.enter_context(SamplerPool(row_cfg, newest_checkpoint(ckpt_dir), shards))
+                print(f"sampler_table: {pool.workers} sampling actor(s) for every row, started in "
+                      f"{pool.actors_startup_s:.1f} s")
+            summary = sample_shards(row_cfg, ckpt_dir, Path(tmp) / name, pool=pool)
             if summary["seeds"][0] != seeds[0]:
                 raise StageError(f"sampler_table: row {name} sampled seeds from {summary['seeds'][0]}, not {seeds[0]}")
-            wall = summary["wall_s"] - summary["ray_startup_s"]  # Ray starts once, for the first row
-            sampling = summary.get("sampling_s") or wall  # inside the actors: no actor start-up, no grid
+            wall = summary["wall_s"]  # the actors were started before the first row: no start-up in any row
+            sampling = summary.get("sampling_s") or wall  # inside the actors, per actor: no grid, no scheduling
             ev = score_samples(row_cfg, data_dir, Path(tmp) / name, classifier_path, ref_dir, Path(tmp) / f"{name}.json")
             scores = {k: ev[k] for k in METRICS if isinstance(ev.get(k), (int, float))}
             rows.append({**spec, **scores, "sampling_s": round(sampling, 2), "wall_s": round(wall, 2),
                          "images_per_s": round(summary["count"] / sampling, 2) if sampling > 0 else None})
             print(f"sampler_table: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-                  + f", sampling {sampling:.1f} s ({wall:.1f} s with the actors' start-up)")
+                  + f", sampling {sampling:.1f} s ({wall:.1f} s wall)")
     floor = {k: v for k, v in ev["floor"].items() if k in (*METRICS, "num_holdout", "kid_subset_size")}
     ckpt = Path(summary["checkpoint"])
     result = {
@@ -126,7 +134,8 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         "reference_key": ev.get("reference_key"),
         "num_reference": ev.get("num_reference"),
         "kid_subset_size": ev.get("kid_subset_size"),
-        "device": f"{cfg.sample.num_workers} Ray sampling actor(s) of the sample stage",
+        "device": f"{pool.workers} Ray sampling actor(s) of the sample stage",
+        "actors_startup_s": round(pool.actors_startup_s, 2),
         "note": SETTINGS_NOTE,
     }
     write_json(out_path, result)

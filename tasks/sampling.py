@@ -118,8 +118,16 @@ def shard_is_complete(path: Path, seeds: list[int], key: str, manifest: dict[str
     return want is None or want == sha256_arrays(images, got_seeds)
 
 
+# The sample section's keys a ShardSampler's network is built with (the rest only say how it samples): actors of
+# one SamplerPool can serve several sampling settings (the sampler table's rows) when these agree.
+NETWORK_KEYS = ("use_ema", "precision", "channels_last", "compile")
+
+
 class ShardSampler:
-    """Holds one copy of the network; samples shards of seeds in batches. Used as a Ray actor or in-process."""
+    """Holds one copy of the network; samples shards of seeds in batches. Used as a Ray actor or in-process.
+
+    The network is built from ``params`` once; :meth:`sample` and :meth:`write_shard` take other params (the
+    same :data:`NETWORK_KEYS`) to sample with other settings from the same copy."""
 
     def __init__(self, ckpt_path: str, params: dict[str, Any], device: str, threads: int):
         from tasks.config import from_dict
@@ -135,11 +143,28 @@ class ShardSampler:
         m = state["config"]["model"]
         self.shape = (m["image_channels"], m["image_size"], m["image_size"])
 
-    def sample(self, seeds: list[int], inputs: Optional[np.ndarray] = None) -> np.ndarray:
-        """uint8 [n, C, H, W] images for ``seeds``; ``inputs`` (uint8, one image per seed) in img2img/inpaint."""
+    def ready(self) -> bool:
+        """Called once by :class:`SamplerPool` to wait until the actor holds its network."""
+        return True
+
+    def _settings(self, params: Optional[dict[str, Any]]):
+        if params is None:
+            return self.cfg.sample
+        from tasks.config import from_dict
+
+        s = from_dict(params).sample
+        differ = [k for k in NETWORK_KEYS if getattr(s, k) != getattr(self.cfg.sample, k)]
+        if differ:
+            raise ValueError(f"this sampler's network was built with other sample.{', sample.'.join(differ)}")
+        return s
+
+    def sample(self, seeds: list[int], inputs: Optional[np.ndarray] = None,
+               params: Optional[dict[str, Any]] = None) -> np.ndarray:
+        """uint8 [n, C, H, W] images for ``seeds``; ``inputs`` (uint8, one image per seed) in img2img/inpaint;
+        ``params``: sample with these settings instead of the ones the sampler was built with."""
         from .common import to_model_range
 
-        s = self.cfg.sample
+        s = self._settings(params)
         if s.mode != "generate" and (inputs is None or len(inputs) != len(seeds)):
             raise ValueError(f"sample.mode {s.mode} needs one input image per seed")
         kw = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, variance=s.variance, clip_denoised=s.clip_denoised,
@@ -159,15 +184,80 @@ class ShardSampler:
             out.append(to_uint8(x))
         return np.concatenate(out)
 
-    def write_shard(self, path: str, seeds: list[int], key: str,
-                    inputs: Optional[np.ndarray] = None) -> tuple[str, str, float, int]:
+    def write_shard(self, path: str, seeds: list[int], key: str, inputs: Optional[np.ndarray] = None,
+                    params: Optional[dict[str, Any]] = None) -> tuple[str, str, float, int]:
         """Sample ``seeds`` into the shard file ``path``; returns its name, content hash, seconds and the intra-op
         thread count it was sampled with (the images' last bits depend on it)."""
         t0 = time.perf_counter()
-        images = self.sample(seeds, inputs)
+        images = self.sample(seeds, inputs, params)
         seeds_arr = np.asarray(seeds, dtype=np.int64)
         write_npz(path, images=images, seeds=seeds_arr, key=np.asarray(key))
         return Path(path).name, sha256_arrays(images, seeds_arr), time.perf_counter() - t0, torch.get_num_threads()
+
+
+class SamplerPool:
+    """Ray actors, each a :class:`ShardSampler` of checkpoint ``ckpt``: started once, used by one or several
+    :func:`sample_shards` calls (the sampler table samples every row with the same actors), killed on close.
+
+    ``jobs``: how many shards the first call has; never more actors than that, ``sample.num_workers``, or the
+    cluster can place at once (an actor waiting for resources would hold its share of the shards forever)."""
+
+    def __init__(self, cfg: Config, ckpt: Path, jobs: int):
+        import ray
+
+        s = cfg.sample
+        self.cfg, self.ckpt = cfg, absolute(ckpt)
+        t0 = time.perf_counter()
+        ensure_ray(cfg)
+        self.ray_startup_s = time.perf_counter() - t0
+        use_gpu = s.use_gpu
+        if use_gpu == "auto":
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        total_cpus = int(ray.cluster_resources().get("CPU", 1))
+        slots = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else total_cpus // CPU_THREADS_PER_ACTOR
+        self.workers = max(1, min(s.num_workers, jobs, slots))
+        if self.workers < s.num_workers and self.workers < jobs:
+            print(f"sample.num_workers: {s.num_workers} actors do not fit; using {self.workers}")
+        threads = 1 if use_gpu else CPU_THREADS_PER_ACTOR  # never derived from `workers` (see CPU_THREADS_PER_ACTOR)
+        Actor = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(ShardSampler)
+        self.actors = [Actor.remote(str(self.ckpt), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)
+                       for _ in range(self.workers)]
+        t1 = time.perf_counter()
+        ray.get([a.ready.remote() for a in self.actors])  # a network that fails to load fails here, once
+        self.actors_startup_s = time.perf_counter() - t1
+
+    def check(self, cfg: Config, ckpt: Path) -> None:
+        """Refuse settings these actors cannot sample: another checkpoint or another network set-up."""
+        if absolute(ckpt) != self.ckpt:
+            raise ValueError(f"this sampler pool holds {self.ckpt}, not {absolute(ckpt)}")
+        differ = [k for k in NETWORK_KEYS if getattr(cfg.sample, k) != getattr(self.cfg.sample, k)]
+        if differ:
+            raise ValueError(f"this sampler pool's networks were built with other sample.{', sample.'.join(differ)}")
+
+    def write_shards(self, cfg: Config, out_dir: Path, todo: list[tuple[int, list[int]]], key: str,
+                     inputs: Optional[np.ndarray]):
+        """Write the shards ``todo`` (index, seeds) with ``cfg``'s settings; yields what each ``write_shard``
+        returns, in the order they finish."""
+        import ray
+
+        params = cfg.to_dict()
+        pool = ray.util.ActorPool(self.actors)
+        return pool.map_unordered(
+            lambda a, job: a.write_shard.remote(str(shard_file(out_dir, job[0])), job[1], key,
+                                                _shard_inputs(inputs, job[1], cfg.sample.seed), params), todo)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> "SamplerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def save_grid(images: np.ndarray, path: Path) -> Path:
@@ -213,12 +303,13 @@ def grid_images(cfg: Config, images: np.ndarray, seeds: np.ndarray, ckpt: Path,
     return sampler.sample(want.tolist(), _shard_inputs(inputs, want.tolist(), s.seed))
 
 
-def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
+def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None, pool: Optional[SamplerPool] = None) -> dict[str, Any]:
     """Sample ``sample.num_samples`` x ``evaluate.repeats`` images into ``out_dir`` (shards, grid.png of the grid
     seeds, samples.json); returns the summary.
 
-    ``data_dir`` (the fetch stage's dataset) is read only in the img2img and inpaint modes (``sample.mode``)."""
-    import ray
+    ``data_dir`` (the fetch stage's dataset) is read only in the img2img and inpaint modes (``sample.mode``).
+    ``pool``: actors started earlier for the same checkpoint (:class:`SamplerPool`), kept open; without it this call
+    starts its own and kills them at the end."""
     from tqdm.auto import tqdm
 
     s = cfg.sample
@@ -226,6 +317,8 @@ def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, An
     out_dir = absolute(out_dir)
     check_writable(out_dir)
     ckpt = newest_checkpoint(ckpt_dir)
+    if pool is not None:
+        pool.check(cfg, ckpt)
     step = int(ckpt.stem.split("_")[1])
     inputs, inputs_sha = input_images(cfg, data_dir)
     key = sampling_key(cfg, ckpt, step, inputs_sha)
@@ -254,35 +347,22 @@ def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, An
     actor_threads: set[int] = set()  # intra-op threads the actors sampled with, as they report them
     workers = 0
     if todo:
-        tr = time.perf_counter()
-        ensure_ray(cfg)
-        ray_startup = time.perf_counter() - tr
-        use_gpu = s.use_gpu
-        if use_gpu == "auto":
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        total_cpus = int(ray.cluster_resources().get("CPU", 1))
-        # Never ask for more actors than the cluster can place at once: an actor waiting for resources would
-        # hold its share of the shards forever.
-        slots = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else total_cpus // CPU_THREADS_PER_ACTOR
-        workers = max(1, min(s.num_workers, len(todo), slots))
-        if workers < s.num_workers and workers < len(todo):
-            print(f"sample.num_workers: {s.num_workers} actors do not fit; using {workers}")
-        threads = 1 if use_gpu else CPU_THREADS_PER_ACTOR  # never derived from `workers` (see CPU_THREADS_PER_ACTOR)
-        Actor = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(ShardSampler)
-        actors = [Actor.remote(str(absolute(ckpt)), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)
-                  for _ in range(workers)]
-        pool = ray.util.ActorPool(actors)
-        jobs = pool.map_unordered(
-            lambda a, job: a.write_shard.remote(str(shard_file(out_dir, job[0])), job[1], key,
-                                                _shard_inputs(inputs, job[1], s.seed)), todo)
-        for name, sha, secs, n_threads in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
-            shas[name] = sha
-            shard_seconds.append(secs)
-            actor_threads.add(n_threads)
-            # The manifest is updated after every shard, so a killed run knows what it finished.
-            write_json(manifest_path, {"key": key, "shards": shas, "complete": False})
-        for a in actors:
-            ray.kill(a)
+        own = pool is None
+        if own:
+            pool = SamplerPool(cfg, ckpt, len(todo))
+            ray_startup = pool.ray_startup_s
+        workers = pool.workers
+        try:
+            jobs = pool.write_shards(cfg, out_dir, todo, key, inputs)
+            for name, sha, secs, n_threads in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
+                shas[name] = sha
+                shard_seconds.append(secs)
+                actor_threads.add(n_threads)
+                # The manifest is updated after every shard, so a killed run knows what it finished.
+                write_json(manifest_path, {"key": key, "shards": shas, "complete": False})
+        finally:
+            if own:
+                pool.close()
     wall = time.perf_counter() - t0
 
     from .common import load_samples

@@ -117,6 +117,35 @@ def test_sample_stage_images_do_not_depend_on_the_number_of_actors(tiny_config, 
     assert (diff > 0).mean() <= ACROSS_BATCHES_UINT8_FRACTION, (diff > 0).mean()
 
 
+def test_one_sampler_pool_samples_several_settings_as_separate_pools_would(tiny_config, tiny_trained, tmp_path,
+                                                                            ray_local):
+    """The sampler table's rows share one set of actors (tasks.sampling.SamplerPool): each setting's shards are the
+    bytes its own sample_shards call (its own actors) writes, and a pool refuses settings its networks cannot serve."""
+    ckpts = tiny_trained / "checkpoints"
+    settings = {"ddim5": {"sample.sampler": "ddim", "sample.steps": 5, "sample.eta": 0.0},
+                "ddim3": {"sample.sampler": "ddim", "sample.steps": 3, "sample.eta": 1.0},
+                "ddpm": {"sample.sampler": "ddpm"}}
+    cfgs = {k: _cfg(tiny_config, tmp_path, **{**v, "sample.num_workers": 2, "sample.num_samples": 12,
+                                              "sample.shard_size": 4}) for k, v in settings.items()}
+    ckpt = sampling.newest_checkpoint(ckpts)
+    with sampling.SamplerPool(cfgs["ddim5"], ckpt, jobs=3) as pool:
+        assert pool.workers == 2 and pool.actors_startup_s > 0
+        shared = {k: sampling.sample_shards(cfg, ckpts, tmp_path / f"pool_{k}", pool=pool) for k, cfg in cfgs.items()}
+        with pytest.raises(ValueError, match="sample.use_ema"):
+            sampling.sample_shards(_cfg(tiny_config, tmp_path, **{"sample.use_ema": False}), ckpts, tmp_path / "x",
+                                   pool=pool)
+    assert pool.actors == []  # killed when the block ends
+    images = {}
+    for k, cfg in cfgs.items():
+        alone = sampling.sample_shards(cfg, ckpts, tmp_path / f"alone_{k}")
+        assert alone["ray_startup_s"] >= 0 and shared[k]["ray_startup_s"] == 0.0  # the pool paid that once
+        assert shared[k]["shards"] == alone["shards"], k  # content hashes of every shard
+        images[k] = load_samples(tmp_path / f"pool_{k}")[0]
+        assert np.array_equal(images[k], load_samples(tmp_path / f"alone_{k}")[0]), k
+    # three settings, three different sets of images (the actors did switch settings)
+    assert len({a.tobytes() for a in images.values()}) == 3
+
+
 def test_train_cli_bad_input_is_one_line(tmp_path, repo_root):
     params = tmp_path / "p.yaml"
     params.write_text("train:\n  lr: -1\n")
