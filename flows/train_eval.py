@@ -49,14 +49,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
-from flows import tracking_layer
 from flows import workspace as wsp
-from flows.workspace import LAYOUT
+from tasks.callbacks import TRACKING_BY_ENV, trackers
 from tasks.common import StageError
 from tasks.config import Config, ConfigError, load_config, parse_override
 from tasks.inputs import EXTERNAL_PATH_KEYS, dvc_stages
 from tasks.inputs import check as check_inputs
-from tasks.tracking import TRACKING_BY_ENV
+from tasks.layout import LAYOUT, layout_paths, read_output
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOW_RUN_ENV = "DDPM_PREFECT_FLOW_RUN_ID"  # read by the MLflow tracking module to tag its run
@@ -98,7 +97,7 @@ STAGES = stages_from_dvc_yaml()
 
 
 def read_record(root: Path, stage: str) -> dict[str, Any]:
-    return wsp.read_output(root, RECORDS[stage])
+    return read_output(root, RECORDS[stage])
 
 
 # -- the stages as tasks --------------------------------------------------------------------------------------------
@@ -159,10 +158,25 @@ def shared_ray(cfg: Config) -> Iterator[dict[str, str]]:
         ray.shutdown()
 
 
+@contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment for a while, then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def tracking_env(cfg: Config, project: Path) -> dict[str, str]:
     """The MLflow store every workspace of the project logs to: MLFLOW_TRACKING_URI, else ``tracking.uri``, else
     the project's SQLite store, local paths resolved against the project (not the workspace)."""
-    from tasks.tracking import resolve_uri
+    from tracking.run import resolve_uri
 
     return {"MLFLOW_TRACKING_URI": resolve_uri(cfg, root=project)}
 
@@ -171,16 +185,16 @@ def tracking_env(cfg: Config, project: Path) -> dict[str, str]:
 def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
     """The MLflow run the stages logged into for these params: {"run_id", "url"?} or None.
 
-    The stages log to MLflow through tasks/tracking.py and tag the run with this flow run's id
-    (``DDPM_PREFECT_FLOW_RUN_ID``) and the DVC experiment (``DVC_EXP_NAME``); its read-only ``find_run`` gives
-    the run (url: the run's page in the MLflow UI, for a tracking server).
+    The tracking layer (tracking/) logs into it and tags it with this flow run's id (``DDPM_PREFECT_FLOW_RUN_ID``)
+    and the DVC experiment (``DVC_EXP_NAME``); its read-only ``find_run`` gives the run (url: the run's page in the
+    MLflow UI, for a tracking server).
     """
     if not cfg.tracking.enabled:
         return None
-    from tasks import tracking
+    from tracking.run import find_run
 
     try:
-        info = tracking.find_run(cfg, root=project)
+        info = find_run(cfg, root=project)
     except Exception as e:  # a convenience for the summary: never fail a finished run over it
         print(f"warning: MLflow run look-up failed ({type(e).__name__}: {e})")
         return None
@@ -353,20 +367,25 @@ def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[
     tags = {FLOW_RUN_ENV: flow_run_id, **tracking_env(cfg, ws.project)}
     if experiment:
         tags["DVC_EXP_NAME"] = experiment  # what `dvc exp run` sets: the MLflow run is named and tagged with it
-    env = {**tags, TRACKING_BY_ENV: "flow"}  # the stages leave logging their outputs to the tracking layer
+    env = {**tags, TRACKING_BY_ENV: "flow"}  # the stages leave reporting their outputs to the flow's track()
     where = "the project folder" if not ws.separate else f"workspace {ws.root}"
     logger.info(f"params {params}{f' with {overrides}' if overrides else ''}: {cfg.data.dataset}, "
                 f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; in {where}"
                 + (f", saved as DVC experiment {experiment}" if experiment else ""))
 
     ws_cfg = load_config(ws.path(wsp.PARAMS_FILE))  # what the stages read: the params with the overrides
+    installed = trackers(ws_cfg)  # loaded once per flow run, not once per stage process
 
     def track(stage: str) -> None:
-        try:
-            tracking_layer.log_stage(stage, ws_cfg, ws.root, tags)
-        except Exception as e:  # tracking never fails a stage that ran (as in the stages themselves)
-            logger.warning(f"tracking: logging what {stage} wrote failed ({type(e).__name__}: {e}); its outputs "
-                           "are in place")
+        """The trackers read what ``stage`` wrote in the workspace, in this process, with the tags and store the
+        stage itself would have used (and DVC_ROOT, what the store's relative paths are relative to)."""
+        with environ({**tags, "DVC_ROOT": str(ws.root)}):
+            for name, tracker in installed:
+                try:
+                    tracker.after_stage(stage, ws_cfg, ws.root, layout_paths(ws.root))
+                except Exception as e:  # tracking never fails a stage that ran (as in the stages themselves)
+                    logger.warning(f"tracking: {name} reporting what {stage} wrote failed ({type(e).__name__}: "
+                                   f"{e}); its outputs are in place")
 
     with shared_ray(cfg) as ray_env:
         runs = _run_stages(logger, {**env, **ray_env}, ws, track)

@@ -36,34 +36,6 @@ LOCK_FILE = ".dvc/tmp/train-eval.lock"
 RUN_RECORD = "metrics/run.json"  # the ids of the last flow run in a workspace (dvc.yaml's top-level metrics)
 
 
-# The files of a run that readers of its results open (the flow's summary and artifacts, its tracking layer),
-# relative to the workspace; tests/test_stage_deps.py checks that each lies at or under an output of dvc.yaml.
-LAYOUT = {
-    "dataset": "data/dataset",
-    "dataset_record": "data/dataset/dataset.json",
-    "classifier_metrics": "metrics/classifier.json",
-    "checkpoints": "checkpoints",
-    "train_metrics": "metrics/train.json",
-    "samples": "samples",
-    "samples_record": "samples/samples.json",
-    "eval_metrics": "metrics/eval.json",
-    "figures": "figures",
-    "figures_record": "figures/figures.json",
-    "sampler_table": "metrics/sampler_table.json",
-    "sampler_table_md": "metrics/sampler_table.md",
-}
-
-
-def read_output(root: Path, name: str) -> dict[str, Any]:
-    """The JSON record ``LAYOUT[name]`` under the workspace ``root``; {} when it is missing or not a JSON object
-    (a reader of results, never a reason to fail a run)."""
-    try:
-        d = json.loads((root / LAYOUT[name]).read_text())
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
 class WorkspaceError(Exception):
     """A problem with the project or workspace the user can fix; its message is one line."""
 

@@ -67,7 +67,7 @@ class RayConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """MLflow tracking (tasks/tracking.py): one MLflow run per pipeline run, found again by its params hash."""
+    """MLflow tracking (the tracking layer, tracking/): one MLflow run per pipeline run, found again by its params hash."""
 
     enabled: StrictBool = True
     uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; null: sqlite:///<project>/mlflow.db + <project>/mlruns

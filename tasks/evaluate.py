@@ -4,7 +4,8 @@ each beside its real-vs-real floor (held-out real images against the same refere
 Features are the dataset's own classifier's on labeled grayscale data and torch-fidelity's Inception-v3 otherwise
 (``evaluate.feature_extractor``); the training split's statistics are a keyed entry of ``--ref-dir``; with
 ``evaluate.repeats: k`` each metric is reported over k disjoint seed ranges. The machinery is
-:mod:`tasks.scoring`; this stage adds the MLflow logging and the command line.
+:mod:`tasks.scoring`; this stage adds the command line, which reports the scores to the trackers
+(tasks/callbacks.py).
 
     python -m tasks.evaluate --params params.yaml --data data/dataset --samples samples \\
         --classifier models/classifier.pt --classifier-metrics metrics/classifier.json \\
@@ -19,8 +20,8 @@ from typing import Any, Optional, Sequence
 
 from tasks.config import Config
 
-from . import tracking
-from .common import read_json, run_cli, stage_parser
+from .callbacks import after_stage
+from .common import run_cli, stage_parser
 from .inputs import stage_config
 from .scoring import score_samples
 
@@ -28,14 +29,9 @@ from .scoring import score_samples
 def run(cfg: Config, data_dir: os.PathLike | str, samples_dir: os.PathLike | str,
         classifier_path: os.PathLike | str | None, ref_dir: os.PathLike | str, metrics_path: os.PathLike | str,
         classifier_metrics_path: os.PathLike | str | None = None) -> dict[str, Any]:
-    """Score ``samples_dir`` into ``metrics_path`` (:func:`tasks.scoring.score_samples`, which documents the result)
-    and log the numbers to the run's MLflow run."""
-    result = score_samples(cfg, data_dir, samples_dir, classifier_path, ref_dir, metrics_path, classifier_metrics_path)
-    meta = Path(data_dir) / "dataset.json"
-    if tracking.logged_by_stage():
-        tracking.log_evaluation(cfg, result, read_json(meta).get("sha256") if meta.is_file() else None, samples_dir,
-                                metrics_path)
-    return result
+    """Score ``samples_dir`` into ``metrics_path`` (:func:`tasks.scoring.score_samples`, which documents the
+    result)."""
+    return score_samples(cfg, data_dir, samples_dir, classifier_path, ref_dir, metrics_path, classifier_metrics_path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -49,7 +45,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="metrics JSON to write, e.g. metrics/eval.json")
     args = p.parse_args(argv)
     cfg = stage_config(args)
-    return run(cfg, args.data, args.samples, args.classifier, args.ref_dir, args.out, args.classifier_metrics)
+    result = run(cfg, args.data, args.samples, args.classifier, args.ref_dir, args.out, args.classifier_metrics)
+    after_stage("evaluate", cfg, eval_metrics=args.out, samples=args.samples,
+                samples_record=Path(args.samples) / "samples.json", dataset_record=Path(args.data) / "dataset.json")
+    return result
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from ddpm.samplers import (
     trace_steps,
 )
 
+from .callbacks import after_stage
 from .common import (
     DataError,
     StageError,
@@ -308,10 +309,6 @@ def run(cfg: Config, ckpt_dir, data_dir, loss_log, out_dir) -> dict[str, Any]:
     write_resolved(cfg, out_dir)
     files = [prog["file"], *(r["file"] for r in recon), gif["file"], loss["file"]]
     print(f"{len(files)} figures ({summary['sampler']}) in {out_dir} in {summary['wall_s']:.1f} s: {', '.join(files)}")
-    from . import tracking, tracking_figures
-
-    if tracking.logged_by_stage():
-        tracking_figures.log_figures(cfg, summary, out_dir)
     return summary
 
 
@@ -323,7 +320,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--loss-log", default="metrics/train_loss.tsv", help="the train stage's loss log")
     p.add_argument("--out", default="figures", help="output folder")
     args = p.parse_args(argv)
-    return run(stage_config(args), args.checkpoints, args.data, args.loss_log, args.out)
+    cfg = stage_config(args)
+    summary = run(cfg, args.checkpoints, args.data, args.loss_log, args.out)
+    after_stage("figures", cfg, figures=args.out, figures_record=Path(args.out) / "figures.json")
+    return summary
 
 
 if __name__ == "__main__":

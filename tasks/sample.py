@@ -4,8 +4,8 @@ Sample ``i`` uses seed ``sample.seed + i``; shards are planned from the seeds an
 ``sample.batch_size`` with one intra-op thread per CPU actor, so on one machine the images are bitwise identical
 for any ``sample.num_workers`` (README "Reproducibility"). Finished shards whose key (checkpoint, sampler settings,
 sampling code) and content match are kept on rerun. ``sample.mode`` ``img2img`` and ``inpaint`` start from the
-held-out images of ``--data``. The machinery is :mod:`tasks.sampling`; this stage adds the MLflow logging and the
-command line.
+held-out images of ``--data``. The machinery is :mod:`tasks.sampling`; this stage adds the command line, which
+reports the samples to the trackers (tasks/callbacks.py).
 
     python -m tasks.sample --params params.yaml --checkpoints checkpoints --out samples
     python -m tasks.sample --set sample.mode=inpaint --data data/dataset --out samples_inpaint
@@ -13,24 +13,22 @@ command line.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tasks.config import Config
 
-from . import tracking
-from .common import absolute, run_cli, stage_parser
+from .callbacks import after_stage
+from .common import run_cli, stage_parser
 from .inputs import stage_config
 from .sampling import sample_shards
 
 
 def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
     """Sample ``sample.num_samples`` x ``evaluate.repeats`` images into ``out_dir`` (shards, grid.png of the grid
-    seeds, samples.json) and log them to the run's MLflow run; returns the summary (see
-    :func:`tasks.sampling.sample_shards`). ``data_dir`` is read only in the img2img and inpaint modes."""
-    summary = sample_shards(cfg, ckpt_dir, out_dir, data_dir)
-    if tracking.logged_by_stage():
-        tracking.log_samples(cfg, summary, absolute(out_dir))
-    return summary
+    seeds, samples.json); returns the summary (see :func:`tasks.sampling.sample_shards`). ``data_dir`` is read
+    only in the img2img and inpaint modes."""
+    return sample_shards(cfg, ckpt_dir, out_dir, data_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -40,7 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--data", default=None,
                    help="dataset folder (fetch output) whose held-out images sample.mode img2img/inpaint start from")
     args = p.parse_args(argv)
-    summary = run(stage_config(args), args.checkpoints, args.out, args.data)
+    cfg = stage_config(args)
+    summary = run(cfg, args.checkpoints, args.out, args.data)
+    after_stage("sample", cfg, samples=args.out, samples_record=Path(args.out) / "samples.json")
     print(f"{summary['count']} samples in {args.out} ({summary['shards_reused']} shards reused); grid: {summary['grid']}")
     return summary
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from tasks.config import Config, apply_overrides, from_dict, write_resolved
 
+from .callbacks import after_stage
 from .common import (
     StageError,
     atomic_write_bytes,
@@ -92,11 +93,11 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
     pool: Optional[SamplerPool] = None  # one set of actors (one copy of the network each) samples every row
     with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp, ExitStack() as actors:
         for spec in settings(cfg):
-            # The sample and evaluate stages' own machinery, on this row's sampler, without their MLflow logging.
+            # The sample and evaluate stages' own machinery (support modules), on this row's sampler.
             over = {"sample.sampler": spec["sampler"], "sample.steps": spec["steps"], "sample.mode": "generate",
                     "sample.num_samples": st.num_samples, "sample.seed": st.seed, "sample.batch_size": st.batch_size,
                     "sample.shard_size": -(-st.num_samples // cfg.sample.num_workers),
-                    "sample.grid_size": min(cfg.sample.grid_size, st.num_samples), "tracking.enabled": False}
+                    "sample.grid_size": min(cfg.sample.grid_size, st.num_samples)}
             if spec["eta"] is not None:
                 over["sample.eta"] = spec["eta"]
             if "repeats" in type(cfg.evaluate).model_fields:  # one seed range per row: the table's cost is N/row
@@ -143,10 +144,6 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
     atomic_write_bytes(markdown_path, lambda f: f.write(md.encode()))
     write_resolved(cfg, out_path.parent, f"{out_path.stem}.config.json")
     print(md)
-    from . import tracking, tracking_figures
-
-    if tracking.logged_by_stage():
-        tracking_figures.log_sampler_table(cfg, result, out_path, markdown_path)
     return result
 
 
@@ -159,8 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="JSON to write, e.g. metrics/sampler_table.json")
     p.add_argument("--markdown", required=True, help="markdown table to write, e.g. metrics/sampler_table.md")
     args = p.parse_args(argv)
-    return run(stage_config(args), args.checkpoints, args.data, args.classifier, args.ref_dir, args.out,
-               args.markdown)
+    cfg = stage_config(args)
+    result = run(cfg, args.checkpoints, args.data, args.classifier, args.ref_dir, args.out, args.markdown)
+    after_stage("sampler_table", cfg, sampler_table=args.out, sampler_table_md=args.markdown)
+    return result
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ddpm.perf import make_adam, prepare_model
 from ddpm.pretrained import build_diffusion
 from ddpm.unet import UNet
 
-from . import tracking
+from .callbacks import CallbackList, TrainCallback, train_callbacks
 from .common import (
     StageError,
     absolute,
@@ -200,9 +200,11 @@ def train_loop(
             rows = read_loss_log(log_path, step)
             print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
     ddp_model = prepare_model(wrap(model), compile=tc.compile)
-    tracker = tracking.TrainTracker.open(loop_cfg.get("tracking") if is_main else None, cfg, step, rows)
-    if step == 0:  # the initial weights on the fixed grid seeds: step 0 of the MLflow image slider
-        tracker.grid(0, ema.module, diffusion)
+    # Rank 0 reports to the trackers' callbacks (tasks/callbacks.py), which travelled here from the driver.
+    callbacks: CallbackList = (loop_cfg.get("callbacks") if is_main else None) or CallbackList([])
+    callbacks.on_train_start(cfg, step, rows)
+    if step == 0:  # the initial weights, before any update
+        callbacks.on_step_end(0, ema.module, diffusion)
 
     def save(at_step: int) -> None:
         if not is_main:
@@ -263,25 +265,26 @@ def train_loop(
                 now = time.perf_counter()
                 rows.append({"step": step, "loss": f"{loss_value:.6f}", "lr": f"{lr:.6g}",
                              "grad_norm": f"{float(grad_norm):.4f}", "images_per_s": f"{seen / (now - t_log):.1f}"})
-                tracker.log_row(rows[-1])
+                callbacks.on_log(rows[-1])
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}")
                 t_log, seen = now, 0
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 save(step)
-            tracker.grid(step, ema.module, diffusion)
+            callbacks.on_step_end(step, ema.module, diffusion)
             if step >= tc.steps:
                 break
         epoch, offset = epoch + 1, 0
     if bar is not None:
         bar.close()
-    tracker.finish(step, ema.module)
+    callbacks.on_train_end(step, ema.module)
     report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
 
 
-def prepare(cfg: Config, data_dir, ckpt_dir, log_path) -> dict[str, Any]:
-    """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config;
-    return the loop's config (absolute paths: Ray workers change directory)."""
+def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
+    """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config, start
+    the callbacks (``None``: the installed trackers'); return the loop's config (absolute paths: Ray workers change
+    directory)."""
     data_dir, ckpt_dir, log_path = absolute(data_dir), absolute(ckpt_dir), absolute(log_path)
     ds_meta = load_dataset(data_dir).meta
     if tuple(ds_meta["shape"]) != cfg.data.shape:
@@ -299,16 +302,22 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path) -> dict[str, Any]:
     done = list_checkpoints(ckpt_dir)
     if done and done[-1][0] >= cfg.train.steps:
         print(f"already trained: {done[-1][1].name} reaches train.steps={cfg.train.steps}")
+    cbs = train_callbacks(cfg) if callbacks is None else CallbackList(callbacks)
+    cbs.on_fit_start(cfg, ds_meta["sha256"], not done)
     return {"params": cfg.to_dict(), "data": str(data_dir), "checkpoints": str(ckpt_dir), "log": str(log_path),
-            "data_sha256": ds_meta["sha256"], "run_key": key,
-            "tracking": tracking.start_training(cfg, ds_meta["sha256"], fresh=not done)}
+            "data_sha256": ds_meta["sha256"], "run_key": key, "callbacks": cbs}
 
 
 def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] = None,
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
     """The same loop in this process, without Ray (benchmarks, debugging). Returns the loop config."""
-    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path)
-    train_loop({**loop_cfg, "threads_per_worker": threads or torch.get_num_threads()}, device=device)
+    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
+    try:
+        train_loop({**loop_cfg, "threads_per_worker": threads or torch.get_num_threads()}, device=device)
+    except BaseException:
+        loop_cfg["callbacks"].on_fit_end(False)
+        raise
+    loop_cfg["callbacks"].on_fit_end(True)
     return loop_cfg
 
 
@@ -323,10 +332,13 @@ def _raise_worker_failure(ckpt_dir: Path) -> None:
     raise cls(str(failure.get("message", "training failed")))
 
 
-def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None) -> dict[str, Any]:
+def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None,
+        callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
 
     ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
+    ``callbacks`` (tasks/callbacks.py; ``None``: one per installed tracker) hear about the training, rank 0's
+    hooks in the Ray worker.
     """
     check_local_gpus(cfg, "train")  # before anything is written or Ray starts
     if metrics_path:
@@ -335,9 +347,9 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path)
+    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
     ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
-    key = loop_cfg["run_key"]
+    key, cbs = loop_cfg["run_key"], loop_cfg["callbacks"]
 
     t0 = time.perf_counter()
     how = ensure_ray(cfg)
@@ -370,14 +382,14 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     try:
         result = trainer.fit()
     except Exception as e:
-        tracking.training_failed(loop_cfg["tracking"])
+        cbs.on_fit_end(False)
         _raise_worker_failure(ckpt_dir)
         raise _user_error_from(e) from None
     t_fit = time.perf_counter() - t1
     try:
         _raise_worker_failure(ckpt_dir)
     except StageError:
-        tracking.training_failed(loop_cfg["tracking"])
+        cbs.on_fit_end(False)
         raise
     rows = read_loss_log(log_path, cfg.train.steps)
     newest = list_checkpoints(ckpt_dir)[-1:]
@@ -393,8 +405,9 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         "checkpoint": str(newest[0][1]) if newest else None,
     }
     if result.error is not None:
-        tracking.training_failed(loop_cfg["tracking"])
+        cbs.on_fit_end(False)
         raise _user_error_from(result.error)
+    cbs.on_fit_end(True)
     if metrics_path:
         write_json(metrics_path, summary)
     return summary

@@ -14,7 +14,7 @@ from test_stage_deps import imports_of
 STAGES = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 # Stage -> stage imports that are still to be removed. The set may only shrink (it is empty).
 KNOWN_STAGE_IMPORTS: set[tuple[str, str]] = set()
-OUTSIDE_LIBRARY = ("ray", "prefect", "mlflow", "dvc", "tasks", "flows", "torch_fidelity")
+OUTSIDE_LIBRARY = ("ray", "prefect", "mlflow", "dvc", "tasks", "flows", "tracking", "torch_fidelity")
 
 
 def _top_level_imports(path) -> set[str]:
@@ -33,9 +33,25 @@ def test_the_library_imports_no_pipeline_part(path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "tasks").glob("*.py")), ids=lambda p: p.name)
-def test_tasks_never_import_flows(path):
+def test_tasks_never_import_flows_nor_the_tracking_layer(path):
+    """Stages and their support modules reach the tracking layer (MLflow) only through tasks/callbacks.py's entry
+    points, so a stage runs the same with tracking installed or not."""
+    assert not _top_level_imports(path) & {"flows", "tracking", "mlflow"}, path.name
+    assert not any(f.parent.name in ("flows", "tracking") for f in imports_of(path))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tracking").glob("*.py")), ids=lambda p: p.name)
+def test_the_tracking_layer_never_imports_a_stage_or_the_flow(path):
+    """tracking/ reads what stages wrote, from their files: it imports support modules, never a stage or flows/."""
     assert "flows" not in _top_level_imports(path)
-    assert not any(f.parent.name == "flows" for f in imports_of(path))
+    stages = {f.stem for f in imports_of(path) if f.parent.name == "tasks" and f.stem in STAGES}
+    assert not stages, f"{path.name} imports the stage module(s) {sorted(stages)}"
+
+
+def test_only_the_tracking_layer_imports_mlflow():
+    users = sorted(str(f.relative_to(REPO)) for pkg in ("ddpm", "tasks", "flows", "tracking")
+                   for f in (REPO / pkg).glob("*.py") if "mlflow" in _top_level_imports(f))
+    assert users and all(u.startswith("tracking/") for u in users), users
 
 
 def test_no_stage_imports_another_stage_beyond_the_known_exceptions():
@@ -47,7 +63,7 @@ def test_no_stage_imports_another_stage_beyond_the_known_exceptions():
 
 def test_no_import_cycle_among_project_modules():
     """Module-level and function-level imports together: no module reaches itself again."""
-    files = sorted((REPO / "tasks").glob("*.py")) + sorted((REPO / "ddpm").glob("*.py"))
+    files = [f for pkg in ("tasks", "ddpm", "tracking", "flows") for f in sorted((REPO / pkg).glob("*.py"))]
     graph = {f: {g for g in imports_of(f) if g.name != "__init__.py"} for f in files}
     for start in files:
         seen, todo = set(), list(graph[start])

@@ -272,7 +272,9 @@ def test_repeats_give_k_values_from_disjoint_seed_ranges(digits, classifier, tmp
     """Three ranges of 100 seeds: each value is the metric of that range alone; mean, std, min; MLflow has them."""
     from mlflow import MlflowClient
 
-    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+    from tasks.callbacks import TRACKING_BY_ENV, after_stage
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", TRACKING_BY_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     train_images = load_dataset(digits).train.images
@@ -285,6 +287,9 @@ def test_repeats_give_k_values_from_disjoint_seed_ranges(digits, classifier, tmp
     cfg = tiny_config({"evaluate.repeats": 3, "sample.num_samples": 100, "tracking.enabled": True,
                        "evaluate.batch_size": 100})
     m = evaluate_run(cfg, digits, samples, classifier, tmp_path / "ref", tmp_path / "eval.json")
+    # what the stage's command line does next: the installed trackers (MLflow) read and log eval.json
+    after_stage("evaluate", cfg, eval_metrics=tmp_path / "eval.json", samples=samples,
+                samples_record=samples / "samples.json", dataset_record=digits / "dataset.json")
 
     alone = [evaluate_run(tiny_config({"sample.num_samples": 100, "evaluate.batch_size": 100}), digits,
                           write_samples(tmp_path / f"alone{i}", images[100 * i:100 * (i + 1)]), classifier,

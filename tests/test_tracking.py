@@ -1,4 +1,4 @@
-"""MLflow tracking (tasks/tracking.py): the stages against a real `mlflow server` on loopback, read back through its
+"""MLflow tracking (the tracking layer, tracking/, reached by the stages through tasks/callbacks.py): the stages against a real `mlflow server` on loopback, read back through its
 REST API; the default local SQLite store without any server; and the small pure pieces (run identity, URIs)."""
 
 from __future__ import annotations
@@ -15,16 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.unet import UNet
-from tasks import evaluate, fetch, sample, sampling, train, train_classifier, tracking
+from tasks import evaluate, fetch, sample, sampling, train, train_classifier
+from tracking import outputs, training
+from tracking import run as tracking
 from tasks.common import grid_image
 
 ON = {"tracking.enabled": True}  # explicit: the tiny test params may turn tracking off for the other tests
 
 
 # -- pure pieces (fast) --------------------------------------------------------------------------------------------
+def start_training(cfg, dataset_sha256: str, fresh: bool):
+    """The driver's half of the mlflow tracker's train callback: what it hands the rank-0 worker, or None."""
+    cb = training.MlflowTrainCallback()
+    cb.on_fit_start(cfg, dataset_sha256, fresh)
+    return cb.info
+
+
 def test_params_hash_names_what_is_computed(tiny_config):
     base = tracking.params_hash(tiny_config())
     # How long, how fast, where: the same pipeline run (a rerun with more steps continues it).
@@ -67,7 +77,7 @@ def test_disabled_or_unreachable_tracking_never_fails_a_stage(tiny_config, tmp_p
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.start_training(tiny_config({"tracking.enabled": False}), "sha", fresh=True) is None
+    assert start_training(tiny_config({"tracking.enabled": False}), "sha", fresh=True) is None
     assert tracking.find_run(tiny_config(ON)) is None  # read-only: no store yet, none created
     assert not (tmp_path / "mlflow.db").exists()
     with socket.socket() as s:  # a port nobody listens on
@@ -75,14 +85,15 @@ def test_disabled_or_unreachable_tracking_never_fails_a_stage(tiny_config, tmp_p
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     cfg = tiny_config({**ON, "tracking.uri": dead})
     t0 = time.monotonic()
-    assert tracking.start_training(cfg, "sha", fresh=True) is None
-    assert tracking.log_evaluation(cfg, {"fid": 1.0}, "sha", tmp_path, tmp_path / "eval.json") is None
+    assert start_training(cfg, "sha", fresh=True) is None
+    assert outputs.log_evaluation(cfg, {"fid": 1.0}, "sha", tmp_path, tmp_path / "eval.json") is None
     assert time.monotonic() - t0 < 30  # no minutes of HTTP retries
     assert "unreachable" in capsys.readouterr().err
-    tracker = tracking.TrainTracker.open(None, cfg, 0, [])  # other ranks: every call is a no-op
-    tracker.log_row({"step": 1, "loss": "0.5"})
-    tracker.grid(1, None, None)
-    tracker.finish(1, None)
+    cb = training.MlflowTrainCallback()  # no run found by the driver: every hook is a no-op
+    cb.on_train_start(cfg, 0, [])
+    cb.on_log({"step": 1, "loss": "0.5"})
+    cb.on_step_end(1, None, None)
+    cb.on_train_end(1, None)
 
 
 def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config, tmp_path, monkeypatch):
@@ -92,24 +103,24 @@ def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(ON)
-    first = tracking.start_training(cfg, "sha-1", fresh=True)
+    first = start_training(cfg, "sha-1", fresh=True)
     assert first["uri"] == f"sqlite:///{tmp_path}/mlflow.db" and tracking.find_run(cfg)["run_id"] == first["run_id"]
     client = MlflowClient(first["uri"])
     client.log_metric(first["run_id"], "loss", 0.5, step=1)
     # A resume (and, with more steps, the same params hash) continues the run; a changed value becomes a tag.
-    resumed = tracking.start_training(tiny_config({**ON, "train.steps": 12}), "sha-1", fresh=False)
+    resumed = start_training(tiny_config({**ON, "train.steps": 12}), "sha-1", fresh=False)
     assert resumed["run_id"] == first["run_id"]
     assert client.get_run(first["run_id"]).data.tags["latest.train.steps"] == "12"
-    assert tracking.log_evaluation(cfg, {"fid": 2.5, "floor": {"fid": 1.25}, "fid_ratio": 2.0}, "sha-1", tmp_path,
+    assert outputs.log_evaluation(cfg, {"fid": 2.5, "floor": {"fid": 1.25}, "fid_ratio": 2.0}, "sha-1", tmp_path,
                                    tmp_path / "none.json") == first["run_id"]
     # Training from step 0 where the run already has a loss curve: a new run, the old one points to it.
-    restarted = tracking.start_training(cfg, "sha-1", fresh=True)
+    restarted = start_training(cfg, "sha-1", fresh=True)
     assert restarted["run_id"] != first["run_id"] and tracking.find_run(cfg)["run_id"] == restarted["run_id"]
     old = client.get_run(first["run_id"])
     assert old.data.tags["superseded_by"] == restarted["run_id"] and old.info.status == "FINISHED"
     assert old.data.metrics == {"loss": 0.5, "fid": 2.5, "floor_fid": 1.25, "fid_ratio": 2.0}
     # Other params: another run.
-    assert tracking.start_training(tiny_config({**ON, "train.lr": 5e-4}), "sha-1", fresh=True)["run_id"] not in (
+    assert start_training(tiny_config({**ON, "train.lr": 5e-4}), "sha-1", fresh=True)["run_id"] not in (
         first["run_id"], restarted["run_id"])
 
 
@@ -119,7 +130,7 @@ def test_fluent_scope_restores_the_process_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     before = mlflow.get_tracking_uri()
-    with tracking._Fluent("http://127.0.0.1:9", {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}):
+    with training._Fluent("http://127.0.0.1:9", {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}):
         assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert mlflow.get_tracking_uri() == before
@@ -223,8 +234,14 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     uri = mlflow_server()
     cfg = tiny_config({**over, "tracking.uri": uri})
     train.run(cfg, data, ckpts, tmp_path / "loss.tsv")
-    sample.run(cfg, ckpts, samples)
-    result = evaluate.run(cfg, data, samples, clf, tmp_path / "ref", eval_json, clf_metrics)
+    # The sample and evaluate stages through their command lines, which report to the installed trackers (the
+    # train stage's callbacks are the installed trackers' too).
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    sample.main(["--params", str(params), "--checkpoints", str(ckpts), "--out", str(samples)])
+    result = evaluate.main(["--params", str(params), "--data", str(data), "--samples", str(samples), "--classifier",
+                            str(clf), "--classifier-metrics", str(clf_metrics), "--ref-dir", str(tmp_path / "ref"),
+                            "--out", str(eval_json)])
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("digits")
@@ -246,7 +263,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     assert data_.params == tracking.flat_params(cfg)
 
     # Training curves: one point per logged step (train.log_every = 1), from rank 0 only.
-    for key in tracking.TRAIN_METRICS:
+    for key in training.TRAIN_METRICS:
         assert _history_steps(client, run_id, key) == [1, 2, 3, 4, 5, 6], key
     with open(tmp_path / "loss.tsv") as f:
         tsv = [line.split("\t") for line in f.read().splitlines()[1:]]
@@ -271,7 +288,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
 
     # The EMA UNet: loads back (through the server's artifact proxy) and computes what the checkpoint's EMA does.
     (model,) = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert model.name == tracking.MODEL_NAME and model.params["unet.image_size"] == "8"
+    assert model.name == training.MODEL_NAME and model.params["unet.image_size"] == "8"
     local = download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model"),
                                tracking_uri=uri)
     loaded = mlflow.pytorch.load_model(local)
@@ -343,10 +360,11 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     torch.manual_seed(cfg.train.seed)
     ema = EMA(UNet.from_config(cfg.unet_config()), cfg.train.ema_decay)
     diffusion = train.build_diffusion(cfg.diffusion.model_dump())
-    info = tracking.start_training(cfg, "sha", fresh=True)
-    tracker = tracking.TrainTracker.open(info, cfg, 0, [])
-    tracker.grid(0, ema.module, diffusion)
-    tracker.finish(0, ema.module)
+    cb = training.MlflowTrainCallback()
+    cb.on_fit_start(cfg, "sha", True)
+    cb.on_train_start(cfg, 0, [])
+    cb.on_step_end(0, ema.module, diffusion)  # what the train loop reports before the first update
+    cb.on_train_end(0, ema.module)
     (png,) = [p for p in (tmp_path / "mlruns" / experiment).rglob("train_samples+step+0+*.png")
               if "compressed" not in p.name]
     seeds = list(range(grid_seed, grid_seed + 4))
@@ -400,20 +418,24 @@ def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-def test_the_flows_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monkeypatch):
-    """flows/tracking_layer.py reads a workspace's files after a stage and logs them into the run of its params,
-    tagged with the flow run and DVC experiment it is given; a stage under the flow leaves that to it."""
+def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monkeypatch):
+    """The installed ``mlflow`` tracker (an entry point of this package) reads a run's files after a stage and logs
+    them into the run of its params: called by the train-eval flow in its own process (with the flow run's tags in
+    the environment), or by a stage's command line (tasks.callbacks.after_stage), which under the flow does
+    nothing."""
     from mlflow import MlflowClient
     from PIL import Image
 
-    from flows import tracking_layer
+    from flows.train_eval import environ
+    from tasks.callbacks import TRACKING_BY_ENV, after_stage, trackers
+    from tasks.layout import layout_paths
+    from tracking.plugin import MLFLOW
 
-    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV, tracking.TRACKING_BY_ENV):
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV, TRACKING_BY_ENV):
         monkeypatch.delenv(var, raising=False)
-    assert tracking.logged_by_stage()
-    monkeypatch.setenv(tracking.TRACKING_BY_ENV, "flow")
-    assert not tracking.logged_by_stage()
-    monkeypatch.delenv(tracking.TRACKING_BY_ENV)
+    cfg = tiny_config(ON)
+    assert trackers(cfg) == [("mlflow", MLFLOW)]  # found through its entry point, not imported by the stages
+    assert trackers(tiny_config()) == []  # tracking.enabled: false loads none
 
     ws = tmp_path / "ws"
     (ws / "samples").mkdir(parents=True)
@@ -426,18 +448,30 @@ def test_the_flows_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path,
     (ws / "metrics" / "eval.json").write_text(json.dumps({"fid": 3.5, "floor": {"fid": 1.75}, "fid_ratio": 2.0}))
     (ws / "data" / "dataset" / "dataset.json").write_text(json.dumps({"sha256": "sha-ws"}))
     uri = f"sqlite:///{tmp_path}/store.db"
-    cfg = tiny_config(ON)
-    tags = {"MLFLOW_TRACKING_URI": uri, tracking.PREFECT_ENV: "flow-run-1", "DVC_EXP_NAME": "ws-exp"}
-    run_id = tracking_layer.log_stage("sample", cfg, ws, tags)
-    assert run_id and tracking_layer.log_stage("evaluate", cfg, ws, tags) == run_id
-    assert tracking_layer.log_stage("fetch", cfg, ws, tags) is None  # nothing of fetch's is logged
-    assert tracking_layer.log_stage("evaluate", tiny_config(), ws, tags) is None  # tracking off
+    tags = {"MLFLOW_TRACKING_URI": uri, tracking.PREFECT_ENV: "flow-run-1", "DVC_EXP_NAME": "ws-exp",
+            "DVC_ROOT": str(ws)}
+    paths = layout_paths(ws)
+    with environ(tags):  # what the flow's track() does
+        run_id = MLFLOW.after_stage("sample", cfg, ws, paths)
+        assert run_id and MLFLOW.after_stage("evaluate", cfg, ws, paths) == run_id
+        assert MLFLOW.after_stage("fetch", cfg, ws, paths) is None  # nothing of fetch's is logged
+        assert MLFLOW.after_stage("evaluate", tiny_config(), ws, paths) is None  # tracking off
     assert "MLFLOW_TRACKING_URI" not in os.environ and "DVC_ROOT" not in os.environ  # the environment restored
-    run = MlflowClient(uri).get_run(run_id)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
     assert run.info.run_name == "ws-exp"
     assert run.data.tags[tracking.PREFECT_TAG] == "flow-run-1" and run.data.tags[tracking.DVC_EXP_TAG] == "ws-exp"
     assert run.data.tags["sample.checkpoint"] == str(ws / "checkpoints/ckpt_00000006.pt")
     assert run.data.metrics["fid"] == 3.5 and run.data.metrics["floor_fid"] == 1.75
-    assert run.data.metrics["sample_count"] == 24
-    names = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "samples")}
-    assert names == {"samples/grid.png", "samples/samples.json"}
+
+    # A stage's command line run by hand in the workspace: its own output paths, through the installed tracker;
+    # under the flow (DDPM_TRACKING_BY=flow) it leaves that to the flow.
+    (ws / "metrics" / "eval2.json").write_text(json.dumps({"fid": 4.25}))
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(TRACKING_BY_ENV, "flow")
+    after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
+    assert client.get_run(run_id).data.metrics["fid"] == 3.5
+    monkeypatch.delenv(TRACKING_BY_ENV)
+    after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
+    assert client.get_run(run_id).data.metrics["fid"] == 4.25

@@ -1,0 +1,196 @@
+"""What the sample, evaluate, figures and sampler_table stages wrote, logged into the pipeline's MLflow run.
+
+Each ``log_*`` function reads a stage's files and logs them; :func:`log_stage` picks the stage's and finds its files
+in a run's layout (tasks/layout.py). It is called after the stage: by the stage's own command line through the
+``mlflow`` tracker (run alone: ``dvc repro``, by hand), or by the train-eval flow in its own process.
+
+What a run gets:
+
+* sample: artifacts ``samples/grid.png`` and ``samples/samples.json``, image ``samples``, metrics ``sample_*``
+  (count, steps, eta, wall and start-up seconds, images/s, shards reused) and tags ``sample.*``;
+* evaluate: every number of ``eval.json`` (``fid``, ``kid_mean``, ``kid_std``, ``isc_*``, ``precision``,
+  ``recall``, ``fid_ratio``, ``classifier_accuracy``, the floor as ``floor_*``, per repeat ``<metric>_r<i>`` and
+  ``_mean``/``_std``/``_min``), its provenance as tags ``eval.*``, artifact ``evaluate/eval.json``;
+* figures: artifacts ``figures/*`` (the PNGs, the GIF and ``figures.json``), images ``figures/progressive`` and
+  ``figures/reconstruction_t<t>``;
+* sampler_table: metrics ``table_<metric>_<row>`` (row = ``ddpm1000``, ``ddim10``, ...), the floor as
+  ``table_floor_<metric>``, artifacts ``sampler_table/sampler_table.json`` and ``.md``.
+
+Every number is logged at the training step of the checkpoint the stage read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from tasks.config import Config
+from tasks.layout import read_record
+
+from .run import dataset_sha_from_checkpoints, flat_tags, log_into_run, metric_list, numbers
+
+
+def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str) -> Optional[str]:
+    """After the sample stage: the grid (artifact ``samples/grid.png`` and image ``samples``), the manifest, the
+    count and speed (``sample_*``, at the checkpoint's training step) and the sampler (tags ``sample.*``)."""
+    out_dir = Path(out_dir)
+    step = int(summary.get("checkpoint_step") or 0)
+    ckpt = summary.get("checkpoint")
+
+    def body(client, run_id: str) -> None:
+        from mlflow.entities import RunTag
+
+        values = {f"sample_{k}": v for k, v in numbers(summary).items()
+                  if k in ("count", "steps", "eta", "wall_s", "ray_startup_s", "images_per_s", "shards_reused")}
+        tags = {"sample.sampler": f"{summary.get('sampler')}-{summary.get('steps')}",
+                "sample.checkpoint": str(ckpt), "sample.checkpoint_step": str(step)}
+        client.log_batch(run_id, metrics=metric_list(values, step), tags=[RunTag(k, v) for k, v in tags.items()])
+        grid = out_dir / "grid.png"
+        if grid.is_file():
+            client.log_artifact(run_id, str(grid), "samples")
+            from PIL import Image
+
+            with Image.open(grid) as im:
+                client.log_image(run_id, im.convert("RGB"), key="samples", step=step, synchronous=True)
+        if (out_dir / "samples.json").is_file():
+            client.log_artifact(run_id, str(out_dir / "samples.json"), "samples")
+
+    sha = dataset_sha_from_checkpoints(Path(ckpt).parent) if ckpt else None
+    return log_into_run(cfg, "of the samples", sha, body)
+
+
+def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional[str],
+                   samples_dir: os.PathLike | str, metrics_path: os.PathLike | str) -> Optional[str]:
+    """After the evaluate stage: every number of ``eval.json`` (FID, KID mean/std, IS, precision/recall,
+    ``fid_ratio``, ``classifier_accuracy``; the real-vs-real floor as ``floor_*``; with repeats ``<metric>_mean``,
+    ``_std``, ``_min`` and ``<metric>_r<i>`` per seed range) at the training step the samples came from, the
+    provenance block as tags ``eval.<key>`` (counts, seed ranges, sampler, checkpoint, extractor and weights hash,
+    library versions) and ``eval.json`` as artifact ``evaluate/eval.json``."""
+    try:
+        step = int(json.loads((Path(samples_dir) / "samples.json").read_text()).get("checkpoint_step") or 0)
+    except (OSError, ValueError):
+        step = 0
+
+    def body(client, run_id: str) -> None:
+        from mlflow.entities import RunTag
+
+        values = {**numbers(result), **numbers(result.get("floor") or {}, "floor_")}
+        for metric, s in (result.get("per_repeat") or {}).items():
+            values.update(numbers({k: s.get(k) for k in ("mean", "std", "min")}, f"{metric}_"))
+            values.update({f"{metric}_r{i}": float(v) for i, v in enumerate(s.get("values") or [])})
+        tags = {"evaluate.feature_extractor": str(result.get("feature_extractor")),
+                "evaluate.reference_key": str(result.get("reference_key")),
+                **{f"eval.{k}": v for k, v in flat_tags(result.get("provenance") or {}).items()}}
+        client.log_batch(run_id, metrics=metric_list(values, step), tags=[RunTag(k, v) for k, v in tags.items()])
+        if Path(metrics_path).is_file():
+            client.log_artifact(run_id, str(metrics_path), "evaluate")
+
+    return log_into_run(cfg, "of the evaluation", dataset_sha256, body)
+
+
+def _dataset_sha(checkpoint: Optional[str]) -> Optional[str]:
+    return dataset_sha_from_checkpoints(Path(checkpoint).parent) if checkpoint else None
+
+
+def log_figures(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str) -> Optional[str]:
+    """After the figures stage: every figure file as an artifact under ``figures/``; the PNG figures also as
+    images (shown in the run's Artifacts and, stepped at the checkpoint's step, as images). The run id or None."""
+    out_dir = Path(out_dir)
+    step = int(summary.get("checkpoint_step") or 0)
+    files = [summary["progressive"]["file"], *(r["file"] for r in summary["reconstruction"]),
+             summary["animation"]["file"], summary["loss"]["file"], "figures.json"]
+
+    def body(client, run_id: str) -> None:
+        from PIL import Image
+
+        for name in files:
+            if (out_dir / name).is_file():
+                client.log_artifact(run_id, str(out_dir / name), "figures")
+        for name in files:
+            if name.endswith(".png") and name != "loss.png" and (out_dir / name).is_file():
+                with Image.open(out_dir / name) as im:
+                    client.log_image(run_id, im.convert("RGB"), key=f"figures/{Path(name).stem}", step=step,
+                                     synchronous=True)
+
+    return log_into_run(cfg, "of the figures", _dataset_sha(summary.get("checkpoint")), body)
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """``ddpm1000``, ``ddim10``, ...: a sampler row's name in metric keys."""
+    return f"{row['sampler']}{row['steps']}"
+
+
+def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLike | str,
+                      markdown_path: os.PathLike | str) -> Optional[str]:
+    """After the sampler_table stage: per row ``table_<metric>_<row>`` (fid, kid_mean, kid_std, sampling_s, wall_s,
+    images_per_s) at the checkpoint's step, the floor as ``table_floor_<metric>``, and both files as artifacts."""
+    step = int(result.get("checkpoint_step") or 0)
+
+    def body(client, run_id: str) -> None:
+        values: dict[str, float] = {}
+        for row in result.get("rows", []):
+            for k, v in numbers(row).items():
+                if k in ("fid", "kid_mean", "kid_std", "sampling_s", "wall_s", "images_per_s"):
+                    values[f"table_{k}_{row_key(row)}"] = v
+        values.update(numbers({k: v for k, v in (result.get("floor") or {}).items() if k in ("fid", "kid_mean")},
+                               "table_floor_"))
+        client.log_batch(run_id, metrics=metric_list(values, step))
+        for path in (json_path, markdown_path):
+            if Path(path).is_file():
+                client.log_artifact(run_id, str(path), "sampler_table")
+
+    return log_into_run(cfg, "of the sampler table", _dataset_sha(result.get("checkpoint")), body)
+
+
+def _absolute_checkpoint(record: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A record's checkpoint path, relative to the workspace it was written in, made absolute."""
+    ckpt = record.get("checkpoint")
+    if isinstance(ckpt, str) and ckpt and not Path(ckpt).is_absolute():
+        return {**record, "checkpoint": str(root / ckpt)}
+    return record
+
+
+def _sample(cfg: Config, root: Path, paths: Mapping[str, Path]) -> Optional[str]:
+    summary = read_record(paths["samples_record"])
+    if not summary:
+        return None
+    return log_samples(cfg, _absolute_checkpoint(summary, root), paths["samples"])
+
+
+def _evaluate(cfg: Config, root: Path, paths: Mapping[str, Path]) -> Optional[str]:
+    result = read_record(paths["eval_metrics"])
+    if not result:
+        return None
+    return log_evaluation(cfg, result, read_record(paths["dataset_record"]).get("sha256"), paths["samples"],
+                          paths["eval_metrics"])
+
+
+def _figures(cfg: Config, root: Path, paths: Mapping[str, Path]) -> Optional[str]:
+    summary = read_record(paths["figures_record"])
+    if not summary.get("enabled"):  # figures.enabled: false writes only a note: nothing to log
+        return None
+    return log_figures(cfg, _absolute_checkpoint(summary, root), paths["figures"])
+
+
+def _sampler_table(cfg: Config, root: Path, paths: Mapping[str, Path]) -> Optional[str]:
+    result = read_record(paths["sampler_table"])
+    if not result.get("enabled"):
+        return None
+    return log_sampler_table(cfg, _absolute_checkpoint(result, root), paths["sampler_table"],
+                             paths["sampler_table_md"])
+
+
+LOGGERS: dict[str, Callable[[Config, Path, Mapping[str, Path]], Optional[str]]] = {
+    "sample": _sample, "evaluate": _evaluate, "figures": _figures, "sampler_table": _sampler_table}
+
+
+def log_stage(stage: str, cfg: Config, root: Path, paths: Mapping[str, Path]) -> Optional[str]:
+    """Log what ``stage`` wrote (``paths``: the run's files by layout name; relative checkpoint paths in its records
+    are relative to ``root``) to the MLflow run of ``cfg``. Returns the MLflow run id, or None (tracking off, a
+    stage with nothing to log, a missing record, or a tracking problem, printed as a warning)."""
+    log = LOGGERS.get(stage)
+    if log is None or not cfg.tracking.enabled:
+        return None
+    return log(cfg, Path(root), paths)

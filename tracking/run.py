@@ -1,0 +1,361 @@
+"""The MLflow run of a pipeline run: where the store is, how the run is found again, how a failure is reported.
+
+**One MLflow run per pipeline run.** A pipeline run is named by the hash of its resolved params
+(:func:`params_hash`), kept in the run's ``params_hash`` tag. Every stage's report looks the run up by that tag in
+the experiment (``tracking.experiment``, default: the dataset name) and logs into it, so a rerun with the same
+params (a resume, more ``train.steps``, a DVC rerun) continues the run instead of scattering new ones. A training
+that restarts from scratch where the run already holds a loss curve starts a new run (the newest one wins the
+look-up).
+
+**Where.** ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else ``sqlite:///<project>/mlflow.db`` with artifacts
+in ``<project>/mlruns/<experiment>``; the project is DVC's root under DVC (``DVC_ROOT``, which stays the real
+project during ``dvc exp run --temp/--queue``), else the working directory when the stage starts. Local paths are
+made absolute because Ray workers change directory.
+
+**Who writes.** SQLite takes one writer at a time, so one process logs at a time: the train stage's driver creates
+the run before Ray starts and then only the rank-0 worker logs (tracking/training.py); what the other stages wrote
+is logged after them (tracking/outputs.py), by the stage's command line or, under the flow, by the flow.
+
+**Failures** of tracking (server unreachable, database locked, artifact store full) never fail a stage: they print
+one warning and tracking is off for the rest of that stage.
+
+What a run holds: params (the whole resolved params.yaml, dotted keys, logged when the run is created); tags
+``params_hash``, ``dataset_sha256``, ``mlflow.source.git.commit``, ``prefect_flow_run_id`` (under Prefect),
+``dvc_exp_name`` (under ``dvc exp run`` and the flow), ``latest.<key>`` for a key that changed since the run was
+created; the training curves, grids and model (tracking/training.py) and what the stages wrote
+(tracking/outputs.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tasks.config import Config
+
+# Offline by design: no usage telemetry (MLflow ignores DO_NOT_TRACK=1, it wants "true").
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+PARAMS_HASH_TAG = "params_hash"
+DATASET_TAG = "dataset_sha256"
+GIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the UI shows it as the run's commit
+PREFECT_TAG = "prefect_flow_run_id"
+DVC_EXP_TAG = "dvc_exp_name"
+PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns
+MODEL_NAME = "ema_unet"
+GRID_KEY = "train_samples"
+FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
+
+# Sections and keys that change where, how fast or how long, or only what is reported, not what is computed:
+# changing them keeps the run.
+_UNHASHED_SECTIONS = ("ray", "tracking", "figures", "sampler_table")
+_SAMPLE_EXECUTION_KEYS = frozenset({"num_workers", "use_gpu", "batch_size"})  # one seed per sample
+_EVALUATE_EXECUTION_KEYS = frozenset({"batch_size"})
+# The rank-0 worker gives up on an unreachable server after a few seconds rather than MLflow's minutes of retries.
+_WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
+
+
+# -- identity, place and params ------------------------------------------------------------------------------------
+def _execution_keys(cfg: Config) -> dict[str, frozenset]:
+    from tasks.runkey import resumable_keys
+
+    return {"train": resumable_keys(cfg), "sample": _SAMPLE_EXECUTION_KEYS,
+            "evaluate": _EVALUATE_EXECUTION_KEYS}
+
+
+def params_hash(cfg: Config) -> str:
+    """SHA-256 naming the pipeline run: every section but ``ray`` and ``tracking``, without the keys that only
+    change how long or how fast (``train.steps``, worker counts, batch sizes of sampling and evaluation)."""
+    import hashlib
+
+    d = cfg.to_dict()
+    skip = _execution_keys(cfg)
+    blob = {s: {k: v for k, v in values.items() if k not in skip.get(s, ())}
+            for s, values in d.items() if s not in _UNHASHED_SECTIONS}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The whole resolved params with dotted keys, values written as in params.yaml (``null``, ``true``, ``[1, 2]``)."""
+    return {f"{section}.{key}": value if isinstance(value, str) else json.dumps(value)
+            for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def project_dir() -> Path:
+    """DVC's root under DVC (also for ``dvc exp run --temp``), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def resolve_uri(cfg: Config, root: Optional[Path] = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the project's SQLite store; local paths made absolute
+    against ``root`` (default: :func:`project_dir`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    base = Path(root).resolve() if root is not None else project_dir()
+    if not uri:
+        return f"sqlite:///{base / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith("/") and path != ":memory:":
+            return f"sqlite:///{base / path}"
+        return uri
+    if uri.startswith(("/", ".", "~")):  # a folder: MLflow's file store
+        return (base / uri).expanduser().resolve().as_uri()
+    return uri
+
+
+def _artifact_root(uri: str, experiment: str) -> Optional[str]:
+    """Artifacts of a local SQLite store go to ``mlruns/<experiment>`` beside the database; a server decides."""
+    if uri.startswith("sqlite:///"):
+        folder = re.sub(r"[^A-Za-z0-9._-]", "_", experiment)
+        return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / folder)
+    return None
+
+
+def dataset_sha_from_checkpoints(ckpt_dir: Path) -> Optional[str]:
+    """The dataset hash a checkpoint folder was trained on (its ``run_key.json``, written by the train stage)."""
+    try:
+        return json.loads((ckpt_dir / "run_key.json").read_text()).get("data_sha256")
+    except (OSError, ValueError):
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir(), capture_output=True, text=True,
+                           timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
+
+
+def _context_tags(dataset_sha256: Optional[str]) -> dict[str, str]:
+    tags = {GIT_TAG: _git_commit(), DATASET_TAG: dataset_sha256, PREFECT_TAG: os.environ.get(PREFECT_ENV),
+            DVC_EXP_TAG: os.environ.get("DVC_EXP_NAME")}
+    return {k: v for k, v in tags.items() if v}
+
+
+# -- failures ------------------------------------------------------------------------------------------------------
+class TrackingSetupError(RuntimeError):
+    """A tracking set-up problem the user can fix (a deleted experiment); reported as a warning like the others."""
+
+
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a broken tracking backend raises: MLflow's errors, network and file errors (requests' are OSErrors),
+    database errors."""
+    from alembic.util.exc import CommandError  # a schema migration that failed
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (MlflowException, OSError, SQLAlchemyError, CommandError)
+
+
+def warn(what: str, error: BaseException) -> None:
+    text = str(error).strip().splitlines()
+    print(f"warning: MLflow tracking {what} failed, tracking is off for the rest of this stage "
+          f"({type(error).__name__}: {text[0] if text else ''})", file=sys.stderr)
+
+
+def _reachable(uri: str) -> bool:
+    """A fast check of an HTTP tracking server, so that a stopped server costs seconds, not MLflow's retries."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import warnings
+
+    import requests
+
+    try:
+        with warnings.catch_warnings():  # only whether something answers: TLS is MLflow's to verify
+            warnings.simplefilter("ignore")
+            requests.get(uri.rstrip("/") + "/health", timeout=5, verify=False)
+    except requests.RequestException as e:
+        print(f"warning: MLflow tracking server {uri} unreachable ({type(e).__name__}); tracking is off for this "
+              "stage", file=sys.stderr)
+        return False
+    return True
+
+
+# -- the pipeline run ----------------------------------------------------------------------------------------------
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # Two pipelines that create one new SQLite store at once would both run its schema migrations, and one would
+    # fail: the client (whose constructor creates the store) is made under an exclusive lock beside the database.
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _experiment_id(client, cfg: Config, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    name = cfg.tracking.experiment or cfg.data.dataset
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "active":
+        return exp.experiment_id
+    if exp is not None:
+        raise TrackingSetupError(f"experiment {name!r} is deleted in {uri}; restore it or set tracking.experiment")
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri, name))
+    except MlflowException:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _newest_run(client, experiment_id: str, phash: str):
+    found = client.search_runs([experiment_id], filter_string=f"tags.{PARAMS_HASH_TAG} = '{phash}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def find_run(cfg: Config, root: Optional[Path] = None) -> Optional[dict[str, str]]:
+    """Read-only look-up of the run the stages log into for these params: ``{"run_id", "experiment_id", "uri"}``
+    plus ``"url"`` (the run's page) for a tracking server; None when tracking is off or there is no such run.
+    ``root``: what relative store paths are relative to (:func:`resolve_uri`)."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_uri(cfg, root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None  # opening would create an empty store
+    if not _reachable(uri):
+        return None
+    try:
+        client = client_for(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.data.dataset)
+        run = _newest_run(client, exp.experiment_id, params_hash(cfg)) if exp is not None else None
+    except tracking_errors() as e:
+        warn("look-up", e)
+        return None
+    if run is None:
+        return None
+    info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "uri": uri}
+    if uri.startswith(("http://", "https://")):
+        info["url"] = f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return info
+
+
+def _open_run(cfg: Config, client, uri: str, dataset_sha256: Optional[str], fresh_training: bool = False) -> str:
+    """Find the pipeline run of these params (or create it, logging the params); tag it; return its id."""
+    from mlflow.entities import Param, RunTag
+
+    exp_id = _experiment_id(client, cfg, uri)
+    phash = params_hash(cfg)
+    run = _newest_run(client, exp_id, phash)
+    superseded = None
+    if run is not None and fresh_training and "loss" in run.data.metrics:
+        print(f"tracking: training starts from scratch; new MLflow run (run {run.info.run_id} keeps its curves)")
+        superseded, run = run.info.run_id, None
+    params, tags = flat_params(cfg), _context_tags(dataset_sha256)
+    if run is None:
+        name = os.environ.get("DVC_EXP_NAME") or f"{cfg.data.dataset}-{phash[:8]}"
+        run = client.create_run(exp_id, run_name=name, tags={PARAMS_HASH_TAG: phash, **tags})
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        if superseded:
+            client.set_tag(superseded, "superseded_by", run.info.run_id)
+        print(f"tracking: MLflow run {run.info.run_id} ({name}) in experiment "
+              f"{cfg.tracking.experiment or cfg.data.dataset!r} at {uri}")
+        return run.info.run_id
+    # Params are immutable in MLflow: keys new since the run began are logged, changed values become tags.
+    logged = run.data.params
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    changed = [RunTag(f"latest.{k}", v) for k, v in params.items() if k in logged and logged[k] != v]
+    client.log_batch(run.info.run_id, params=new, tags=[RunTag(k, v) for k, v in tags.items()] + changed)
+    print(f"tracking: continuing MLflow run {run.info.run_id} at {uri}")
+    return run.info.run_id
+
+
+def end_run(client, run_id: str, status: str) -> None:
+    try:
+        client.set_terminated(run_id, status)
+    except tracking_errors():
+        pass
+
+
+def forwarded_env() -> dict[str, str]:
+    """MLflow settings of this process for the rank-0 worker (a Ray worker may run elsewhere); no credentials."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") and k != "MLFLOW_TRACKING_URI"
+           and not any(w in k for w in _SECRET_WORDS)}
+    return {**_WORKER_HTTP_ENV, **env}
+
+
+def open_from_driver(cfg: Config, what: str, dataset_sha256: Optional[str], fresh: bool,
+                      status: Optional[str] = None) -> Optional[tuple[Any, str, str]]:
+    """Find or create the pipeline run from a stage's driver process: ``(client, uri, run_id)``, or None (with a
+    warning naming ``what``) when tracking is off, unreachable or failing. ``status`` is set on the run if given."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_uri(cfg)
+    if not _reachable(uri):
+        return None
+    try:
+        client = client_for(uri)
+        run_id = _open_run(cfg, client, uri, dataset_sha256, fresh_training=fresh)
+        if status is not None:
+            client.update_run(run_id, status=status)
+    except tracking_errors() + (TrackingSetupError,) as e:
+        warn(what, e)
+        return None
+    return client, uri, run_id
+
+
+# -- logging from a stage's driver -------------------------------------------------------------------------------
+def log_into_run(cfg: Config, what: str, dataset_sha256: Optional[str], body) -> Optional[str]:
+    """Open the pipeline run from this (driver) process, run ``body(client, run_id)``, end it; the run id or None."""
+    opened = open_from_driver(cfg, f"{what} set-up", dataset_sha256, False, status="RUNNING")
+    if opened is None:
+        return None
+    client, _, run_id = opened
+    try:
+        body(client, run_id)
+    except tracking_errors() as e:
+        warn(what, e)
+        end_run(client, run_id, "FAILED")
+        return None
+    except BaseException:
+        end_run(client, run_id, "FAILED")
+        raise
+    end_run(client, run_id, "FINISHED")
+    return run_id
+
+
+def numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def metric_list(values: dict[str, float], step: int) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, v, now, step) for k, v in values.items()]
+
+
+def flat_tags(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> dotted keys with values as JSON text (strings as they are), for tags."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_tags(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, str) else json.dumps(v)
+    return out
