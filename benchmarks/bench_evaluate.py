@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     p.add_argument("--root", default=str(REPO), help="a pipeline output root (make demo's layout)")
     p.add_argument("--pairs", type=int, default=5)
     args = p.parse_args(argv)
-    from tasks.config import apply_overrides, from_dict
+    from tasks.lib.config import apply_overrides, from_dict
     from tasks.evaluate import run
 
     root = Path(args.root).resolve()

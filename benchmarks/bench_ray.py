@@ -40,9 +40,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from tasks import fetch
-    from tasks.common import ensure_ray
+    from tasks.lib.common import ensure_ray
     from tasks.train import run, run_local
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))

@@ -33,7 +33,7 @@ from benchmarks.common import (
 
 
 def build(kw: dict, seed: int = 0, compile_override: bool | None = None):
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from ddpm.perf import prepare_model
     from ddpm.unet import UNet, count_parameters
 

@@ -28,7 +28,7 @@ def label(channels_last: bool, adam_impl: str) -> str:
 
 
 def main(argv=None) -> dict:
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from benchmarks.common import REPO
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

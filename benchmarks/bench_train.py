@@ -72,7 +72,7 @@ def diffusers_step(kw: dict, batch: int, seed: int = 0):
 
 
 def measure(name: str, kw: dict, batch: int, reps: int, pairs: int) -> dict:
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from benchmarks.common import REPO
 
     tc = load_config(REPO / "params.yaml").train

@@ -28,7 +28,7 @@ CIFAR10 = dict(image_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), nu
 
 def digits_unet_kwargs() -> dict[str, Any]:
     """The UNet of params.yaml (the `digits` preset), read from the file so the benchmark follows the preset."""
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
 
     return load_config(REPO / "params.yaml").unet_config().to_dict()
 

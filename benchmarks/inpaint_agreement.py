@@ -54,8 +54,8 @@ def score(images: np.ndarray, seeds: np.ndarray, base_seed: int, holdout_images:
 def classifier_fn(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    from tasks.classifier import load_classifier
-    from tasks.common import to_model_range
+    from tasks.lib.classifier import load_classifier
+    from tasks.lib.common import to_model_range
 
     net, _ = load_classifier(weights)
 
@@ -75,9 +75,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--results", help="write inpaint.json here instead of benchmarks/results/")
     args = p.parse_args(argv)
 
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from ddpm.samplers import region_mask
-    from tasks.common import load_dataset, load_samples
+    from tasks.lib.common import load_dataset, load_samples
 
     root = Path(args.root).resolve()
     data, ckpts, weights = root / "data/dataset", root / "checkpoints", root / "models/classifier.pt"

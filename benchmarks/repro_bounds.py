@@ -33,7 +33,7 @@ from benchmarks.common import REPO, write_result
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     """Max abs difference of two [N, C, H, W] batches in [-1, 1], and their uint8 images' differing pixels."""
-    from tasks.common import to_uint8
+    from tasks.lib.common import to_uint8
 
     ua, ub = to_uint8(a).astype(np.int16), to_uint8(b).astype(np.int16)
     levels = np.abs(ua - ub)
@@ -43,9 +43,9 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
 
 
 def main(argv=None) -> dict:
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from ddpm.samplers import ddim_sample
-    from tasks.sampling import ShardSampler, newest_checkpoint
+    from tasks.lib.sampling import ShardSampler, newest_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=str(REPO), help="a finished demo's output root (holds checkpoints/)")

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import load_config  # noqa: E402
+from tasks.lib.config import load_config  # noqa: E402
 from tasks import evaluate, fetch, sampling, train, train_classifier  # noqa: E402
-from tasks.common import write_json, write_npz  # noqa: E402
+from tasks.lib.common import write_json, write_npz  # noqa: E402
 
 
 def main() -> None:

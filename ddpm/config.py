@@ -3,7 +3,7 @@ the diffusion process, training, sampling, the classifier and the evaluation.
 
 Every error names the dotted key and what is accepted (``train.lr: must be greater than 0, got -1``). The
 pipeline's own sections (ray, tracking, figures, sampler_table), the whole tree and the reading of ``params.yaml``
-live in :mod:`tasks.config`, outside the library.
+live in :mod:`tasks.lib.config`, outside the library.
 """
 
 from __future__ import annotations

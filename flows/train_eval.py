@@ -50,12 +50,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from flows import workspace as wsp
-from tasks.callbacks import TRACKING_BY_ENV, trackers
-from tasks.common import StageError
-from tasks.config import Config, ConfigError, load_config, parse_override
-from tasks.inputs import EXTERNAL_PATH_KEYS, dvc_stages
-from tasks.inputs import check as check_inputs
-from tasks.layout import LAYOUT, layout_paths, read_output
+from tasks.lib.callbacks import TRACKING_BY_ENV, trackers
+from tasks.lib.common import StageError
+from tasks.lib.config import Config, ConfigError, load_config, parse_override
+from tasks.lib.inputs import EXTERNAL_PATH_KEYS, dvc_stages
+from tasks.lib.inputs import check as check_inputs
+from tasks.lib.layout import LAYOUT, layout_paths, read_output
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOW_RUN_ENV = "DDPM_PREFECT_FLOW_RUN_ID"  # read by the MLflow tracking module to tag its run
@@ -146,7 +146,7 @@ def shared_ray(cfg: Config) -> Iterator[dict[str, str]]:
         return
     import ray
 
-    from tasks.common import ensure_ray
+    from tasks.lib.common import ensure_ray
 
     ensure_ray(cfg)
     try:
@@ -489,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {state.message}", file=sys.stderr)
         return 1 if isinstance(error, BaseException) and not isinstance(error, StageCrashed) else 2
     summary = state.result()
-    from tasks.summary import summarize
+    from tasks.lib.summary import summarize
 
     root = Path(summary["out"])
     stages = ", ".join(f"{name} {r['status']} ({r['wall_s']:.1f} s)" for name, r in summary["stages"].items())

@@ -4,8 +4,8 @@ each beside its real-vs-real floor (held-out real images against the same refere
 Features are the dataset's own classifier's on labeled grayscale data and torch-fidelity's Inception-v3 otherwise
 (``evaluate.feature_extractor``); the training split's statistics are a keyed entry of ``--ref-dir``; with
 ``evaluate.repeats: k`` each metric is reported over k disjoint seed ranges. The machinery is
-:mod:`tasks.scoring`; this stage adds the command line, which reports the scores to the trackers
-(tasks/callbacks.py).
+:mod:`tasks.lib.scoring`; this stage adds the command line, which reports the scores to the trackers
+(tasks/lib/callbacks.py).
 
     python -m tasks.evaluate --params params.yaml --data data/dataset --samples samples \\
         --classifier models/classifier.pt --classifier-metrics metrics/classifier.json \\
@@ -18,18 +18,18 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tasks.config import Config
+from tasks.lib.config import Config
 
-from .callbacks import after_stage
-from .common import run_cli, stage_parser
-from .inputs import stage_config
-from .scoring import score_samples
+from .lib.callbacks import after_stage
+from .lib.common import run_cli, stage_parser
+from .lib.inputs import stage_config
+from .lib.scoring import score_samples
 
 
 def run(cfg: Config, data_dir: os.PathLike | str, samples_dir: os.PathLike | str,
         classifier_path: os.PathLike | str | None, ref_dir: os.PathLike | str, metrics_path: os.PathLike | str,
         classifier_metrics_path: os.PathLike | str | None = None) -> dict[str, Any]:
-    """Score ``samples_dir`` into ``metrics_path`` (:func:`tasks.scoring.score_samples`, which documents the
+    """Score ``samples_dir`` into ``metrics_path`` (:func:`tasks.lib.scoring.score_samples`, which documents the
     result)."""
     return score_samples(cfg, data_dir, samples_dir, classifier_path, ref_dir, metrics_path, classifier_metrics_path)
 

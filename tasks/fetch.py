@@ -1,6 +1,6 @@
 """Stage ``fetch``: read the configured dataset once and write the dataset artifact every later stage reads.
 
-Output folder (see :mod:`tasks.common`, "the dataset artifact"):
+Output folder (see :mod:`tasks.lib.common`, "the dataset artifact"):
 
 - ``train.npz``, ``holdout.npz``: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N] (-1 when unlabeled);
 - ``dataset.json``: ``dataset``, ``source``, ``count`` {train, holdout}, ``shape`` [C, H, W], ``num_classes``
@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tasks.config import Config, write_resolved
+from tasks.lib.config import Config, write_resolved
 
-from . import datasets
-from .common import (
+from .lib import datasets
+from .lib.common import (
     StageError,
     check_writable,
     run_cli,
@@ -33,7 +33,7 @@ from .common import (
     write_json,
     write_npz,
 )
-from .inputs import stage_config
+from .lib.inputs import stage_config
 
 OWNED = ("dataset.json", "train.npz", "holdout.npz", "config.json")  # dataset.json first: it marks "complete"
 
@@ -57,7 +57,7 @@ def describe(cfg: Config, data: datasets.Prepared) -> dict[str, Any]:
 def run(cfg: Config, out_dir: os.PathLike | str) -> dict[str, Any]:
     """Load ``cfg.data``'s dataset and write the dataset artifact into ``out_dir``; return ``dataset.json``.
 
-    Raises :class:`~tasks.common.DataError` (missing or unreadable source files) before writing anything.
+    Raises :class:`~tasks.lib.common.DataError` (missing or unreadable source files) before writing anything.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import newest_checkpoint
-from tasks.config import Config, write_resolved
+from tasks.lib.config import Config, write_resolved
 from ddpm.perf import prepare_for_sampling
 from ddpm.pretrained import load_model
 from ddpm.samplers import (
@@ -43,8 +43,8 @@ from ddpm.samplers import (
     trace_steps,
 )
 
-from .callbacks import after_stage
-from .common import (
+from .lib.callbacks import after_stage
+from .lib.common import (
     DataError,
     StageError,
     atomic_write_bytes,
@@ -56,7 +56,7 @@ from .common import (
     want_gpu,
     write_json,
 )
-from .inputs import stage_config
+from .lib.inputs import stage_config
 
 PAD = 2  # pixels between panels (torchvision make_grid padding)
 MIN_CELL = 32  # small images are upscaled (nearest) to at least this side so that 8x8 digits stay legible

@@ -4,8 +4,8 @@ Sample ``i`` uses seed ``sample.seed + i``; shards are planned from the seeds an
 ``sample.batch_size`` with one intra-op thread per CPU actor, so on one machine the images are bitwise identical
 for any ``sample.num_workers`` (README "Reproducibility"). Finished shards whose key (checkpoint, sampler settings,
 sampling code) and content match are kept on rerun. ``sample.mode`` ``img2img`` and ``inpaint`` start from the
-held-out images of ``--data``. The machinery is :mod:`tasks.sampling`; this stage adds the command line, which
-reports the samples to the trackers (tasks/callbacks.py).
+held-out images of ``--data``. The machinery is :mod:`tasks.lib.sampling`; this stage adds the command line, which
+reports the samples to the trackers (tasks/lib/callbacks.py).
 
     python -m tasks.sample --params params.yaml --checkpoints checkpoints --out samples
     python -m tasks.sample --set sample.mode=inpaint --data data/dataset --out samples_inpaint
@@ -16,17 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tasks.config import Config
+from tasks.lib.config import Config
 
-from .callbacks import after_stage
-from .common import run_cli, stage_parser
-from .inputs import stage_config
-from .sampling import sample_shards
+from .lib.callbacks import after_stage
+from .lib.common import run_cli, stage_parser
+from .lib.inputs import stage_config
+from .lib.sampling import sample_shards
 
 
 def run(cfg: Config, ckpt_dir, out_dir, data_dir=None) -> dict[str, Any]:
     """Sample ``sample.num_samples`` x ``evaluate.repeats`` images into ``out_dir`` (shards, grid.png of the grid
-    seeds, samples.json); returns the summary (see :func:`tasks.sampling.sample_shards`). ``data_dir`` is read
+    seeds, samples.json); returns the summary (see :func:`tasks.lib.sampling.sample_shards`). ``data_dir`` is read
     only in the img2img and inpaint modes."""
     return sample_shards(cfg, ckpt_dir, out_dir, data_dir)
 

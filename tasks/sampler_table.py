@@ -21,17 +21,17 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tasks.config import Config, apply_overrides, from_dict, write_resolved
+from tasks.lib.config import Config, apply_overrides, from_dict, write_resolved
 
-from .callbacks import after_stage
-from .common import (
+from .lib.callbacks import after_stage
+from .lib.common import (
     StageError,
     atomic_write_bytes,
     run_cli,
     stage_parser,
     write_json,
 )
-from .inputs import stage_config
+from .lib.inputs import stage_config
 
 METRICS = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
 SETTINGS_NOTE = "DDIM rows use eta=0 (deterministic given x_T); DDPM is Algorithm 2 with sample.variance"
@@ -84,8 +84,8 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         atomic_write_bytes(markdown_path, lambda f: f.write(b"sampler_table.enabled is false: no table\n"))
         print("sampler_table.enabled is false: no table")
         return result
-    from .sampling import SamplerPool, newest_checkpoint, sample_shards
-    from .scoring import score_samples
+    from .lib.sampling import SamplerPool, newest_checkpoint, sample_shards
+    from .lib.scoring import score_samples
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = list(range(st.seed, st.seed + st.num_samples))

@@ -31,14 +31,14 @@ from ddpm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tasks.config import Config, from_dict, write_resolved
+from tasks.lib.config import Config, from_dict, write_resolved
 from ddpm.ema import EMA
 from ddpm.perf import make_adam, prepare_model
 from ddpm.pretrained import build_diffusion
 from ddpm.unet import UNet
 
-from .callbacks import CallbackList, TrainCallback, train_callbacks
-from .common import (
+from .lib.callbacks import CallbackList, TrainCallback, train_callbacks
+from .lib.common import (
     StageError,
     absolute,
     atomic_write_bytes,
@@ -51,8 +51,8 @@ from .common import (
     stage_parser,
     write_json,
 )
-from .inputs import stage_config
-from .runkey import run_key
+from .lib.inputs import stage_config
+from .lib.runkey import run_key
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -200,7 +200,7 @@ def train_loop(
             rows = read_loss_log(log_path, step)
             print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
     ddp_model = prepare_model(wrap(model), compile=tc.compile)
-    # Rank 0 reports to the trackers' callbacks (tasks/callbacks.py), which travelled here from the driver.
+    # Rank 0 reports to the trackers' callbacks (tasks/lib/callbacks.py), which travelled here from the driver.
     callbacks: CallbackList = (loop_cfg.get("callbacks") if is_main else None) or CallbackList([])
     callbacks.on_train_start(cfg, step, rows)
     if step == 0:  # the initial weights, before any update
@@ -337,7 +337,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
 
     ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
-    ``callbacks`` (tasks/callbacks.py; ``None``: one per installed tracker) hear about the training, rank 0's
+    ``callbacks`` (tasks/lib/callbacks.py; ``None``: one per installed tracker) hear about the training, rank 0's
     hooks in the Ray worker.
     """
     check_local_gpus(cfg, "train")  # before anything is written or Ray starts

@@ -2,7 +2,7 @@
 
 Adam with a cosine-decayed learning rate on the train split, one-pixel random shifts as augmentation, a fixed
 seed; accuracy measured on the holdout split. Writes the weights file (rebuildable from the file alone, see
-:mod:`tasks.classifier`) and a metrics JSON, both atomically.
+:mod:`tasks.lib.classifier`) and a metrics JSON, both atomically.
 
     python -m tasks.train_classifier --params params.yaml --data data/dataset --out models/classifier.pt \
         --metrics metrics/classifier.json
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tasks.config import Config, write_resolved
+from tasks.lib.config import Config, write_resolved
 
-from .classifier import Classifier, ClassifierArgs, save_classifier, save_skipped
-from .common import (
+from .lib.classifier import Classifier, ClassifierArgs, save_classifier, save_skipped
+from .lib.common import (
     StageError,
     check_writable,
     load_dataset,
@@ -32,7 +32,7 @@ from .common import (
     to_model_range,
     write_json,
 )
-from .inputs import classifier_needed, extractor_for, stage_config
+from .lib.inputs import classifier_needed, extractor_for, stage_config
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,7 +78,7 @@ def run(cfg: Config, data_dir: os.PathLike | str, out_path: os.PathLike | str,
 
     Returns the metrics: accuracy (holdout), num_holdout, num_train, num_classes, train_loss (mean of the last 50
     steps), steps. When no stage reads a classifier under ``cfg`` (FID on Inception features; see
-    :func:`tasks.inputs.classifier_needed`) nothing is trained: ``out_path`` gets a marker saying why and the metrics
+    :func:`tasks.lib.inputs.classifier_needed`) nothing is trained: ``out_path`` gets a marker saying why and the metrics
     are ``{"skipped": true, "reason": ...}``. Raises :class:`StageError` for a dataset without labels when
     ``evaluate.feature_extractor`` is ``classifier``.
     """

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from tasks.config import Config, load_config  # noqa: E402
+from tasks.lib.config import Config, load_config  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def tiny_config():
     def make(overrides: dict | None = None) -> Config:
         import json
 
-        from tasks.config import apply_overrides, from_dict
+        from tasks.lib.config import apply_overrides, from_dict
 
         return from_dict(apply_overrides(json.loads(json.dumps(TINY)), overrides))
 
@@ -131,7 +131,7 @@ def tiny_trained(tmp_path_factory) -> Path:
     train stage's own loop (``checkpoints/``, ``train_loss.tsv``). Read-only for the tests that share it."""
     import json
 
-    from tasks.config import apply_overrides, from_dict
+    from tasks.lib.config import apply_overrides, from_dict
     from tasks import fetch
     from tasks.train import run_local
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from tasks import evaluate, fetch, sample, train, train_classifier
-from tasks.common import run_cli, write_npz
+from tasks.lib.common import run_cli, write_npz
 
 STAGES = {"fetch": fetch, "train": train, "sample": sample, "evaluate": evaluate,
           "train_classifier": train_classifier}

@@ -1,4 +1,4 @@
-"""The configuration tree (tasks/config.py, over ddpm/config.py's sections): defaults, overrides, frozen sections,
+"""The configuration tree (tasks/lib/config.py, over ddpm/config.py's sections): defaults, overrides, frozen sections,
 errors naming the dotted key."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tasks.config import (
+from tasks.lib.config import (
     Config,
     ConfigError,
     apply_overrides,

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import load_config
-from tasks import evaluate, fetch, refstats, scoring, train_classifier
-from tasks.classifier import ClassifierFeatureExtractor, load_classifier
-from tasks.common import StageError, load_dataset, sha256_file, to_model_range, write_json, write_npz
+from tasks.lib.config import load_config
+from tasks import evaluate, fetch, train_classifier
+from tasks.lib import refstats, scoring
+from tasks.lib.classifier import ClassifierFeatureExtractor, load_classifier
+from tasks.lib.common import StageError, load_dataset, sha256_file, to_model_range, write_json, write_npz
 
 
 def write_samples(folder: Path, images: np.ndarray, shard_size: int = 128) -> Path:
@@ -272,7 +273,7 @@ def test_repeats_give_k_values_from_disjoint_seed_ranges(digits, classifier, tmp
     """Three ranges of 100 seeds: each value is the metric of that range alone; mean, std, min; MLflow has them."""
     from mlflow import MlflowClient
 
-    from tasks.callbacks import TRACKING_BY_ENV, after_stage
+    from tasks.lib.callbacks import TRACKING_BY_ENV, after_stage
 
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", TRACKING_BY_ENV):
         monkeypatch.delenv(var, raising=False)

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from ddpm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from tasks.config import from_dict
+from tasks.lib.config import from_dict
 from tasks import fetch, train
-from tasks.common import StageError, load_samples, sha256_arrays, sha256_file, shard_paths
+from tasks.lib.common import StageError, load_samples, sha256_arrays, sha256_file, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,7 +247,7 @@ def test_exploding_loss_under_ray_is_one_line_and_not_retried(tmp_path, tiny_par
 # -- 6: every output is written atomically -------------------------------------------------------------------------
 _WRITER = """
 import sys, time
-from tasks.common import write_json, write_npz
+from tasks.lib.common import write_json, write_npz
 from ddpm.checkpoint import atomic_write_bytes
 path = sys.argv[1]
 def slow(f):
@@ -287,7 +287,7 @@ def test_every_stage_writes_through_the_atomic_helpers():
     """No module of the pipeline writes a file in place: every torch.save/np.savez/PIL save/json.dump/open(w)
     goes to the file object of atomic_write_bytes (a parameter named ``f``) or a BytesIO buffer."""
     offenders = []
-    files = [*sorted((REPO / "tasks").glob("*.py")), *sorted((REPO / "ddpm").glob("*.py")),
+    files = [*sorted((REPO / "tasks").rglob("*.py")), *sorted((REPO / "ddpm").glob("*.py")),
              *sorted((REPO / "flows").glob("*.py"))]
     ours = {p.stem for p in files}
     for path in files:

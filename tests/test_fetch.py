@@ -17,8 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks import datasets, fetch
-from tasks.common import DataError, load_dataset, sha256_arrays
+from tasks import fetch
+from tasks.lib import datasets
+from tasks.lib.common import DataError, load_dataset, sha256_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

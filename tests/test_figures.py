@@ -36,7 +36,7 @@ def test_panel_grid_size_and_placement():
 
 
 def test_figures_on_the_tiny_config(tiny_config, tiny_trained, tmp_path):
-    from tasks.common import load_dataset
+    from tasks.lib.common import load_dataset
 
     cfg = tiny_config(FIG)
     out = tmp_path / "figs"
@@ -90,7 +90,7 @@ def test_figures_on_the_tiny_config(tiny_config, tiny_trained, tmp_path):
 
 
 def test_figures_bad_inputs_are_one_line(tiny_config, tiny_trained, tmp_path, capsys):
-    from tasks.common import DataError
+    from tasks.lib.common import DataError
 
     bad = tmp_path / "loss.tsv"
     bad.write_text("step\tloss\n1\tnot-a-number\n")
@@ -102,7 +102,7 @@ def test_figures_bad_inputs_are_one_line(tiny_config, tiny_trained, tmp_path, ca
     params = tmp_path / "params.yaml"
     params.write_text("figures:\n  frames: 1\n")
     with pytest.raises(SystemExit) as e:
-        from tasks.common import run_cli
+        from tasks.lib.common import run_cli
 
         run_cli(figures.main, ["--params", str(params), "--out", str(tmp_path / "g")])
     assert e.value.code == 2
@@ -131,7 +131,7 @@ def test_sampler_table_rows_and_markdown(tiny_config):
     assert md[2:5] == ["| DDPM (Alg. 2) | 100 | 1.5 | 0.01 | 12.0 | 0.8 |",
                        "| DDIM, η=0 | 10 | 3.25 | 0.2 | 1.2 | 8.3 |",
                        "| real held-out images (floor) | – | 0.5 | -0.01 | – | – |"]
-    from tasks.config import ConfigError
+    from tasks.lib.config import ConfigError
 
     with pytest.raises(ConfigError, match="sampler_table.ddim_steps"):
         tiny_config({"sampler_table.enabled": True, "sampler_table.ddim_steps": [200]})

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import load_config
+from tasks.lib.config import load_config
 from flows import serve as flows_serve
 from flows import train_eval as te
 from conftest import GIT_ENV, clone_project

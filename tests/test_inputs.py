@@ -1,4 +1,4 @@
-"""Inputs from outside the pipeline are checked before any stage computes (tasks/inputs.py), and a stage whose
+"""Inputs from outside the pipeline are checked before any stage computes (tasks/lib/inputs.py), and a stage whose
 output nothing reads under the chosen params (the classifier when FID uses Inception) computes nothing."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tasks import inputs, train_classifier
-from tasks.classifier import load_classifier
-from tasks.common import DataError
+from tasks import train_classifier
+from tasks.lib import inputs
+from tasks.lib.classifier import load_classifier
+from tasks.lib.common import DataError
 from test_fetch import make_cifar
 
 from ddpm.checkpoint import CheckpointError
@@ -193,6 +194,6 @@ def test_missing_mnist_and_image_folder_sources_are_named(tiny_config, tmp_path)
 
 
 def test_the_classifier_extractor_name_is_the_classifiers():
-    from tasks import classifier, inputs
+    from tasks.lib import classifier, inputs
 
     assert inputs.CLASSIFIER_EXTRACTOR == classifier.FEATURE_EXTRACTOR_NAME

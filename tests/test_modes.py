@@ -188,8 +188,8 @@ def test_inpainting_the_bottom_half_of_held_out_digits_keeps_their_class(digits_
     """Inpaint the bottom half of 50 held-out digits with the exact denoiser of the training digits: the project's
     classifier gives the original label far more often than chance (10%): the known top half steers the fill.
     (Measured: 60% here; 76% is the ceiling, the label of the training digit with the nearest top half.)"""
-    from tasks.classifier import load_classifier
-    from tasks.common import load_dataset, to_model_range
+    from tasks.lib.classifier import load_classifier
+    from tasks.lib.common import load_dataset, to_model_range
 
     ds = load_dataset(digits_and_classifier["data"])
     net, _ = load_classifier(digits_and_classifier["weights"])
@@ -215,7 +215,7 @@ def test_inpainting_the_bottom_half_of_held_out_digits_keeps_their_class(digits_
 @pytest.fixture(scope="module")
 def digits_and_classifier(tmp_path_factory):
     """The digits dataset artifact and a classifier trained on it (100 steps)."""
-    from tasks.config import load_config
+    from tasks.lib.config import load_config
     from tasks import fetch, train_classifier
 
     work = tmp_path_factory.mktemp("modes")
@@ -241,8 +241,8 @@ def _fake_checkpoint(tiny_config, path, tiny_unet) -> None:
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
 def test_shard_sampler_modes(tiny_config, tmp_path, tiny_unet, mode):
-    from tasks.common import to_model_range
-    from tasks.sampling import ShardSampler
+    from tasks.lib.common import to_model_range
+    from tasks.lib.sampling import ShardSampler
 
     ckpt = tmp_path / "ckpt_00000006.pt"
     _fake_checkpoint(tiny_config, ckpt, tiny_unet)
@@ -261,7 +261,7 @@ def test_shard_sampler_modes(tiny_config, tmp_path, tiny_unet, mode):
 
 
 def test_sampling_key_depends_on_the_mode_and_its_inputs(tiny_config, tmp_path, tiny_unet):
-    from tasks.sampling import sampling_key
+    from tasks.lib.sampling import sampling_key
 
     ckpt = tmp_path / "ckpt_00000006.pt"
     _fake_checkpoint(tiny_config, ckpt, tiny_unet)
@@ -275,8 +275,8 @@ def test_sampling_key_depends_on_the_mode_and_its_inputs(tiny_config, tmp_path, 
 
 
 def test_sample_stage_modes_need_the_dataset(tiny_config, tmp_path):
-    from tasks.common import StageError
-    from tasks.sampling import input_images
+    from tasks.lib.common import StageError
+    from tasks.lib.sampling import input_images
 
     assert input_images(tiny_config(), None) == (None, None)
     with pytest.raises(StageError, match="--data"):
@@ -284,7 +284,7 @@ def test_sample_stage_modes_need_the_dataset(tiny_config, tmp_path):
 
 
 def test_mode_keys_are_validated(tiny_config):
-    from tasks.config import ConfigError
+    from tasks.lib.config import ConfigError
 
     with pytest.raises(ConfigError, match="sample.mode"):
         tiny_config({"sample.mode": "outpaint"})

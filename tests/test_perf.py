@@ -101,7 +101,7 @@ def test_unknown_adam_implementation_is_refused():
 
 
 def test_config_rejects_a_bad_switch_value(tiny_config):
-    from tasks.config import ConfigError
+    from tasks.lib.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.adam_impl"):
         tiny_config({"train.adam_impl": "apex"})
@@ -125,7 +125,7 @@ def _train(tmp_path, tiny_config, name, overrides):
 
 def test_train_loop_and_shard_sampler_with_switches_match_the_default(tmp_path, tiny_config):
     """The real train loop and the sample stage's ShardSampler, switches on vs off: same losses, same images."""
-    from tasks.sampling import ShardSampler, newest_checkpoint
+    from tasks.lib.sampling import ShardSampler, newest_checkpoint
 
     plain = {"train.adam_impl": "loop", "train.channels_last": False}
     fast = {"train.adam_impl": "fused", "train.channels_last": True}
@@ -171,7 +171,7 @@ def test_autocast_wrapper_returns_float32_close_to_the_fp32_network():
 
 
 def test_sample_precision_keys_shards_only_when_not_fp32(tmp_path, tiny_config):
-    from tasks.sampling import sampling_key
+    from tasks.lib.sampling import sampling_key
 
     ckpt = tmp_path / "ckpt_00000001.pt"
     ckpt.write_bytes(b"weights")

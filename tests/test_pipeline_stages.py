@@ -11,8 +11,9 @@ import pytest
 
 from conftest import ACROSS_BATCHES_UINT8_FRACTION, ACROSS_BATCHES_UINT8_LEVELS
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
-from tasks import fetch, sample, sampling, train
-from tasks.common import load_samples, shard_paths
+from tasks import fetch, sample, train
+from tasks.lib import sampling
+from tasks.lib.common import load_samples, shard_paths
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +120,7 @@ def test_sample_stage_images_do_not_depend_on_the_number_of_actors(tiny_config, 
 
 def test_one_sampler_pool_samples_several_settings_as_separate_pools_would(tiny_config, tiny_trained, tmp_path,
                                                                             ray_local):
-    """The sampler table's rows share one set of actors (tasks.sampling.SamplerPool): each setting's shards are the
+    """The sampler table's rows share one set of actors (tasks.lib.sampling.SamplerPool): each setting's shards are the
     bytes its own sample_shards call (its own actors) writes, and a pool refuses settings its networks cannot serve."""
     ckpts = tiny_trained / "checkpoints"
     settings = {"ddim5": {"sample.sampler": "ddim", "sample.steps": 5, "sample.eta": 0.0},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import load_config
+from tasks.lib.config import load_config
 from ddpm.unet import UNet, count_parameters
 
 
@@ -65,7 +65,7 @@ def test_demo_params_turn_figures_and_sampler_table_on(repo_root):
 
 # -- ddpm info --------------------------------------------------------------------------------------------------------
 def test_info_counts_params_flops_and_memory(repo_root):
-    from tasks.info import activation_bytes, count_flops, info
+    from tasks.lib.info import activation_bytes, count_flops, info
 
     cfg = load_config(repo_root / "configs" / "cifar10.yaml")
     d = info(cfg)
@@ -90,10 +90,10 @@ def test_info_counts_params_flops_and_memory(repo_root):
 def test_ddpm_info_command(repo_root, capsys, tmp_path):
     import tomllib
 
-    from tasks.info import cli
+    from tasks.lib.info import cli
 
     scripts = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["ddpm"] == "tasks.info:cli"
+    assert scripts["ddpm"] == "tasks.lib.info:cli"
     assert cli(["info", "--params", str(repo_root / "configs" / "celebahq256.yaml")]) == 0
     out = capsys.readouterr().out
     assert "parameters   113,673,219" in out and "3x256x256" in out and "Adam m, v" in out

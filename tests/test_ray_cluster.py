@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.common import load_samples
+from tasks.lib.common import load_samples
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Keyed reference statistics (tasks/refstats.py): the key, the cache look-up and its reasons, export and the
+"""Keyed reference statistics (tasks/lib/refstats.py): the key, the cache look-up and its reasons, export and the
 published-file checks, on small synthetic features (the stage-level tests are in test_evaluate.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import refstats
-from tasks.common import StageError, sha256_file, write_json
+from tasks.lib import refstats
+from tasks.lib.common import StageError, sha256_file, write_json
 
 WANT = {"dataset": "digits", "dataset_sha256": "a" * 64, "split": "train", "image_shape": [1, 8, 8],
         "feature_extractor": "ddpm-classifier", "feature_extractor_weights_sha256": "b" * 64,
@@ -109,7 +109,7 @@ def test_export_and_published_checks(tmp_path, capsys):
 
 
 def test_export_command_line_error_is_one_line_exit_2(tmp_path, repo_root):
-    proc = subprocess.run([sys.executable, "-m", "tasks.refstats", "export", "--ref-dir", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, "-m", "tasks.lib.refstats", "export", "--ref-dir", str(tmp_path / "none"),
                            "--out", str(tmp_path / "x.npz")], cwd=repo_root, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

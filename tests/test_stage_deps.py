@@ -14,14 +14,14 @@ import yaml
 
 from conftest import REPO
 from flows import train_eval as te
-from tasks.layout import LAYOUT
+from tasks.lib.layout import LAYOUT
 
 # Modules whose effects are outside the stage's outputs, so editing them must not rerun a stage:
 NOT_OUTPUT_CODE = {
-    "tasks/inputs.py": "the check of external inputs before a run; it writes nothing",
-    "tasks/callbacks.py": "what a stage reports to the trackers (tracking/): side effects outside its outputs",
-    "tasks/layout.py": "where a run's files are, for the trackers that read them after a stage",
-    "tasks/summary.py": "the console summary of a finished run",
+    "tasks/lib/inputs.py": "the check of external inputs before a run; it writes nothing",
+    "tasks/lib/callbacks.py": "what a stage reports to the trackers (tracking/): side effects outside its outputs",
+    "tasks/lib/layout.py": "where a run's files are, for the trackers that read them after a stage",
+    "tasks/lib/summary.py": "the console summary of a finished run",
 }
 PACKAGES = ("ddpm", "tasks", "flows", "tracking")
 
@@ -99,7 +99,7 @@ def test_stages_that_run_the_model_depend_on_all_of_ddpm(name):
 
 def test_the_closure_sees_imports_inside_functions():
     # sampler_table imports the sampling and scoring machinery inside a function, and scoring imports refstats.
-    assert {"tasks/sampling.py", "tasks/scoring.py", "tasks/refstats.py", "tasks/classifier.py",
+    assert {"tasks/lib/sampling.py", "tasks/lib/scoring.py", "tasks/lib/refstats.py", "tasks/lib/classifier.py",
             "ddpm/samplers.py"} <= code_closure("sampler_table")
     assert "tasks/sample.py" not in code_closure("sampler_table")  # the machinery, not the stage
     assert "tasks/sample.py" not in code_closure("figures")  # figures samples through the library

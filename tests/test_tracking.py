@@ -1,4 +1,4 @@
-"""MLflow tracking (the tracking layer, tracking/, reached by the stages through tasks/callbacks.py): the stages against a real `mlflow server` on loopback, read back through its
+"""MLflow tracking (the tracking layer, tracking/, reached by the stages through tasks/lib/callbacks.py): the stages against a real `mlflow server` on loopback, read back through its
 REST API; the default local SQLite store without any server; and the small pure pieces (run identity, URIs)."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import yaml
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.unet import UNet
-from tasks import evaluate, fetch, sample, sampling, train, train_classifier
+from tasks import evaluate, fetch, sample, train, train_classifier
+from tasks.lib import sampling
 from tracking import outputs, training
 from tracking import run as tracking
-from tasks.common import grid_image
+from tasks.lib.common import grid_image
 
 ON = {"tracking.enabled": True}  # explicit: the tiny test params may turn tracking off for the other tests
 
@@ -353,7 +354,7 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     copy); returns the logged PNG file's bytes and the grid it should show."""
     from ddpm.ema import EMA
     from ddpm.samplers import ddim_sample
-    from tasks.common import to_uint8
+    from tasks.lib.common import to_uint8
 
     cfg = tiny_config({**ON, "tracking.experiment": experiment, "tracking.system_metrics": False,
                        "tracking.grid_samples": 4, "tracking.grid_steps": 3, "sample.grid_seed": grid_seed})
@@ -394,7 +395,7 @@ def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
     from ddpm.checkpoint import save_checkpoint
     from ddpm.ema import EMA
     from ddpm.samplers import ddim_sample
-    from tasks.common import to_uint8
+    from tasks.lib.common import to_uint8
 
     cfg = tiny_config({"sample.grid_seed": 30, "sample.grid_size": 4, "sample.steps": 3, "sample.eta": 0.0})
     torch.manual_seed(0)
@@ -421,14 +422,14 @@ def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
 def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monkeypatch):
     """The installed ``mlflow`` tracker (an entry point of this package) reads a run's files after a stage and logs
     them into the run of its params: called by the train-eval flow in its own process (with the flow run's tags in
-    the environment), or by a stage's command line (tasks.callbacks.after_stage), which under the flow does
+    the environment), or by a stage's command line (tasks.lib.callbacks.after_stage), which under the flow does
     nothing."""
     from mlflow import MlflowClient
     from PIL import Image
 
     from flows.train_eval import environ
-    from tasks.callbacks import TRACKING_BY_ENV, after_stage, trackers
-    from tasks.layout import layout_paths
+    from tasks.lib.callbacks import TRACKING_BY_ENV, after_stage, trackers
+    from tasks.lib.layout import layout_paths
     from tracking.plugin import MLFLOW
 
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV, TRACKING_BY_ENV):

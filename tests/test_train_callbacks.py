@@ -1,4 +1,4 @@
-"""The train stage reports through callbacks (tasks/callbacks.py), the only way training reaches a tracker: which
+"""The train stage reports through callbacks (tasks/lib/callbacks.py), the only way training reaches a tracker: which
 hooks run, in what order, with what, on a fresh and a resumed training; a broken callback never stops training."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from tasks import fetch, train
-from tasks.callbacks import CallbackList, TrainCallback
+from tasks.lib.callbacks import CallbackList, TrainCallback
 
 
 class Recorder(TrainCallback):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.runkey import run_key
+from tasks.lib.runkey import run_key
 from tasks.train import lr_at, make_scheduler, read_loss_log, write_loss_log
 
 

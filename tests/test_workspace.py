@@ -148,7 +148,7 @@ def test_inputs_from_outside_are_named_by_absolute_path_in_a_separate_workspace(
     ws = wsp.open_workspace(project, project / "runs" / "w")
     assert wsp.external_paths(ws, values, project) == {"data.root": str(project / "raw"),
                                                        "evaluate.inception_weights": str(project / "w.pth")}
-    from tasks.inputs import EXTERNAL_PATH_KEYS
+    from tasks.lib.inputs import EXTERNAL_PATH_KEYS
 
     assert set(EXTERNAL_PATH_KEYS) == {"data.root", "evaluate.inception_weights", "evaluate.reference"}
 

@@ -4,7 +4,7 @@
 * :mod:`tracking.training`: the train stage's callback (curves, stepped grids, the logged model);
 * :mod:`tracking.outputs`: what the other stages wrote, read from their files and logged;
 * :mod:`tracking.plugin`: the ``mlflow`` tracker, the entry point (group ``ddpm_pipeline.trackers``) through which
-  the stages reach all this without importing it (tasks/callbacks.py).
+  the stages reach all this without importing it (tasks/lib/callbacks.py).
 
 The stages import none of it; the train-eval flow imports :mod:`tracking.outputs` and :mod:`tracking.run`.
 """

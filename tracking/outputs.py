@@ -1,7 +1,7 @@
 """What the sample, evaluate, figures and sampler_table stages wrote, logged into the pipeline's MLflow run.
 
 Each ``log_*`` function reads a stage's files and logs them; :func:`log_stage` picks the stage's and finds its files
-in a run's layout (tasks/layout.py). It is called after the stage: by the stage's own command line through the
+in a run's layout (tasks/lib/layout.py). It is called after the stage: by the stage's own command line through the
 ``mlflow`` tracker (run alone: ``dvc repro``, by hand), or by the train-eval flow in its own process.
 
 What a run gets:
@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from tasks.config import Config
-from tasks.layout import read_record
+from tasks.lib.config import Config
+from tasks.lib.layout import read_record
 
 from .run import dataset_sha_from_checkpoints, flat_tags, log_into_run, metric_list, numbers
 

@@ -1,5 +1,5 @@
 """The ``mlflow`` tracker: what pyproject.toml declares under the entry-point group ``ddpm_pipeline.trackers``, so
-that the stages report to MLflow through tasks/callbacks.py without importing it. MLflow itself is imported only
+that the stages report to MLflow through tasks/lib/callbacks.py without importing it. MLflow itself is imported only
 when a hook runs."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional
 
-from tasks.callbacks import TrainCallback
-from tasks.config import Config
+from tasks.lib.callbacks import TrainCallback
+from tasks.lib.config import Config
 
 
 class MlflowTracker:

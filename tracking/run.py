@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tasks.config import Config
+from tasks.lib.config import Config
 
 # Offline by design: no usage telemetry (MLflow ignores DO_NOT_TRACK=1, it wants "true").
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -66,7 +66,7 @@ _SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 
 # -- identity, place and params ------------------------------------------------------------------------------------
 def _execution_keys(cfg: Config) -> dict[str, frozenset]:
-    from tasks.runkey import resumable_keys
+    from tasks.lib.runkey import resumable_keys
 
     return {"train": resumable_keys(cfg), "sample": _SAMPLE_EXECUTION_KEYS,
             "evaluate": _EVALUATE_EXECUTION_KEYS}

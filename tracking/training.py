@@ -1,4 +1,4 @@
-"""Training as MLflow sees it: the ``mlflow`` tracker's :class:`~tasks.callbacks.TrainCallback`.
+"""Training as MLflow sees it: the ``mlflow`` tracker's :class:`~tasks.lib.callbacks.TrainCallback`.
 
 The driver finds or creates the pipeline run before Ray starts (:meth:`MlflowTrainCallback.on_fit_start`); the
 callback then travels to the rank-0 Ray Train worker, which logs the loss log's rows as metrics ``loss``, ``lr``,
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tasks.callbacks import TrainCallback
-from tasks.config import Config
+from tasks.lib.callbacks import TrainCallback
+from tasks.lib.config import Config
 
 from .run import (
     client_for,
@@ -197,7 +197,7 @@ class MlflowTrainCallback(TrainCallback):
 
         from ddpm.samplers import sample
 
-        from tasks.common import grid_image, to_uint8
+        from tasks.lib.common import grid_image, to_uint8
 
         tc = self.cfg.tracking
         seeds = list(range(self.cfg.sample.grid_seed, self.cfg.sample.grid_seed + tc.grid_samples))

@@ -6,10 +6,10 @@ real-vs-real floor: the same metric for held-out real images against the same tr
 sample count as the generated set (all of the holdout when it is smaller, which the output says). A model
 can only be judged relative to that floor: FID is biased by sample count and feature space.
 
-Features come from the dataset's own classifier (:mod:`tasks.classifier`) on labeled grayscale datasets and
+Features come from the dataset's own classifier (:mod:`tasks.lib.classifier`) on labeled grayscale datasets and
 from torch-fidelity's Inception-v3 otherwise (``evaluate.feature_extractor``); the Inception weights file must
 have the pinned SHA-256 and is read with ``weights_only=True``. FID is "statistics, then distance": the training
-split's statistics are a keyed entry of ``--ref-dir`` (:mod:`tasks.refstats`), used only when the dataset hash,
+split's statistics are a keyed entry of ``--ref-dir`` (:mod:`tasks.lib.refstats`), used only when the dataset hash,
 split, image shape, extractor (name, weights hash, layer), preprocessing and image count all match; or a published
 ``.npz`` of (mu, sigma) given as ``evaluate.reference``.
 
@@ -41,7 +41,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from tasks.config import Config, write_resolved
+from tasks.lib.config import Config, write_resolved
 
 from . import refstats
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR

@@ -10,7 +10,7 @@ inspected in seconds without allocating its memory:
   autograd keeps for the backward pass at the per-worker batch (``train.batch_size / train.num_workers``),
   counted from the tensors it saves (without allocator overhead or workspace: a lower estimate).
 
-    ddpm info --params configs/cifar10.yaml          # or: python -m tasks.info --params ...
+    ddpm info --params configs/cifar10.yaml          # or: python -m tasks.lib.info --params ...
     ddpm info --params params.yaml --json
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tasks.config import Config, ConfigError, load_config
+from tasks.lib.config import Config, ConfigError, load_config
 
 from .common import config_from_args, stage_parser
 

@@ -1,6 +1,6 @@
 """Print what a pipeline run produced: the numbers a user reads first and where the pictures are.
 
-    python -m tasks.summary [--metrics metrics] [--samples samples]
+    python -m tasks.lib.summary [--metrics metrics] [--samples samples]
 """
 
 from __future__ import annotations

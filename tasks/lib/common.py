@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ddpm.checkpoint import CheckpointError, atomic_write_bytes
-from tasks.config import Config, ConfigError, load_config
+from tasks.lib.config import Config, ConfigError, load_config
 
 
 class StageError(RuntimeError):
@@ -58,7 +58,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The validated config of a command line built by :func:`stage_parser` (a stage's is
-    :func:`tasks.inputs.stage_config`, which also checks the run's external inputs under ``dvc repro``)."""
+    :func:`tasks.lib.inputs.stage_config`, which also checks the run's external inputs under ``dvc repro``)."""
     return load_config(args.params, args.overrides)
 
 

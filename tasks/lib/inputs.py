@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from tasks.config import Config
+from tasks.lib.config import Config
 
 from .common import DataError, StageError, config_from_args
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-# tasks.classifier.FEATURE_EXTRACTOR_NAME (tests/test_inputs.py checks they agree). Importing it would load
+# tasks.lib.classifier.FEATURE_EXTRACTOR_NAME (tests/test_inputs.py checks they agree). Importing it would load
 # torch-fidelity and torchvision (~1 s) in every stage, since every stage checks its inputs first.
 CLASSIFIER_EXTRACTOR = "ddpm-classifier"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -158,7 +158,7 @@ def missing_inputs(cfg: Config, stages: Iterable[str]) -> list[Missing]:
             out.append(Missing("evaluate.inception_weights", problem, tuple(feature_stages)))
     if "evaluate" in stages and cfg.evaluate.reference and not Path(cfg.evaluate.reference).is_file():
         out.append(Missing("evaluate.reference", f"{cfg.evaluate.reference} not found (a published (mu, sigma) "
-                           ".npz, e.g. from `python -m tasks.refstats export`)", ("evaluate",)))
+                           ".npz, e.g. from `python -m tasks.lib.refstats export`)", ("evaluate",)))
     return out
 
 

@@ -15,8 +15,8 @@ statistics are recomputed and the stage says which fields differed.
 Export an entry as a published-style ``.npz`` of (mu, sigma) with its provenance ``.json`` beside it; evaluation
 takes such a file (yours, a colleague's, or e.g. an EDM-style CIFAR-10 reference) through ``evaluate.reference``::
 
-    python -m tasks.refstats list --ref-dir ref_stats
-    python -m tasks.refstats export --ref-dir ref_stats --out cifar10-train-inception.npz [--name NAME]
+    python -m tasks.lib.refstats list --ref-dir ref_stats
+    python -m tasks.lib.refstats export --ref-dir ref_stats --out cifar10-train-inception.npz [--name NAME]
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import newest_checkpoint as _newest_checkpoint
-from tasks.config import Config, write_resolved
+from tasks.lib.config import Config, write_resolved
 from ddpm.perf import prepare_for_sampling
 from ddpm.pretrained import load_model
 from ddpm.samplers import img2img_sample, inpaint_sample, region_mask, sample as draw
@@ -71,7 +71,7 @@ def sampling_code_sha256() -> str:
     """Content hash of the code that turns a checkpoint and seeds into images: the library (ddpm/), this stage and
     the shared helpers it converts images with. An edited sampler step must not reuse shards drawn by the old one."""
     here = Path(__file__).resolve().parent
-    files = sorted((here.parent / "ddpm").glob("*.py")) + [here / "sampling.py", here / "common.py"]
+    files = sorted((here.parents[1] / "ddpm").glob("*.py")) + [here / "sampling.py", here / "common.py"]
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.parent.name}/{f.name}\0".encode())
@@ -130,7 +130,7 @@ class ShardSampler:
     same :data:`NETWORK_KEYS`) to sample with other settings from the same copy."""
 
     def __init__(self, ckpt_path: str, params: dict[str, Any], device: str, threads: int):
-        from tasks.config import from_dict
+        from tasks.lib.config import from_dict
 
         torch.set_num_threads(max(1, threads))
         self.cfg = from_dict(params)
@@ -150,7 +150,7 @@ class ShardSampler:
     def _settings(self, params: Optional[dict[str, Any]]):
         if params is None:
             return self.cfg.sample
-        from tasks.config import from_dict
+        from tasks.lib.config import from_dict
 
         s = from_dict(params).sample
         differ = [k for k in NETWORK_KEYS if getattr(s, k) != getattr(self.cfg.sample, k)]

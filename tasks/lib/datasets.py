@@ -15,7 +15,7 @@ Layouts read (``root`` = ``data.root``):
   subfolder and there are at least two such subfolders, the subfolder names are the classes (torchvision's
   ``ImageFolder`` convention); otherwise the images are unlabeled (label -1).
 
-Missing files raise :class:`~tasks.common.DataError` naming the files and the folder they belong in; no loader
+Missing files raise :class:`~tasks.lib.common.DataError` naming the files and the folder they belong in; no loader
 downloads anything unless ``data.download`` is true *and* files are missing.
 """
 
@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tasks.config import DataConfig
+from tasks.lib.config import DataConfig
 
 from .common import DataError, Split
 
@@ -219,7 +219,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list
     """Extract a tar (any compression) or zip archive into ``dest``; return the files written.
 
     Every member is checked before anything is written: an absolute path, a ``..`` that climbs out of ``dest``,
-    a link pointing outside it, or a device file refuses the whole archive (:class:`~tasks.common.DataError`
+    a link pointing outside it, or a device file refuses the whole archive (:class:`~tasks.lib.common.DataError`
     naming the archive and the member), so a crafted archive can neither write outside ``dest`` nor half-extract.
     Tar members go through Python's ``data`` extraction filter (PEP 706), which also drops set-uid bits.
     """

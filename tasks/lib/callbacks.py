@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # only for the annotations: this module stays light for the s
     import torch
 
     from ddpm.diffusion import GaussianDiffusion
-    from tasks.config import Config
+    from tasks.lib.config import Config
 
 GROUP = "ddpm_pipeline.trackers"
 # "flow": an orchestrator calls the trackers after each stage (flows/train_eval.py), so the stages do not.
@@ -67,7 +67,7 @@ class Tracker(Protocol):
         """The callback for one training (None: this tracker does not follow training)."""
 
     def after_stage(self, stage: str, cfg: "Config", root: Path, paths: Mapping[str, Path]) -> Optional[str]:
-        """Read what ``stage`` wrote (``paths``: :data:`tasks.layout.LAYOUT` names to files, relative paths in its
+        """Read what ``stage`` wrote (``paths``: :data:`tasks.lib.layout.LAYOUT` names to files, relative paths in its
         records relative to ``root``) and report it; returns an id of what it reported to, or None."""
 
 

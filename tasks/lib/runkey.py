@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.config import Config
+from tasks.lib.config import Config
 
 # Keys that may change without invalidating checkpoints: how long and how often, not what is learned.
 RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
