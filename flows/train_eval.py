@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
 from flows import workspace as wsp
@@ -75,18 +76,30 @@ class Stage:
     outs: tuple[str, ...]  # outs, metrics and plots
 
 
+def _producer(dep: str, made: dict[str, str]) -> Optional[str]:
+    """The stage whose output ``dep`` is, lies under or contains, if any (``made``: output -> stage)."""
+    dep = dep.rstrip("/")
+    return next((made[o] for o in made if dep == o or dep.startswith(o + "/") or o.startswith(dep + "/")), None)
+
+
+def producers_of(stages: dict[str, Stage]) -> dict[str, tuple[str, ...]]:
+    """For each stage, the stages whose outputs it reads: the DAG of dvc.yaml's deps and outs."""
+    made = {o.rstrip("/"): name for name, st in stages.items() for o in st.outs}
+    found: dict[str, tuple[str, ...]] = {}
+    for name, st in stages.items():
+        producers = [_producer(d, made) for d in st.deps]
+        found[name] = tuple(dict.fromkeys(p for p in producers if p is not None and p != name))
+    return found
+
+
 def stages_from_dvc_yaml(path: Path = PROJECT / "dvc.yaml") -> dict[str, Stage]:
     """``{stage: Stage}`` in dvc.yaml's order, which must run each stage after every stage whose outputs it reads."""
     stages = {name: Stage(tuple(deps), tuple(outs)) for name, (deps, outs) in dvc_stages(path).items()}
-    made: dict[str, str] = {}
-    for name, st in stages.items():
-        for o in st.outs:
-            made[o.rstrip("/")] = name
+    made = {o.rstrip("/"): name for name, st in stages.items() for o in st.outs}
     seen: set[str] = set()
     for name, st in stages.items():
         for d in st.deps:
-            producer = next((made[o] for o in made if d == o or d.startswith(o + "/") or o.startswith(d + "/")),
-                            None)
+            producer = _producer(d, made)
             if producer is not None and producer != name and producer not in seen:
                 raise ValueError(f"{path}: stage {name} reads {d}, an output of {producer}, which comes after it")
         seen.add(name)
@@ -94,6 +107,7 @@ def stages_from_dvc_yaml(path: Path = PROJECT / "dvc.yaml") -> dict[str, Stage]:
 
 
 STAGES = stages_from_dvc_yaml()
+PRODUCERS = producers_of(STAGES)  # the DAG: a stage starts once these are done (fetch -> train -> sample ...)
 
 
 def read_record(root: Path, stage: str) -> dict[str, Any]:
@@ -428,33 +442,55 @@ def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[
 
 def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace,
                 track: Callable[[str], None]) -> dict[str, dict[str, Any]] | State:
-    """Every stage in dvc.yaml's order, each that ran followed by ``track(stage)`` (the tracking layer):
-    {stage: {status, wall_s}}, or the Failed state of the first that failed."""
+    """Every stage of dvc.yaml, each as soon as the stages whose outputs it reads are done (:data:`PRODUCERS`), so
+    independent ones run at the same time (train_classifier beside train, figures beside sample -> evaluate ->
+    sampler_table): DVC releases its repository lock while a stage's command runs, and each ``dvc repro`` waits for
+    the moments another holds it. Each stage that ran is followed by ``track(stage)``, in this thread.
+
+    Returns {stage: {status, wall_s}} in dvc.yaml's order, or the Failed state of the first stage that failed:
+    stages already running then finish, and none starts after it."""
     runs: dict[str, dict[str, Any]] = {}
-    n = len(STAGE_TASKS)
-    for i, (name, stage_task) in enumerate(STAGE_TASKS.items(), 1):
-        logger.info(f"[{i}/{n}] {name} ...")
-        t0 = time.perf_counter()
-        state = stage_task(name, str(ws.root), env, return_state=True)
+    n, number = len(STAGE_TASKS), {name: i for i, name in enumerate(STAGE_TASKS, 1)}
+    pending = list(STAGE_TASKS)
+    running: dict[str, tuple[Any, float]] = {}  # stage -> (its Prefect future, start)
+    failure: Optional[State] = None
+    error: Optional[BaseException] = None  # an unexpected exception of a task: raised once the others are done
+    while pending or running:
+        for name in [s for s in pending if failure is None and all(p in runs for p in PRODUCERS[s])]:
+            logger.info(f"[{number[name]}/{n}] {name} ...")
+            running[name] = (STAGE_TASKS[name].submit(name, str(ws.root), env), time.perf_counter())
+            pending.remove(name)
+        if not running:
+            break
+        future = next(as_completed([f for f, _ in running.values()]))
+        future.wait()  # the task's own final state (Cached ...), not the API's copy, which may lag behind
+        name = next(k for k, (f, _) in running.items() if f is future)
+        _, t0 = running.pop(name)
+        state, tag = future.state, f"[{number[name]}/{n}] {name}"
         wall = time.perf_counter() - t0
         if state.is_failed():
-            error = state.result(raise_on_failure=False)
-            if isinstance(error, BaseException) and not isinstance(error, StageCrashed):
-                raise error
-            message = state.message if not isinstance(error, StageCrashed) else str(error).splitlines()[0]
-            logger.error(f"[{i}/{n}] {name} failed after {wall:.1f} s: {message}")
-            return Failed(message=message)
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, BaseException) and not isinstance(result, StageCrashed):
+                error = error or result
+            message = state.message if not isinstance(result, StageCrashed) else str(result).splitlines()[0]
+            logger.error(f"{tag} failed after {wall:.1f} s: {message}")
+            failure = failure or Failed(message=message)
+            continue
         status = "cached" if state.name == "Cached" else "ran"
         if status == "ran":
             track(name)
             wall = time.perf_counter() - t0
         runs[name] = {"status": status, "wall_s": round(wall, 2)}
-        logger.info(f"[{i}/{n}] {name}: {status} in {wall:.1f} s"
+        logger.info(f"{tag}: {status} in {wall:.1f} s"
                     + (f" ({state.message})" if status == "cached" and state.message else ""))
         record = read_record(ws.root, name)
         if record.get("skipped"):  # train_classifier, when unread
-            logger.info(f"[{i}/{n}] {name}: nothing computed, {record.get('reason')}")
-    return runs
+            logger.info(f"{tag}: nothing computed, {record.get('reason')}")
+    if error is not None:
+        raise error
+    if failure is not None:
+        return failure
+    return {name: runs[name] for name in STAGE_TASKS}
 
 
 # -- command line ---------------------------------------------------------------------------------------------------

@@ -243,10 +243,13 @@ _RAN = re.compile(r"Running stage '([^']+)'")
 
 
 def repro(root: Path, stage: str, env: dict[str, str], log: Callable[[str], None]) -> ReproResult:
-    """``dvc repro --single-item <stage>`` in the workspace ``root``, its output passed line by line to ``log``."""
+    """``dvc repro --single-item <stage>`` in the workspace ``root``, its output passed line by line to ``log``
+    (waiting for DVC's repository lock rather than failing when another ``dvc`` of this workspace holds it)."""
     full_env = {**os.environ, **env,
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([_dvc_bin(), "repro", "--single-item", stage], cwd=root, env=full_env,
+    # --wait-for-lock: the flow runs independent stages at once, and each `dvc repro` holds the repository lock for
+    # a moment at its start and end (not while the stage's command runs).
+    proc = subprocess.Popen([_dvc_bin(), "--wait-for-lock", "repro", "--single-item", stage], cwd=root, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     status, error, lines = None, None, []
     assert proc.stdout is not None

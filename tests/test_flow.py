@@ -59,6 +59,14 @@ def test_stage_table_is_read_from_dvc_yaml():
     assert {name: t.retries for name, t in te.STAGE_TASKS.items()} == {n: 2 if n == "fetch" else 0 for n in dvc}
 
 
+def test_the_dag_is_dvc_yamls_deps_and_outs():
+    """Each stage starts once the stages whose outputs it reads are done; nothing else orders them."""
+    assert te.PRODUCERS == {
+        "fetch": (), "train_classifier": ("fetch",), "train": ("fetch",), "sample": ("train",),
+        "evaluate": ("fetch", "sample", "train_classifier"), "figures": ("train", "fetch"),
+        "sampler_table": ("train", "fetch", "train_classifier", "evaluate")}
+
+
 def test_stage_order_must_follow_the_data(tmp_path):
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     stages = spec["stages"]
@@ -264,6 +272,12 @@ def test_a_flow_run_leaves_dvc_as_dvc_repro_would(prefect_api, tmp_path, tiny_pa
     assert len(pushed) >= 10
     record = json.loads((work / "metrics" / "run.json").read_text())
     assert f"Prefect flow run: {record['prefect_flow_run_id']}" in first.stdout
+    # Independent stages ran at the same time: train_classifier beside train, as Prefect recorded them.
+    with _client(prefect_api) as c:
+        runs = {stage: trs[-1] for stage, trs in _task_runs(c, record["prefect_flow_run_id"]).items()}
+    clf, train = runs["train_classifier"], runs["train"]
+    assert clf.start_time < train.end_time and train.start_time < clf.end_time, (clf, train)
+    assert runs["sample"].start_time >= train.end_time  # ... and a stage only after what it reads
     assert record["dvc_experiment"] is None and record["workspace"] == str(work)  # the project: `dvc repro`'s state
 
     with open(work / "ddpm" / "diffusion.py", "a") as f:
@@ -301,7 +315,8 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
     assert not out.exists()
 
     # 1. The weights file exists but is not the pinned one: only evaluate can tell (its SHA-256), so the stages
-    # before it run and evaluate fails with its one-line message.
+    # before it run and evaluate fails with its one-line message. figures, which reads none of evaluate's inputs,
+    # ran beside sample and evaluate; sampler_table, which reads evaluate's reference statistics, never started.
     r1, run1, _ = _deployment_run(served, "local", params=str(params), out=str(out), overrides={
         "evaluate.feature_extractor": "inception-v3-compat", "evaluate.inception_weights": str(wrong)})
     assert r1.returncode == 1, _output(r1) + _tail(served["log"])
@@ -311,7 +326,7 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
         assert state.message.startswith(f"evaluate: evaluate.inception_weights: {wrong} has SHA-256 "), state.message
         # With Inception features nothing reads a classifier: its stage runs but trains nothing.
         assert _states(c, run1) == {"fetch": "Completed", "train_classifier": "Completed", "train": "Completed",
-                                    "sample": "Completed", "evaluate": "Failed"}
+                                    "sample": "Completed", "evaluate": "Failed", "figures": "Completed"}
     assert json.loads((out / "metrics" / "classifier.json").read_text())["skipped"] is True
     ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
     assert [p.name for p in ckpts][-1] == f"ckpt_{tiny_params['train']['steps']:08d}.pt"
@@ -329,9 +344,9 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         assert c.read_flow_run(run2).state.name == "Completed"
-        # figures and sampler_table come after the stage that failed: they run for the first time.
+        # sampler_table comes after the stage that failed: it runs for the first time; figures ran in run 1.
         assert _states(c, run2) == {"fetch": "Cached", "train_classifier": "Completed", "train": "Cached",
-                                    "sample": "Cached", "evaluate": "Completed", "figures": "Completed",
+                                    "sample": "Cached", "evaluate": "Completed", "figures": "Cached",
                                     "sampler_table": "Completed", "dvc-exp-save": "Completed"}
         artifacts = {a.key: a for a in c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run2])))}
