@@ -99,8 +99,8 @@ def save_png(array: np.ndarray, path: Path) -> Path:
 
 # -- the model -------------------------------------------------------------------------------------------------------
 class _Threads:
-    """All cores for sampling in this process, then the caller's thread count back (Prefect runs stages in one
-    process)."""
+    """Sampling with this process's thread count, which is given back afterwards even if a caller (a test, a
+    benchmark) changed it meanwhile."""
 
     def __enter__(self):
         self.previous = torch.get_num_threads()
@@ -146,8 +146,7 @@ def sampler_name(cfg: Config) -> str:
 
 
 def _kw(cfg: Config) -> dict[str, Any]:
-    s = cfg.sample
-    return dict(sampler=s.sampler, steps=s.steps, eta=s.eta, variance=s.variance, clip_denoised=s.clip_denoised)
+    return cfg.sample.kwargs()
 
 
 def _chain(holder, cfg: Config, seeds: list[int], frames: int) -> ChainRecorder:

@@ -79,9 +79,14 @@ def test_the_library_holds_no_pipeline_config():
     import ddpm.config as lib
     import tasks.lib.config as pipeline
 
-    for name in ("RayConfig", "TrackingConfig", "FiguresConfig", "SamplerTableConfig", "Config", "load_config"):
+    for name in ("DataConfig", "TrainConfig", "SampleConfig", "ClassifierConfig", "EvaluateConfig", "RayConfig",
+                 "TrackingConfig", "FiguresConfig", "SamplerTableConfig", "Config", "load_config", "DATASETS"):
         assert not hasattr(lib, name), name
         assert hasattr(pipeline, name), name
+    # The library keeps what describes the model, the diffusion and a sampler; the sample stage extends the last.
+    sections = {n for n in dir(lib) if n.endswith("Config") and n != "ConfigDict"}
+    assert sections == {"ModelConfig", "DiffusionConfig", "SamplerConfig"}, sections
+    assert issubclass(pipeline.SampleConfig, lib.SamplerConfig)
     assert set(pipeline.Config.model_fields) >= {"ray", "tracking", "figures", "sampler_table", "model", "diffusion"}
 
 

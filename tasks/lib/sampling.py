@@ -167,8 +167,7 @@ class ShardSampler:
         s = self._settings(params)
         if s.mode != "generate" and (inputs is None or len(inputs) != len(seeds)):
             raise ValueError(f"sample.mode {s.mode} needs one input image per seed")
-        kw = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, variance=s.variance, clip_denoised=s.clip_denoised,
-                  device=self.device)
+        kw = {**s.kwargs(), "device": self.device}
         out = []
         for lo in range(0, len(seeds), s.batch_size):
             batch = seeds[lo:lo + s.batch_size]
