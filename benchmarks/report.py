@@ -561,8 +561,12 @@ def block_demo(r: Records) -> str:
             txt += (f" ({k} × {n // k:,} images for `evaluate.repeats: {k}`)" if k > 1 else f" ({n:,} images)")
         parts.append(txt)
     rest = d["total_wall_s"] - d["sum_of_stages_s"]
-    out.append(f"- {', '.join(parts)} (each through `dvc repro`, its own Python process included); the rest "
-               f"({_dur(rest)}) is Prefect's temporary API, the run's Ray and the flow's start-up;")
+    if rest >= 0:
+        after = (f"; the rest ({_dur(rest)}) is Prefect's temporary API, the run's Ray and the flow's start-up;")
+    else:  # independent stages ran at the same time (the flow's DAG): their walls overlap
+        after = (f"; independent stages run at once (train_classifier beside train, figures beside sample, evaluate "
+                 f"and sampler_table), so the stages add up to {_dur(d['sum_of_stages_s'])}, more than the total;")
+    out.append(f"- {', '.join(parts)} (each through `dvc repro`, its own Python process included){after}")
     fid, floor = ev.get("fid"), ev.get("floor", {})
     k = ev.get("repeats", 1)
     if fid:
