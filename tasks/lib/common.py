@@ -333,6 +333,60 @@ def shard_paths(folder: os.PathLike | str) -> list[Path]:
     return sorted(Path(folder).glob("shard_*.npz"))
 
 
+class SampleShards:
+    """The samples of a sample-stage output, read one shard at a time: ``len()``, ``shape`` (C, H, W), ``seeds``
+    (int64, ascending) and ``[i]``, the uint8 image [C, H, W] with the i-th smallest seed.
+
+    Only the seeds are read up front. An image read loads its shard and keeps that one shard (the last one read),
+    so reading in order loads each shard once and holds one shard's images at a time: memory is flat in the
+    number of samples (``load_samples`` holds them all)."""
+
+    def __init__(self, folder: os.PathLike | str):
+        self.folder = Path(folder)
+        self.paths = shard_paths(self.folder)
+        if not self.paths:
+            raise DataError(f"{self.folder}: no sample shards (shard_*.npz); run the sample stage first")
+        seeds, where, shape = [], [], None
+        for k, p in enumerate(self.paths):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    s = z["seeds"].astype(np.int64)
+                    if shape is None:
+                        shape = tuple(int(d) for d in z["images"].shape[1:])
+            except Exception as e:
+                raise DataError(f"{p}: unreadable sample shard ({type(e).__name__}: {e})") from None
+            seeds.append(s)
+            where.append(np.stack([np.full(len(s), k), np.arange(len(s))], axis=1))
+        all_seeds = np.concatenate(seeds)
+        order = np.argsort(all_seeds, kind="stable")
+        self.seeds = all_seeds[order]
+        self._where = np.concatenate(where)[order]  # [N, 2]: (shard index, row) of the i-th smallest seed
+        self.shape = shape
+        self._cached: tuple[int, Optional[np.ndarray]] = (-1, None)
+        self.loads = 0  # shard files read for images (a reader in seed order reads each once)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def _shard(self, k: int) -> np.ndarray:
+        if self._cached[0] != k:
+            p = self.paths[k]
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    images = z["images"]
+            except Exception as e:
+                raise DataError(f"{p}: unreadable sample shard ({type(e).__name__}: {e})") from None
+            if images.dtype != np.uint8 or tuple(images.shape[1:]) != self.shape:
+                raise DataError(f"{p}: images are {images.dtype} {tuple(images.shape[1:])}, the other shards' are "
+                                f"uint8 {self.shape}")
+            self._cached, self.loads = (k, images), self.loads + 1
+        return self._cached[1]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, row = self._where[i]
+        return self._shard(int(k))[int(row)]
+
+
 def load_samples(folder: os.PathLike | str) -> tuple[np.ndarray, np.ndarray]:
     """All samples of a sample-stage output, ordered by seed: (uint8 images [N, C, H, W], int64 seeds [N])."""
     folder = Path(folder)

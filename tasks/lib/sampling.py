@@ -288,15 +288,16 @@ def input_images(cfg: Config, data_dir) -> tuple[Optional[np.ndarray], Optional[
     return holdout, sha256_arrays(holdout)
 
 
-def grid_images(cfg: Config, images: np.ndarray, seeds: np.ndarray, ckpt: Path,
+def grid_images(cfg: Config, images, seeds: np.ndarray, ckpt: Path,
                 inputs: Optional[np.ndarray] = None) -> np.ndarray:
     """Images of seeds ``sample.grid_seed`` .. +``grid_size``-1, the training grids' seeds: taken from the samples
-    (sorted ``seeds``) when they hold them all, else sampled here with the same settings."""
+    (``images[i]`` has the i-th of the sorted ``seeds``; an array or a :class:`~tasks.lib.common.SampleShards`)
+    when they hold them all, else sampled here with the same settings."""
     s = cfg.sample
     want = np.arange(s.grid_seed, s.grid_seed + s.grid_size)
     pos = np.minimum(np.searchsorted(seeds, want), len(seeds) - 1)
     if (seeds[pos] == want).all():
-        return images[pos]
+        return np.stack([images[int(i)] for i in pos])
     device = "cuda" if s.use_gpu is not False and torch.cuda.is_available() else "cpu"
     sampler = ShardSampler(str(absolute(ckpt)), cfg.to_dict(), device, torch.get_num_threads())
     return sampler.sample(want.tolist(), _shard_inputs(inputs, want.tolist(), s.seed))
@@ -364,18 +365,19 @@ def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None, pool: Optional[
                 pool.close()
     wall = time.perf_counter() - t0
 
-    from .common import load_samples
+    from .common import SampleShards
 
-    images, seeds = load_samples(out_dir)
-    if len(images) != total:
-        raise StageError(f"{out_dir}: expected {total} samples, found {len(images)}")
-    grid = save_grid(grid_images(cfg, images, seeds, ckpt, inputs), out_dir / "grid.png")
+    samples = SampleShards(out_dir)  # the shards' seeds now, a shard's images when the grid needs them
+    seeds = samples.seeds
+    if len(samples) != total:
+        raise StageError(f"{out_dir}: expected {total} samples, found {len(samples)}")
+    grid = save_grid(grid_images(cfg, samples, seeds, ckpt, inputs), out_dir / "grid.png")
     new = sum(len(seeds) for _, seeds in todo)
     summary = {
         "key": key,
         "complete": True,
-        "count": int(len(images)),
-        "shape": list(images.shape[1:]),
+        "count": len(samples),
+        "shape": list(samples.shape),
         "seeds": [int(seeds[0]), int(seeds[-1])],
         "sampler": s.sampler,
         "mode": s.mode,

@@ -57,7 +57,7 @@ from .common import (
     DatasetArtifact,
     StageError,
     load_dataset,
-    load_samples,
+    SampleShards,
     read_json,
     sha256_arrays,
     sha256_file,
@@ -85,18 +85,22 @@ METRIC_KEYS = {
 
 
 class UInt8Images(Dataset):
-    """uint8 images [N, C, H, W] served as torch-fidelity reads them: uint8 [3, H, W] (grayscale repeated)."""
+    """uint8 images served as torch-fidelity reads them: uint8 [3, H, W] (grayscale repeated). ``images`` is an
+    array [N, C, H, W], or anything with ``len()``, ``shape`` (C, H, W) and ``[i]`` -> uint8 [C, H, W] (e.g.
+    :class:`tasks.lib.common.SampleShards`, which reads one shard at a time)."""
 
-    def __init__(self, images: np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected uint8 images [N, 1 or 3, H, W], got {images.dtype} {images.shape}")
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+    def __init__(self, images):
+        shape = tuple(images.shape[1:]) if isinstance(images, np.ndarray) else tuple(images.shape)
+        dtype = images.dtype if isinstance(images, np.ndarray) else np.uint8
+        if dtype != np.uint8 or len(shape) != 3 or shape[0] not in (1, 3):
+            raise ValueError(f"expected uint8 images [N, 1 or 3, H, W], got {dtype} {shape}")
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.images[i]
+        x = torch.from_numpy(np.ascontiguousarray(self.images[i]))
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
@@ -167,8 +171,9 @@ def build_extractor(extractor: str, weights: str, layers: list[str], cuda: bool,
     return fe.cuda() if cuda else fe
 
 
-def extract(fe, images: np.ndarray, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
-    """Features of uint8 images [N, C, H, W]: {layer: float [N, D]} (on the CPU)."""
+def extract(fe, images, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
+    """Features of uint8 images (an array [N, C, H, W] or a :class:`UInt8Images` source), read in order in batches
+    of ``batch_size``: {layer: float [N, D]} (on the CPU)."""
     return get_featuresdict_from_dataset(UInt8Images(images), fe, batch_size, cuda, save_cpu_ram=True,
                                          verbose=sys.stderr.isatty())
 
@@ -266,10 +271,12 @@ def score_samples(
         check_inception_sha256(weights, weights_sha, ev.inception_sha256)
     accuracy = read_json(classifier_metrics_path).get("accuracy") if classifier_metrics_path is not None else None
 
-    images, seeds = load_samples(samples_dir)
-    k, n_total, n_train, n_hold = ev.repeats, len(images), len(data.train.images), len(data.holdout.images)
-    if tuple(images.shape[1:]) != data.shape:
-        raise StageError(f"{samples_dir}: samples are {'x'.join(map(str, images.shape[1:]))}, the dataset's images "
+    # The samples stream from their shards (one shard in memory at a time), in seed order.
+    samples = SampleShards(samples_dir)
+    seeds = samples.seeds
+    k, n_total, n_train, n_hold = ev.repeats, len(samples), len(data.train.images), len(data.holdout.images)
+    if tuple(samples.shape) != data.shape:
+        raise StageError(f"{samples_dir}: samples are {'x'.join(map(str, samples.shape))}, the dataset's images "
                          f"are {'x'.join(map(str, data.shape))}")
     if len(np.unique(seeds)) != n_total:
         raise StageError(f"{samples_dir}: some seeds occur twice; rerun the sample stage")
@@ -298,7 +305,7 @@ def score_samples(
     layers = sorted({layer} | ({isc_layer} if isc else set()))
     cuda = torch.cuda.is_available()
     fe = build_extractor(extractor, weights, layers, cuda, ev.inception_sha256)
-    gen = extract(fe, images, ev.batch_size, cuda)
+    gen = extract(fe, samples, ev.batch_size, cuda)
     feature_dim = gen[layer].shape[1]
 
     want = {"dataset": str(data.meta.get("dataset", "data")), "split": "train",
