@@ -331,7 +331,7 @@ def two_pipelines(tmp_path_factory, digits):
 
     root = tmp_path_factory.mktemp("two")
     db = root / "mlflow.db"
-    # The store does not exist yet: both pipelines create it at the same moment (tasks/tracking.py runs MLflow's
+    # The store does not exist yet: both pipelines create it at the same moment (tracking/run.py runs MLflow's
     # schema migrations under a file lock; without it one of them failed with alembic's CommandError).
     assert not db.exists()
     runs = {}
