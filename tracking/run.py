@@ -28,7 +28,6 @@ created; the training curves, grids and model (tracking/training.py) and what th
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
