@@ -88,3 +88,43 @@ def test_callback_list_calls_each_in_order():
     cbs = CallbackList([a, b])
     cbs.on_fit_end(True)
     assert a.calls == b.calls == [("fit_end", True)]
+
+
+def test_a_third_party_tracker_is_found_through_its_entry_point(tmp_path, repo_root):
+    """README "Tracking": another installed package declares a tracker under ``ddpm_pipeline.trackers`` and the
+    stages report to it, beside MLflow, without importing it. Here a package on PYTHONPATH with its own dist-info,
+    in a fresh interpreter (entry points are read once per process)."""
+    import json
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    (site / "csv_tracker-1.0.dist-info").mkdir(parents=True)
+    (site / "csv_tracker-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: csv-tracker\n"
+                                                                 "Version: 1.0\n")
+    (site / "csv_tracker-1.0.dist-info" / "entry_points.txt").write_text(
+        "[ddpm_pipeline.trackers]\ncsv = csv_tracker:TRACKER\n")
+    (site / "csv_tracker.py").write_text(
+        "import json\n"
+        "class Tracker:\n"
+        "    def train_callback(self, cfg):\n"
+        "        return None\n"
+        "    def after_stage(self, stage, cfg, root, paths):\n"
+        "        rec = json.loads(paths['eval_metrics'].read_text())\n"
+        "        (root / 'seen.json').write_text(json.dumps({'stage': stage, 'fid': rec['fid']}))\n"
+        "TRACKER = Tracker()\n")
+    (tmp_path / "eval.json").write_text(json.dumps({"fid": 2.5}))
+    code = ("from tasks.lib.callbacks import after_stage, trackers\n"
+            "from tasks.lib.config import from_dict\n"
+            "cfg = from_dict({'tracking': {'enabled': True, 'uri': 'http://127.0.0.1:9'}})\n"
+            "print(sorted(name for name, _ in trackers(cfg)))\n"
+            "after_stage('evaluate', cfg, eval_metrics='eval.json')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{repo_root}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "['csv', 'mlflow']"
+    assert json.loads((tmp_path / "seen.json").read_text()) == {"stage": "evaluate", "fid": 2.5}
+    # MLflow's tracker, pointed at a dead server, warned and let the stage go on
+    assert "unreachable" in r.stderr
