@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 LAYOUT = {
     "dataset": "data/dataset",
@@ -46,6 +46,6 @@ def read_record(path: Path) -> dict[str, Any]:
     return d if isinstance(d, dict) else {}
 
 
-def read_output(root: Path, name: str, paths: Mapping[str, Path] | None = None) -> dict[str, Any]:
-    """The JSON record ``LAYOUT[name]`` under the workspace ``root`` (or ``paths[name]``), as :func:`read_record`."""
-    return read_record(paths[name] if paths and name in paths else root / LAYOUT[name])
+def read_output(root: Path, name: str) -> dict[str, Any]:
+    """The JSON record ``LAYOUT[name]`` under the workspace ``root``, as :func:`read_record`."""
+    return read_record(root / LAYOUT[name])

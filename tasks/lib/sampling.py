@@ -123,6 +123,14 @@ def shard_is_complete(path: Path, seeds: list[int], key: str, manifest: dict[str
 NETWORK_KEYS = ("use_ema", "precision", "channels_last", "compile")
 
 
+def check_same_network(built, wanted, what: str) -> None:
+    """Refuse sample settings ``wanted`` that a network built for ``built`` cannot serve (a :data:`NETWORK_KEYS`
+    differs); ``what`` names the holder in the message."""
+    differ = [k for k in NETWORK_KEYS if getattr(wanted, k) != getattr(built, k)]
+    if differ:
+        raise ValueError(f"{what} built with other sample.{', sample.'.join(differ)}")
+
+
 class ShardSampler:
     """Holds one copy of the network; samples shards of seeds in batches. Used as a Ray actor or in-process.
 
@@ -153,9 +161,7 @@ class ShardSampler:
         from tasks.lib.config import from_dict
 
         s = from_dict(params).sample
-        differ = [k for k in NETWORK_KEYS if getattr(s, k) != getattr(self.cfg.sample, k)]
-        if differ:
-            raise ValueError(f"this sampler's network was built with other sample.{', sample.'.join(differ)}")
+        check_same_network(self.cfg.sample, s, "this sampler's network was")
         return s
 
     def sample(self, seeds: list[int], inputs: Optional[np.ndarray] = None,
@@ -229,9 +235,7 @@ class SamplerPool:
         """Refuse settings these actors cannot sample: another checkpoint or another network set-up."""
         if absolute(ckpt) != self.ckpt:
             raise ValueError(f"this sampler pool holds {self.ckpt}, not {absolute(ckpt)}")
-        differ = [k for k in NETWORK_KEYS if getattr(cfg.sample, k) != getattr(self.cfg.sample, k)]
-        if differ:
-            raise ValueError(f"this sampler pool's networks were built with other sample.{', sample.'.join(differ)}")
+        check_same_network(self.cfg.sample, cfg.sample, "this sampler pool's networks were")
 
     def write_shards(self, cfg: Config, out_dir: Path, todo: list[tuple[int, list[int]]], key: str,
                      inputs: Optional[np.ndarray]):
