@@ -77,7 +77,8 @@ def main(argv=None) -> dict[str, Any]:
 
     from tasks.lib.config import load_config
     from ddpm.samplers import region_mask
-    from tasks.lib.common import load_dataset, load_samples
+    from tasks.lib.shards import load_dataset
+    from tasks.lib.common import load_samples
 
     root = Path(args.root).resolve()
     data, ckpts, weights = root / "data/dataset", root / "checkpoints", root / "models/classifier.pt"

@@ -1,15 +1,20 @@
 """Stage ``fetch``: read the configured dataset once and write the dataset artifact every later stage reads.
 
-Output folder (see :mod:`tasks.lib.common`, "the dataset artifact"):
+Output folder (the layout is :mod:`tasks.lib.shards`'s):
 
-- ``train.npz``, ``holdout.npz``: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N] (-1 when unlabeled);
-- ``dataset.json``: ``dataset``, ``source``, ``count`` {train, holdout}, ``shape`` [C, H, W], ``num_classes``
-  (0 if unlabeled), ``classes``, ``holdout`` (how the holdout split was made), ``sha256`` (content hash of the
-  four arrays, independent of the npz container);
+- ``train/``, ``holdout/``: Parquet shards of ``image`` (the uint8 [C, H, W] pixels) and ``label`` (int64, -1 when
+  unlabeled);
+- ``dataset.json``, the manifest: ``format``, ``dataset``, ``source``, ``count`` {train, holdout}, ``shape``
+  [C, H, W], ``num_classes`` (0 if unlabeled), ``classes``, ``holdout`` (how the holdout split was made),
+  ``skipped`` (unreadable images left out with ``data.bad_images: skip``), ``splits`` (each split's shards, their
+  rows and SHA-256) and ``sha256`` (content hash of pixels and labels, computed while writing);
 - ``config.json``: the resolved config.
 
-``dataset.json`` is written last, so a folder with one is complete. Nothing in the folder is touched until the
-new data has loaded, so a failed fetch leaves the previous outputs as they were.
+Image folders stream: their files are listed and split first, then decoded and resized by
+``data.ingest_workers`` processes a chunk at a time and written shard by shard, so memory does not grow with the
+folder. The other datasets are small enough to be read whole first. Everything is written into a staging folder
+beside the output and moved into place at the end, ``dataset.json`` last: a failed fetch leaves the previous
+outputs as they were.
 
     python -m tasks.fetch --params params.yaml --out data/dataset [--set data.dataset=mnist ...]
 """
@@ -17,65 +22,108 @@ new data has loaded, so a failed fetch leaves the previous outputs as they were.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tasks.lib.config import Config, write_resolved
 
-from .lib import datasets
+from .lib import datasets, shards
 from .lib.common import (
+    DataError,
     StageError,
     check_writable,
     run_cli,
-    sha256_arrays,
     stage_parser,
-    write_json,
-    write_npz,
 )
 from .lib.inputs import stage_config
 
-OWNED = ("dataset.json", "train.npz", "holdout.npz", "config.json")  # dataset.json first: it marks "complete"
+WRITE_CHUNK = 4096  # images handed to a shard writer at a time when the source is in memory
 
 
-def describe(cfg: Config, data: datasets.Prepared) -> dict[str, Any]:
-    """The ``dataset.json`` record of a prepared dataset."""
+def describe(cfg: Config, shape, classes, source: str, split: dict, written: dict[str, dict],
+             skipped: Optional[dict] = None) -> dict[str, Any]:
+    """The ``dataset.json`` manifest of a written dataset."""
     d = cfg.data
     return {
+        "format": shards.FORMAT,
         "dataset": d.dataset,
-        "source": data.source,
-        "count": {"train": int(len(data.train.labels)), "holdout": int(len(data.holdout.labels))},
-        "shape": list(data.shape),
-        "num_classes": len(data.classes),
-        "classes": list(data.classes),
-        "holdout": dict(data.split),
+        "source": source,
+        "count": {s: written[s]["count"] for s in shards.SPLITS},
+        "shape": list(shape),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "holdout": dict(split),
         "max_train": d.max_train,
-        "sha256": sha256_arrays(data.train.images, data.train.labels, data.holdout.images, data.holdout.labels),
+        "skipped": skipped or {"count": 0, "files": []},
+        "splits": {s: {"count": written[s]["count"], "shards": written[s]["shards"]} for s in shards.SPLITS},
+        "sha256": shards.content_sha256(shape, written),
     }
+
+
+def _write_prepared(cfg: Config, staging: Path) -> dict[str, Any]:
+    data = datasets.prepare(cfg.data)
+    written = {}
+    for name in shards.SPLITS:
+        split = getattr(data, name)
+        w = shards.SplitWriter(staging / name, data.shape, cfg.data.shard_images)
+        for i in range(0, len(split.labels), WRITE_CHUNK):
+            w.add(split.images[i:i + WRITE_CHUNK], split.labels[i:i + WRITE_CHUNK])
+        written[name] = w.close()
+    return describe(cfg, data.shape, data.classes, data.source, data.split, written)
+
+
+def _write_image_folder(cfg: Config, staging: Path) -> dict[str, Any]:
+    d = cfg.data
+    plan = datasets.plan_image_folder(d)
+    c, size, _ = d.shape
+    workers = d.ingest_workers or os.cpu_count() or 1
+    written, bad = {}, []
+    for name in shards.SPLITS:
+        w = shards.SplitWriter(staging / name, d.shape, d.shard_images)
+        bad += datasets.ingest(plan, getattr(plan, name), size, c, workers, w.add, desc=f"decode {name}")
+        if bad and d.bad_images == "error":
+            break  # the staging folder is discarded; nothing of the previous output was touched
+        written[name] = w.close()
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        if d.bad_images == "error":
+            raise DataError(f"image-folder: {len(bad)} unreadable image file(s) under {plan.root}: {shown} "
+                            "(data.bad_images: skip leaves them out and counts them)")
+        print(f"fetch: skipped {len(bad)} unreadable image file(s) under {plan.root} (data.bad_images: skip): "
+              f"{shown}", file=sys.stderr)
+    for name in shards.SPLITS:
+        if written[name]["count"] == 0:
+            raise DataError(f"image-folder: no readable image left in the {name} split of {plan.root}")
+    return describe(cfg, d.shape, plan.classes, str(plan.root), plan.split, written,
+                    {"count": len(bad), "files": sorted(bad)[:100]})
 
 
 def run(cfg: Config, out_dir: os.PathLike | str) -> dict[str, Any]:
     """Load ``cfg.data``'s dataset and write the dataset artifact into ``out_dir``; return ``dataset.json``.
 
-    Raises :class:`~tasks.lib.common.DataError` (missing or unreadable source files) before writing anything.
+    Raises :class:`~tasks.lib.common.DataError` (missing or unreadable source files) with the previous outputs
+    untouched.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise StageError(f"{out}: exists and is not a folder (--out must name a folder)")
     check_writable(out)
-    data = datasets.prepare(cfg.data)
-    meta = describe(cfg, data)
-
-    out.mkdir(parents=True, exist_ok=True)
-    # Remove the previous run's files first so that an interruption below never leaves a mix of old and new.
-    for name in OWNED:
-        (out / name).unlink(missing_ok=True)
-        for tmp in out.glob(f".{name}.*.tmp"):  # left by a writer that was killed mid-write
-            tmp.unlink(missing_ok=True)
-    write_npz(out / "train.npz", images=data.train.images, labels=data.train.labels)
-    write_npz(out / "holdout.npz", images=data.holdout.images, labels=data.holdout.labels)
-    write_resolved(cfg, out)
-    write_json(out / "dataset.json", meta)
+    for old in out.parent.glob(f".{out.name}.staging-*"):  # left by a fetch that was killed
+        shutil.rmtree(old, ignore_errors=True)
+    # Staged beside the output (same file system, so the final moves are renames); the output folder itself is
+    # only touched once everything is written.
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    try:
+        staging.mkdir(parents=True)
+        write = _write_image_folder if cfg.data.dataset == "image-folder" else _write_prepared
+        meta = write(cfg, staging)
+        write_resolved(cfg, staging)
+        out.mkdir(parents=True, exist_ok=True)
+        shards.publish(staging, out, meta, extra=("config.json",))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 

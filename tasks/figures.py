@@ -48,7 +48,6 @@ from .lib.common import (
     DataError,
     StageError,
     atomic_write_bytes,
-    load_dataset,
     run_cli,
     stage_parser,
     to_model_range,
@@ -56,6 +55,7 @@ from .lib.common import (
     want_gpu,
     write_json,
 )
+from .lib.shards import open_dataset
 from .lib.inputs import stage_config
 
 PAD = 2  # pixels between panels (torchvision make_grid padding)
@@ -286,10 +286,11 @@ def run(cfg: Config, ckpt_dir, data_dir, loss_log, out_dir) -> dict[str, Any]:
         print("figures.enabled is false: no figures")
         return summary
     t0 = time.perf_counter()
-    holdout = load_dataset(data_dir).holdout.images
-    if len(holdout) < cfg.figures.recon_images:
+    held_out = open_dataset(data_dir).holdout  # only the first recon_images are read
+    if len(held_out) < cfg.figures.recon_images:
         raise DataError(f"figures.recon_images: {cfg.figures.recon_images} images asked, the held-out split of "
-                        f"{data_dir} has {len(holdout)}")
+                        f"{data_dir} has {len(held_out)}")
+    holdout = held_out.head(cfg.figures.recon_images).images
     read_loss(Path(loss_log))  # a missing or broken loss log fails before any sampling
     with _Threads():
         holder, ckpt = load_sampler(cfg, ckpt_dir)

@@ -45,7 +45,6 @@ from .lib.common import (
     check_local_gpus,
     check_writable,
     ensure_ray,
-    load_dataset,
     read_json,
     run_cli,
     stage_parser,
@@ -53,6 +52,7 @@ from .lib.common import (
 )
 from .lib.inputs import stage_config
 from .lib.runkey import run_key
+from .lib.shards import TrainStream, open_dataset
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -152,8 +152,6 @@ def train_loop(
 ) -> None:
     """One flat training loop (Algorithm 1). Under Ray, ``wrap`` is DDP and ``report`` Ray's; alone (rank 0 of
     1, e.g. for benchmarks) it is the same loop in this process."""
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
     cfg = from_dict(loop_cfg["params"])
     tc = cfg.train
     ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
@@ -165,14 +163,15 @@ def train_loop(
         raise StageError(f"train.batch_size: {tc.batch_size} is not divisible by {world} workers")
     local_batch = tc.batch_size // world
 
-    ds = load_dataset(loop_cfg["data"])
-    images = torch.from_numpy(ds.train.images)  # uint8 [N, C, H, W], kept as bytes in memory
-    if images.shape[0] < tc.batch_size:
-        raise StageError(f"train.batch_size: {tc.batch_size} exceeds the {images.shape[0]} training images")
-    sampler = DistributedSampler(TensorDataset(images), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=tc.seed, drop_last=True)
-    loader = DataLoader(TensorDataset(images), batch_size=local_batch, sampler=sampler, drop_last=True)
-    steps_per_epoch = len(loader)
+    # The training split streams from its shards: this worker's disjoint part of each epoch, shuffled, read ahead
+    # by a thread, uint8 until it reaches the device (tasks/lib/shards.py TrainStream).
+    split = open_dataset(loop_cfg["data"]).train
+    if len(split) < tc.batch_size:
+        raise StageError(f"train.batch_size: {tc.batch_size} exceeds the {len(split)} training images")
+    image_bytes = math.prod(split.shape)
+    stream = TrainStream(split, local_batch, rank, world, tc.seed, (tc.shuffle_buffer_mb << 20) // image_bytes)
+    steps_per_epoch = stream.steps_per_epoch
+    pin = device.type == "cuda"
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = prepare_model(UNet.from_config(cfg.unet_config()).to(device), channels_last=tc.channels_last)
@@ -228,14 +227,16 @@ def train_loop(
     epoch, offset = divmod(step, steps_per_epoch)
     t_log, seen = time.perf_counter(), 0
     while step < tc.steps:
-        sampler.set_epoch(epoch)
-        for i, (batch,) in enumerate(loader):
-            if i < offset:  # resume mid-epoch exactly where the checkpoint stopped
-                continue
+        # A resumed run starts at the batch where the checkpoint stopped: the epoch's order depends on the seed,
+        # the epoch and the worker layout alone, so this is the batch the uninterrupted run would have read next.
+        for batch in stream.epoch(epoch, skip=offset):
             # One seed per (step, rank): t, noise and dropout are the same whether or not the run was resumed.
             torch.manual_seed((tc.seed * 1_000_003 + step) * 1009 + rank)
-            x0 = batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-            if tc.random_flip:
+            images = torch.from_numpy(batch)
+            if pin:
+                images = images.pin_memory()
+            x0 = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            if tc.random_flip:  # on the fly, on the device
                 flip = torch.rand(x0.shape[0], device=device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
             lr = opt.param_groups[0]["lr"]  # the scheduler's value for this step (logged below)
@@ -286,7 +287,7 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[
     the callbacks (``None``: the installed trackers'); return the loop's config (absolute paths: Ray workers change
     directory)."""
     data_dir, ckpt_dir, log_path = absolute(data_dir), absolute(ckpt_dir), absolute(log_path)
-    ds_meta = load_dataset(data_dir).meta
+    ds_meta = open_dataset(data_dir).meta
     if tuple(ds_meta["shape"]) != cfg.data.shape:
         raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "
                          f"{list(cfg.data.shape)}; rerun the fetch stage")

@@ -26,12 +26,12 @@ from .lib.classifier import Classifier, ClassifierArgs, save_classifier, save_sk
 from .lib.common import (
     StageError,
     check_writable,
-    load_dataset,
     run_cli,
     stage_parser,
     to_model_range,
     write_json,
 )
+from .lib.shards import load_dataset
 from .lib.inputs import classifier_needed, extractor_for, stage_config
 
 

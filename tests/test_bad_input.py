@@ -65,6 +65,8 @@ def project(tmp_path_factory):
     textfile = root / "text_as_image"
     textfile.mkdir()
     (textfile / "photo.jpg").write_text("this is not a JPEG")
+    for name in ("a.png", "b.png"):  # readable neighbours: the folder splits, and only photo.jpg fails
+        (textfile / name).write_bytes(buf.getvalue())
     (root / "not_a_folder").write_text("a file where a folder is expected")
     # An Inception weights file of the wrong shape: a state dict, but not torch-fidelity's Inception-v3.
     torch.save({"conv.weight": torch.zeros(3, 3)}, root / "wrong_inception.pth")

@@ -22,7 +22,8 @@ from tasks.lib.config import load_config
 from tasks import evaluate, fetch, train_classifier
 from tasks.lib import refstats, scoring
 from tasks.lib.classifier import ClassifierFeatureExtractor, load_classifier
-from tasks.lib.common import StageError, load_dataset, sha256_file, to_model_range, write_json, write_npz
+from tasks.lib.shards import load_dataset, write_dataset
+from tasks.lib.common import Split, StageError, sha256_file, to_model_range, write_json, write_npz
 
 
 def write_samples(folder: Path, images: np.ndarray, shard_size: int = 128) -> Path:
@@ -93,11 +94,9 @@ def test_feature_extractor_reads_torch_fidelity_input(digits, classifier):
 
 def test_classifier_on_unlabeled_data_is_skipped_or_refused(tmp_path, tiny_config):
     rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("holdout", 10)):
-        write_npz(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8),
-                  labels=np.full(n, -1, dtype=np.int64))
-    write_json(tmp_path / "dataset.json", {"dataset": "image-folder", "shape": [1, 8, 8], "num_classes": 0,
-                                           "sha256": "0" * 64})
+    train, holdout = (Split(rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8), np.full(n, -1, dtype=np.int64))
+                      for n in (40, 10))
+    write_dataset(tmp_path, train, holdout, {"dataset": "image-folder", "num_classes": 0})
     # feature_extractor auto picks Inception for unlabeled data, so nothing reads a classifier: none is trained.
     metrics = train_classifier.run(tiny_config(), tmp_path, tmp_path / "c.pt", tmp_path / "c.json")
     assert metrics == {"skipped": True, "reason": "not needed: FID/KID/IS of 1x8x8 image-folder images use "

@@ -36,7 +36,7 @@ def test_panel_grid_size_and_placement():
 
 
 def test_figures_on_the_tiny_config(tiny_config, tiny_trained, tmp_path):
-    from tasks.lib.common import load_dataset
+    from tasks.lib.shards import load_dataset
 
     cfg = tiny_config(FIG)
     out = tmp_path / "figs"

@@ -189,7 +189,8 @@ def test_inpainting_the_bottom_half_of_held_out_digits_keeps_their_class(digits_
     classifier gives the original label far more often than chance (10%): the known top half steers the fill.
     (Measured: 60% here; 76% is the ceiling, the label of the training digit with the nearest top half.)"""
     from tasks.lib.classifier import load_classifier
-    from tasks.lib.common import load_dataset, to_model_range
+    from tasks.lib.shards import load_dataset
+    from tasks.lib.common import to_model_range
 
     ds = load_dataset(digits_and_classifier["data"])
     net, _ = load_classifier(digits_and_classifier["weights"])

@@ -171,8 +171,7 @@ def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
 
 
 # -- the dataset artifact -------------------------------------------------------------------------------------------
-# A folder holding train.npz and holdout.npz (images: uint8 [N, C, H, W]; labels: int64 [N], -1 when unlabeled)
-# and dataset.json (count, shape, source, num_classes, content hash).
+# The fetch stage's folder: each split as Parquet shards plus a dataset.json manifest (tasks/lib/shards.py).
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray  # uint8 [N, C, H, W]
@@ -181,6 +180,8 @@ class Split:
 
 @dataclass(frozen=True)
 class DatasetArtifact:
+    """A dataset read whole into memory: for the consumers that need it so and are small (the classifier)."""
+
     train: Split
     holdout: Split
     meta: dict[str, Any]
@@ -192,26 +193,6 @@ class DatasetArtifact:
     @property
     def num_classes(self) -> int:
         return int(self.meta.get("num_classes") or 0)
-
-
-def _load_split(path: Path) -> Split:
-    if not path.is_file():
-        raise DataError(f"{path}: dataset split not found; run the fetch stage first")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
-    except Exception as e:
-        raise DataError(f"{path}: unreadable dataset split ({type(e).__name__}: {e})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (images.shape[0],):
-        raise DataError(f"{path}: expected uint8 images [N, C, H, W] and labels [N], got {images.dtype} "
-                        f"{images.shape} and {labels.shape}")
-    return Split(images, labels.astype(np.int64))
-
-
-def load_dataset(folder: os.PathLike | str) -> DatasetArtifact:
-    folder = Path(folder)
-    meta = read_json(folder / "dataset.json")
-    return DatasetArtifact(_load_split(folder / "train.npz"), _load_split(folder / "holdout.npz"), meta)
 
 
 def to_model_range(images_uint8) -> "torch.Tensor":  # noqa: F821

@@ -44,6 +44,11 @@ class DataConfig(_Section):
     stratify_holdout: StrictBool = False
     max_train: Optional[int] = Field(default=None, gt=0)  # cap the training split (quick experiments)
     seed: int = 0
+    # image-folder: an unreadable image fails the fetch (error, naming the files) or is left out and counted in
+    # dataset.json's "skipped" (skip); never dropped silently
+    bad_images: Literal["error", "skip"] = "error"
+    ingest_workers: Optional[int] = Field(default=None, gt=0)  # image-folder decode processes; null: all cores
+    shard_images: Optional[int] = Field(default=None, gt=0)  # images per Parquet shard; null: about 64 MiB each
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -64,6 +69,9 @@ class TrainConfig(_Section):
     ema_decay: float = Field(default=0.9999, ge=0, lt=1)
     random_flip: StrictBool = False
     seed: int = 0
+    # rows are shuffled within windows of this many MiB of pixels per worker (the whole part when it fits: a full
+    # shuffle); the row groups' order is drawn anew each epoch (tasks/lib/shards.py TrainStream)
+    shuffle_buffer_mb: int = Field(default=256, gt=0)
     checkpoint_every: int = Field(default=500, gt=0)
     keep_checkpoints: int = Field(default=3, gt=0)
     log_every: int = Field(default=10, gt=0)

@@ -405,6 +405,111 @@ def load_image_folder(root: str | os.PathLike, image_size: int, channels: int = 
     return Source(Split(images, labels), None, classes, str(root))
 
 
+# -- image folders, streamed ----------------------------------------------------------------------------------------
+INGEST_CHUNK = 256  # images per decode task
+
+
+def decode_chunk(root: str, rel_paths: Sequence[str], size: int, channels: int) -> tuple[np.ndarray, list[int]]:
+    """Decode, resize and crop images (one task of a parallel ingest): uint8 [n, C, size, size] of the readable
+    ones, and the positions in ``rel_paths`` of the unreadable ones."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    torch.set_num_threads(1)  # one process per core already
+    mode = "RGB" if channels == 3 else "L"
+    out, bad = [], []
+    for i, rel in enumerate(rel_paths):
+        try:
+            im = _decode(Path(root) / rel, mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            bad.append(i)
+            continue
+        out.append(resize_and_crop(F.pil_to_tensor(im)[None], size)[0].numpy())
+    images = np.stack(out) if out else np.empty((0, channels, size, size), dtype=np.uint8)
+    return images, bad
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """An image folder's files and their split, decided before any image is decoded (a list of names and labels:
+    small beside the pixels)."""
+
+    root: Path
+    paths: list[str]  # relative POSIX paths, sorted
+    labels: np.ndarray  # int64 [N]
+    classes: list[str]
+    train: np.ndarray  # indices into paths, ascending
+    holdout: np.ndarray
+    split: dict
+
+
+def plan_image_folder(data: DataConfig) -> FolderPlan:
+    """List ``data.root``'s images and split them as :func:`prepare` would (holdout, then the ``max_train`` cap)."""
+    root = Path(data.root)
+    if not root.is_dir():
+        raise DataError(f"image-folder: {root} is not a folder (set data.root to the folder of PNG/JPEG images)")
+    files = list_images(root)
+    if not files:
+        raise DataError(f"image-folder: no PNG or JPEG images under {root} (searched recursively)")
+    classes, labels = folder_classes(root, files)
+    paths = [p.relative_to(root).as_posix() for p in files]
+    del files
+    train, holdout, stratified = split_holdout_indices(labels, data.holdout_fraction, data.seed,
+                                                       data.stratify_holdout)
+    if data.max_train is not None and len(train) > data.max_train:
+        rng = np.random.default_rng([data.seed, 0x6D6178])  # the same draw as cap()
+        train = train[np.sort(rng.choice(len(train), size=data.max_train, replace=False))]
+    how = {"kind": "random-split", "fraction": data.holdout_fraction, "seed": data.seed, "stratified": stratified}
+    return FolderPlan(root, paths, labels, classes, train, holdout, how)
+
+
+def ingest(plan: FolderPlan, which: np.ndarray, size: int, channels: int, workers: int, sink,
+           desc: str = "decode") -> list[str]:
+    """Decode ``plan.paths[which]`` in ``workers`` processes, in chunks, and pass each chunk's readable images and
+    labels to ``sink(images, labels)`` in order; return the relative paths of the unreadable ones. At most
+    2 x ``workers`` chunks are in flight, so memory does not grow with the folder."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    chunks = [which[i:i + INGEST_CHUNK] for i in range(0, len(which), INGEST_CHUNK)]
+    bad: list[str] = []
+    bar = tqdm(total=len(which), desc=desc, unit="img", disable=None)
+
+    def consume(idx, result):
+        images, bad_pos = result
+        keep = np.ones(len(idx), dtype=bool)
+        keep[bad_pos] = False
+        bad.extend(plan.paths[int(idx[i])] for i in bad_pos)
+        if len(images):
+            sink(images, plan.labels[idx[keep]])
+        bar.update(len(idx))
+
+    try:
+        if workers <= 1:
+            for idx in chunks:
+                consume(idx, decode_chunk(str(plan.root), [plan.paths[int(i)] for i in idx], size, channels))
+            return bad
+        # forkserver: no copy of this process's threads or torch state in the children
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver")) as pool:
+            pending: deque = deque()
+            for idx in chunks:
+                pending.append((idx, pool.submit(decode_chunk, str(plan.root),
+                                                 [plan.paths[int(i)] for i in idx], size, channels)))
+                if len(pending) >= 2 * workers:
+                    i0, fut = pending.popleft()
+                    consume(i0, fut.result())
+            while pending:
+                i0, fut = pending.popleft()
+                consume(i0, fut.result())
+        return bad
+    finally:
+        bar.close()
+
+
 # -- transforms -----------------------------------------------------------------------------------------------------
 def resize_and_crop(images, size: int):
     """uint8 tensor [N, C, H, W] -> uint8 [N, C, size, size]: shorter side to ``size`` (antialiased bilinear,
@@ -454,14 +559,22 @@ def split_holdout(split: Split, fraction: float, seed: int, stratify: bool = Fal
     the real-vs-real FID floor measured on it includes the class-proportion noise every generated set has. A
     stratified holdout (``stratify``, when the data is labeled and every class fits on both sides) has exact class
     proportions and gives a floor that no sampler drawing i.i.d. images can expect to reach."""
+    train_idx, hold_idx, stratified = split_holdout_indices(split.labels, fraction, seed, stratify)
+    take = lambda idx: Split(split.images[idx], split.labels[idx])  # noqa: E731
+    return take(train_idx), take(hold_idx), stratified
+
+
+def split_holdout_indices(labels: np.ndarray, fraction: float, seed: int,
+                          stratify: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`split_holdout` on indices: (train indices, holdout indices, stratified), both ascending."""
     from sklearn.model_selection import train_test_split
 
-    n = len(split.labels)
+    n = len(labels)
     index = np.arange(n)
-    labeled = stratify and bool(n) and bool((split.labels >= 0).all())
+    labeled = stratify and bool(n) and bool((labels >= 0).all())
     try:
         train_idx, hold_idx = train_test_split(
-            index, test_size=fraction, random_state=seed, stratify=split.labels if labeled else None
+            index, test_size=fraction, random_state=seed, stratify=labels if labeled else None
         )
         stratified = labeled
     except ValueError:
@@ -475,9 +588,7 @@ def split_holdout(split: Split, fraction: float, seed: int, stratify: bool = Fal
                 "(each side needs at least one)"
             ) from None
         stratified = False
-    train_idx, hold_idx = np.sort(train_idx), np.sort(hold_idx)
-    take = lambda idx: Split(split.images[idx], split.labels[idx])  # noqa: E731
-    return take(train_idx), take(hold_idx), stratified
+    return np.sort(train_idx), np.sort(hold_idx), stratified
 
 
 def cap(split: Split, max_items: Optional[int], seed: int) -> Split:

@@ -2,8 +2,9 @@
 
 An entry in the reference folder (``ref_stats/``, a DVC output) is a pair of files named after its key:
 
-- ``<name>.npz``: ``mu`` float64 [D], ``sigma`` float64 [D, D] (FID's Gaussian) and ``features`` float32 [N, D]
-  (what KID and precision/recall need);
+- ``<name>.npz``: ``mu`` float64 [D], ``sigma`` float64 [D, D] (FID's Gaussian, accumulated batch by batch) and
+  ``features`` float32 [M, D] (what KID and precision/recall need): all N images' features, or a seeded uniform
+  subset of :data:`MAX_FEATURES` of them for a larger split, so that memory does not grow with the dataset;
 - ``<name>.json``: its provenance, the fields of :data:`KEY_FIELDS` plus the library versions and the hash of the
   ``.npz``.
 
@@ -80,10 +81,47 @@ def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v))  # tuples -> lists, so JSON and Python values compare
 
 
+MAX_FEATURES = 50_000  # reference feature rows kept for KID and precision/recall (FID's usual 50k)
+
+
 def fid_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) in float64 of features [N, D]: the Gaussian FID compares."""
     f = np.asarray(features, dtype=np.float64)
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+class Moments:
+    """The mean and covariance of features that arrive in batches, accumulated in float64 (shifted by the first
+    batch's mean, so that large means cost no precision): what :func:`fid_statistics` gives for all the rows at
+    once, to round-off, in memory of D x D whatever the number of rows."""
+
+    def __init__(self):
+        self.n, self.shift, self.s, self.ss = 0, None, None, None
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if self.shift is None:
+            self.shift = f.mean(axis=0)
+            self.s = np.zeros_like(self.shift)
+            self.ss = np.zeros((len(self.shift), len(self.shift)))
+        d = f - self.shift
+        self.n += len(f)
+        self.s += d.sum(axis=0)
+        self.ss += d.T @ d
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError("the covariance needs at least 2 rows")
+        m = self.s / self.n
+        return self.shift + m, (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def feature_subset(n: int, limit: int = MAX_FEATURES) -> np.ndarray:
+    """The rows (ascending) whose features a reference entry keeps: all of them up to ``limit``, else a seeded
+    uniform draw of ``limit`` (fixed seed: the same split gives the same subset)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0x4B4944).choice(n, size=limit, replace=False))
 
 
 @dataclass
@@ -140,9 +178,9 @@ def lookup(ref_dir: os.PathLike | str, want: dict[str, Any]) -> tuple[Optional[R
             reasons.append(f"{npz.name} has the key but its content changed since it was written")
             continue
         arrays = _load_npz(npz, need_features=True)
-        if arrays["features"].shape != (prov["num_images"], len(arrays["mu"])):
-            reasons.append(f"{npz.name}: {arrays['features'].shape[0]} feature rows, its key says "
-                           f"{prov['num_images']}")
+        rows = prov.get("num_features", prov["num_images"])
+        if arrays["features"].shape != (rows, len(arrays["mu"])):
+            reasons.append(f"{npz.name}: {arrays['features'].shape[0]} feature rows, its provenance says {rows}")
             continue
         return Reference(arrays["mu"], arrays["sigma"], arrays["features"], prov, npz, "cache"), ""
     if reasons:
@@ -154,16 +192,18 @@ def lookup(ref_dir: os.PathLike | str, want: dict[str, Any]) -> tuple[Optional[R
     return None, f"the nearest cached entry {npz.name} differs in " + "; ".join(differences(want, prov))
 
 
-def save(ref_dir: os.PathLike | str, provenance: dict[str, Any], features: np.ndarray) -> Reference:
-    """Write an entry (``.npz`` first, then the ``.json`` that makes it visible, both atomic); return it."""
+def save(ref_dir: os.PathLike | str, provenance: dict[str, Any], features: np.ndarray,
+         moments: Optional[tuple[np.ndarray, np.ndarray]] = None) -> Reference:
+    """Write an entry (``.npz`` first, then the ``.json`` that makes it visible, both atomic); return it.
+    ``moments`` (mu, sigma) of all the images when ``features`` holds a subset of them (:func:`feature_subset`)."""
     ref_dir = Path(ref_dir)
     ref_dir.mkdir(parents=True, exist_ok=True)
     features = np.ascontiguousarray(features, dtype=np.float32)
-    mu, sigma = fid_statistics(features)
+    mu, sigma = moments if moments is not None else fid_statistics(features)
     name = entry_name(provenance)
     npz = write_npz(ref_dir / f"{name}.npz", mu=mu, sigma=sigma, features=features)
     prov = {"format": FORMAT, **{k: _norm(provenance[k]) for k in KEY_FIELDS}, "key": key_of(provenance),
-            "feature_dim": int(features.shape[1]), "libraries": library_versions(), "npz_sha256": sha256_file(npz)}
+            "feature_dim": int(features.shape[1]), "num_features": int(features.shape[0]), "libraries": library_versions(), "npz_sha256": sha256_file(npz)}
     write_json(ref_dir / f"{name}.json", prov)
     return Reference(mu, sigma, features, prov, npz, "computed")
 

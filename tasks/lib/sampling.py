@@ -278,12 +278,14 @@ def input_images(cfg: Config, data_dir) -> tuple[Optional[np.ndarray], Optional[
     generating. Sample i (seed ``sample.seed + i``) starts from held-out image ``i mod N``."""
     if cfg.sample.mode == "generate":
         return None, None
-    from .common import load_dataset
+    from .shards import open_dataset
 
     if data_dir is None:
         raise StageError(f"sample.mode: {cfg.sample.mode} starts from held-out images; pass --data (the fetch "
                          "stage's dataset folder)")
-    holdout = load_dataset(data_dir).holdout.images
+    # The whole held-out split (sample i starts from image i mod N): the official test split or data.holdout_fraction
+    # of the data, held as uint8.
+    holdout = open_dataset(data_dir).holdout.read_all().images
     if len(holdout) == 0:
         raise DataError(f"{data_dir}: the held-out split is empty; sample.mode {cfg.sample.mode} needs images")
     if tuple(holdout.shape[1:]) != cfg.data.shape:

@@ -56,13 +56,12 @@ from .inputs import (  # noqa: F401  (the Inception names are part of this stage
 from .common import (
     DatasetArtifact,
     StageError,
-    load_dataset,
     SampleShards,
     read_json,
-    sha256_arrays,
     sha256_file,
     write_json,
 )
+from .shards import open_dataset
 
 # What the extractor sees of the uint8 images (samples are rounded to the nearest of 256 levels, see to_uint8).
 PREPROCESSING = {
@@ -178,6 +177,39 @@ def extract(fe, images, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
                                          verbose=sys.stderr.isatty())
 
 
+REFERENCE_CHUNK_BYTES = 64 << 20  # pixels of the training split handed to the extractor at a time
+
+
+def reference_features(fe, split, layer: str, batch_size: int, cuda: bool) -> tuple[np.ndarray, tuple]:
+    """Features of a streamed split (:class:`tasks.lib.shards.SplitReader`), a chunk of row groups at a time: the
+    mean and covariance of all of them, accumulated (:class:`refstats.Moments`), and the rows
+    :func:`refstats.feature_subset` keeps for KID and precision/recall. Memory: one chunk, D x D and the subset."""
+    n = len(split)
+    keep = refstats.feature_subset(n)
+    moments, kept = refstats.Moments(), []
+    chunk_rows = max(batch_size, REFERENCE_CHUNK_BYTES // int(np.prod(split.shape)))
+    pending: list[np.ndarray] = []
+    start = 0  # the split's row index of pending[0][0]
+
+    def flush():
+        nonlocal start, pending
+        images = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        f = extract(fe, images, batch_size, cuda)[layer].numpy()
+        moments.add(f)
+        lo, hi = np.searchsorted(keep, [start, start + len(f)])
+        kept.append(f[keep[lo:hi] - start].astype(np.float32))
+        start += len(f)
+        pending = []
+
+    for images, _ in split.iter_groups():
+        pending.append(images)
+        if sum(len(p) for p in pending) >= chunk_rows:
+            flush()
+    if pending:
+        flush()
+    return np.concatenate(kept), moments.statistics()
+
+
 def compare(feats: dict[str, torch.Tensor], ref: refstats.Reference, layer: str, isc_layer: str, which: dict[str, bool],
             kid_subset_size: int, seed: int) -> dict[str, float]:
     """The enabled metrics of ``feats`` (generated or held-out) against the reference statistics."""
@@ -241,7 +273,7 @@ def score_samples(
     """
     ev = cfg.evaluate
     samples_dir = Path(samples_dir)
-    data = load_dataset(data_dir)
+    data = open_dataset(data_dir)  # the splits stream from their shards
     extractor = resolve_extractor(cfg, data)
     isc = (data.shape[0] == 3) if ev.isc == "auto" else ev.isc
     if not (ev.fid or ev.kid or isc or ev.prc):
@@ -274,7 +306,7 @@ def score_samples(
     # The samples stream from their shards (one shard in memory at a time), in seed order.
     samples = SampleShards(samples_dir)
     seeds = samples.seeds
-    k, n_total, n_train, n_hold = ev.repeats, len(samples), len(data.train.images), len(data.holdout.images)
+    k, n_total, n_train, n_hold = ev.repeats, len(samples), len(data.train), len(data.holdout)
     if tuple(samples.shape) != data.shape:
         raise StageError(f"{samples_dir}: samples are {'x'.join(map(str, samples.shape))}, the dataset's images "
                          f"are {'x'.join(map(str, data.shape))}")
@@ -309,7 +341,7 @@ def score_samples(
     feature_dim = gen[layer].shape[1]
 
     want = {"dataset": str(data.meta.get("dataset", "data")), "split": "train",
-            "dataset_sha256": data.meta.get("sha256") or sha256_arrays(data.train.images),
+            "dataset_sha256": data.meta["sha256"],
             "image_shape": list(data.shape), "feature_extractor": extractor,
             "feature_extractor_weights_sha256": weights_sha, "feature_layer": layer,
             "preprocessing": PREPROCESSING[extractor], "num_images": n_train}
@@ -323,8 +355,8 @@ def score_samples(
             print(f"reference statistics of the train split ({n_train} images) reused from {ref.path}")
         else:
             print(f"recomputing the reference statistics of the train split ({n_train} images): {why}")
-            train_feats = extract(fe, data.train.images, ev.batch_size, cuda)[layer].numpy()
-            ref = refstats.save(ref_dir, want, train_feats)
+            feats, moments = reference_features(fe, data.train, layer, ev.batch_size, cuda)
+            ref = refstats.save(ref_dir, want, feats, moments)
             print(f"reference statistics cached as {ref.path} (+ {ref.path.with_suffix('.json').name})")
 
     which = {"fid": ev.fid, "kid": ev.kid, "isc": isc, "prc": ev.prc}
@@ -337,9 +369,9 @@ def score_samples(
     floor_kid = min(ev.kid_subset_size, n_hold)
     if n_hold > n_gen:
         pick = np.sort(np.random.default_rng(ev.seed).choice(n_hold, n_gen, replace=False))
-        holdout = data.holdout.images[pick]
+        holdout = data.holdout.take(pick).images  # only the row groups that hold them are read
     else:
-        holdout = data.holdout.images
+        holdout = data.holdout.read_all().images
     num_reference = ref.provenance.get("num_images")
     floor: dict[str, Any] = {"num_holdout": len(holdout), "num_reference": num_reference}
     notes = []

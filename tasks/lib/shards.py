@@ -1,0 +1,455 @@
+"""The dataset artifact: each split as Parquet shards, and a manifest, so that no stage needs a whole split in memory.
+
+Layout of a dataset folder (written by the fetch stage)::
+
+    dataset.json              the manifest (written last: a folder with one is complete)
+    train/part-00000.parquet  shards of the training split, in order
+    holdout/part-00000.parquet
+    config.json               the resolved config of the fetch
+
+Each shard is a Parquet file with two columns: ``image`` (fixed-size binary: the uint8 pixels of one [C, H, W]
+image, C-order) and ``label`` (int64, -1 when unlabeled), cut into row groups of about :data:`ROW_GROUP_BYTES`.
+A row group is the unit a reader decodes, so it bounds what one read holds. The manifest (``format``
+:data:`FORMAT`) has the counts, shape and labels of the dataset, and for each split its shards with their row
+counts and SHA-256 (of the file); ``sha256`` is the content hash of the pixels and labels, computed while writing.
+
+Why Parquet (``benchmarks/bench_loader.py``, BENCHMARKS.md "Loader"): raw pixels in a fixed-size binary column
+decode with one ``np.frombuffer`` (no image codec), the files carry their own row counts and row groups (random
+access to a group without reading the rest), Ray Data and every dataframe tool read them, and pyarrow reads them
+from object storage (``s3://``) as it reads them from disk.
+
+A dataset folder of the old layout (one ``train.npz`` and ``holdout.npz``) is refused with one line that says how
+to re-fetch it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .common import DataError, DatasetArtifact, Split, read_json, sha256_file
+
+FORMAT = "ddpm-parquet-shards/1"
+SPLITS = ("train", "holdout")
+SHARD_BYTES = 64 << 20  # pixels per shard file, about: a few files for CIFAR-10, ~9,000 for LSUN bedroom at 256^2
+ROW_GROUP_BYTES = 4 << 20  # pixels per row group, about: the unit a reader decodes
+OLD_LAYOUT = ("train.npz", "holdout.npz")
+
+
+def rows_for(image_bytes: int, budget: int) -> int:
+    """How many images of ``image_bytes`` fit ``budget`` bytes (at least one)."""
+    return max(1, budget // max(1, image_bytes))
+
+
+def refetch_hint(folder: Path) -> str:
+    return (f"re-fetch it: `dvc repro fetch`, or `python -m tasks.fetch --params params.yaml --out {folder}`")
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+class SplitWriter:
+    """Append uint8 images [n, C, H, W] and labels [n] to one split's shards, hashing them as they pass.
+
+    Shards are written into ``folder`` (created), each through a temporary name and a rename; :meth:`close`
+    returns the split's manifest entry. Memory: at most one shard of pixels is held.
+    """
+
+    def __init__(self, folder: os.PathLike | str, shape: Sequence[int], shard_images: Optional[int] = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shape = tuple(int(s) for s in shape)
+        self.image_bytes = int(np.prod(self.shape))
+        self.shard_images = shard_images or rows_for(self.image_bytes, SHARD_BYTES)
+        self.row_group = min(self.shard_images, rows_for(self.image_bytes, ROW_GROUP_BYTES))
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._shards: list[dict[str, Any]] = []
+        self._h_images, self._h_labels = hashlib.sha256(), hashlib.sha256()
+        self.count = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        if tuple(images.shape[1:]) != self.shape or labels.shape != (len(images),):
+            raise ValueError(f"images {images.shape} / labels {labels.shape} do not match shape {self.shape}")
+        self._h_images.update(images.tobytes())
+        self._h_labels.update(labels.tobytes())
+        self.count += len(images)
+        start = 0
+        while start < len(images):
+            take = min(len(images) - start, self.shard_images - self._pending_rows)
+            self._pending.append((images[start:start + take], labels[start:start + take]))
+            self._pending_rows += take
+            start += take
+            if self._pending_rows == self.shard_images:
+                self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._pending_rows:
+            return
+        images = np.concatenate([p[0] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
+        labels = np.concatenate([p[1] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][1]
+        self._pending, self._pending_rows = [], 0
+        n = len(images)
+        col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.image_bytes), n,
+                                                   [None, pa.py_buffer(np.ascontiguousarray(images))])
+        table = pa.table({"image": col, "label": pa.array(labels, type=pa.int64())})
+        name = f"part-{len(self._shards):05d}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        # No compression: pixels of natural images barely compress losslessly this way, and decoding then costs
+        # nothing (measured in benchmarks/bench_loader.py).
+        pq.write_table(table, tmp, row_group_size=self.row_group, compression="none", write_statistics=False)
+        os.replace(tmp, self.folder / name)
+        self._shards.append({"file": name, "rows": n, "sha256": sha256_file(self.folder / name)})
+
+    def close(self) -> dict[str, Any]:
+        self._flush()
+        return {"count": self.count, "shards": self._shards,
+                "images_sha256": self._h_images.hexdigest(), "labels_sha256": self._h_labels.hexdigest()}
+
+
+def content_sha256(shape: Sequence[int], splits: dict[str, dict[str, Any]]) -> str:
+    """The dataset's content hash: shape, and each split's count and pixel and label hashes (from the writers)."""
+    h = hashlib.sha256(f"{FORMAT} {list(shape)}".encode())
+    for name in SPLITS:
+        s = splits[name]
+        h.update(f" {name} {s['count']} {s['images_sha256']} {s['labels_sha256']}".encode())
+    return h.hexdigest()
+
+
+def publish(staging: Path, out: Path, manifest: dict[str, Any], extra: Sequence[str] = ()) -> None:
+    """Move a finished dataset from ``staging`` into ``out``: the old manifest goes first (so that an interruption
+    leaves an incomplete folder, never a mix that looks complete), then the old splits, then the new ones, and the
+    new manifest last."""
+    from .common import write_json
+
+    (out / "dataset.json").unlink(missing_ok=True)
+    for name in (*OLD_LAYOUT, *extra):
+        (out / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        shutil.rmtree(out / split, ignore_errors=True)
+        os.replace(staging / split, out / split)
+    for name in extra:
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    write_json(out / "dataset.json", manifest)
+
+
+def write_dataset(out: os.PathLike | str, train: Split, holdout: Split, meta: dict[str, Any],
+                  shard_images: Optional[int] = None) -> dict[str, Any]:
+    """Write in-memory splits as a dataset folder (staged beside ``out``, then published); ``meta`` gains the
+    manifest's ``format``, ``count``, ``shape``, ``splits`` and ``sha256``. Returns the manifest written."""
+    out = Path(out)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shape = tuple(int(d) for d in train.images.shape[1:])
+        written = {}
+        for name, split in (("train", train), ("holdout", holdout)):
+            w = SplitWriter(staging / name, shape, shard_images)
+            w.add(split.images, split.labels)
+            written[name] = w.close()
+        manifest = {**meta, "format": FORMAT, "count": {s: written[s]["count"] for s in SPLITS},
+                    "shape": list(shape),
+                    "splits": {s: {"count": written[s]["count"], "shards": written[s]["shards"]} for s in SPLITS},
+                    "sha256": content_sha256(shape, written)}
+        out.mkdir(parents=True, exist_ok=True)
+        publish(staging, out, manifest)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+def _decode_images(column, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed-size-binary Arrow column -> uint8 [n, C, H, W] (zero-copy for a single chunk)."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    size = int(np.prod(shape))
+    parts = []
+    for c in chunks:
+        buf = np.frombuffer(c.buffers()[1], dtype=np.uint8)
+        parts.append(buf[c.offset * size:(c.offset + len(c)) * size])
+    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return flat.reshape(-1, *shape)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row group of one shard: where it is and which rows of the split it holds."""
+
+    file: str
+    index: int  # the row group's number within its file
+    start: int  # its first row within the split
+    rows: int
+
+
+@dataclass
+class SplitReader:
+    """One split of a sharded dataset, read a row group at a time.
+
+    ``len()``, ``shape`` (C, H, W) and ``[i]`` (uint8 [C, H, W], one row group cached, so reading in order touches
+    each group once) make it a drop-in source for :class:`tasks.lib.scoring.UInt8Images`.
+    """
+
+    root: str  # the split's folder: a path or a URL pyarrow reads (s3://...)
+    shape: tuple[int, int, int]
+    shards: list[dict[str, Any]]
+    groups: list[Group] = field(default_factory=list)
+    _cache: Optional[tuple[int, np.ndarray, np.ndarray]] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not self.groups:
+            self.groups = self._index()
+
+    def path(self, file: str) -> str:
+        return f"{self.root.rstrip('/')}/{file}"
+
+    def _open(self, file: str):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(self.path(file))
+        except FileNotFoundError:
+            raise DataError(f"{self.path(file)}: dataset shard not found; {refetch_hint(Path(self.root).parent)}") \
+                from None
+        except Exception as e:
+            raise DataError(f"{self.path(file)}: unreadable dataset shard ({type(e).__name__}: {e}); "
+                            f"{refetch_hint(Path(self.root).parent)}") from None
+
+    def _index(self) -> list[Group]:
+        groups, start = [], 0
+        for shard in self.shards:
+            meta = self._open(shard["file"]).metadata
+            if meta.num_rows != shard["rows"]:
+                raise DataError(f"{self.path(shard['file'])}: {meta.num_rows} rows, the manifest says {shard['rows']}; "
+                                f"{refetch_hint(Path(self.root).parent)}")
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                groups.append(Group(shard["file"], g, start, rows))
+                start += rows
+        return groups
+
+    def __len__(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def read_group(self, g: Group) -> tuple[np.ndarray, np.ndarray]:
+        """(images uint8 [n, C, H, W], labels int64 [n]) of one row group."""
+        t = self._open(g.file).read_row_group(g.index, columns=["image", "label"])
+        images = _decode_images(t.column("image"), self.shape)
+        labels = t.column("label").to_numpy()
+        return images, labels.astype(np.int64, copy=False)
+
+    def iter_groups(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for g in self.groups:
+            yield self.read_group(g)
+
+    def _group_of(self, i: int) -> int:
+        starts = [g.start for g in self.groups]
+        return int(np.searchsorted(starts, i, side="right") - 1)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self._cache is None or not (self.groups[self._cache[0]].start <= i
+                                       < self.groups[self._cache[0]].start + self.groups[self._cache[0]].rows):
+            k = self._group_of(i)
+            self._cache = (k, *self.read_group(self.groups[k]))
+        k, images, _ = self._cache
+        return images[i - self.groups[k].start]
+
+    def take(self, indices: Sequence[int]) -> Split:
+        """The rows at ``indices`` (any order), reading only the row groups that hold them."""
+        idx = np.asarray(indices, dtype=np.int64)
+        images = np.empty((len(idx), *self.shape), dtype=np.uint8)
+        labels = np.empty(len(idx), dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1}")
+        where = np.searchsorted([g.start for g in self.groups], idx, side="right") - 1
+        for k in np.unique(where):
+            g = self.groups[int(k)]
+            imgs, labs = self.read_group(g)
+            sel = np.nonzero(where == k)[0]
+            images[sel] = imgs[idx[sel] - g.start]
+            labels[sel] = labs[idx[sel] - g.start]
+        return Split(images, labels)
+
+    def head(self, n: int) -> Split:
+        return self.take(np.arange(min(n, len(self))))
+
+    def read_all(self) -> Split:
+        """The whole split in memory: only for consumers that need it whole and small (the classifier)."""
+        return self.take(np.arange(len(self)))
+
+
+@dataclass(frozen=True)
+class ShardedDataset:
+    meta: dict[str, Any]
+    train: SplitReader
+    holdout: SplitReader
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["shape"])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or 0)
+
+
+def open_dataset(folder: os.PathLike | str) -> ShardedDataset:
+    """The fetch stage's output in ``folder`` (nothing read but the manifest and the shards' footers).
+
+    Raises :class:`DataError` for a missing or incomplete folder, and for the old single-file layout (with how to
+    re-fetch)."""
+    folder = Path(folder)
+    manifest = folder / "dataset.json"
+    if not manifest.is_file():
+        if any((folder / n).is_file() for n in OLD_LAYOUT):
+            raise DataError(f"{folder}: an unfinished dataset in the old single-file layout (train.npz); "
+                            f"{refetch_hint(folder)}")
+        raise DataError(f"{manifest}: dataset manifest not found; run the fetch stage first")
+    meta = read_json(manifest)
+    if meta.get("format") != FORMAT:
+        if "format" not in meta and any((folder / n).is_file() for n in OLD_LAYOUT):
+            raise DataError(f"{folder}: a dataset in the old single-file layout (train.npz), which this version no "
+                            f"longer reads; {refetch_hint(folder)}")
+        raise DataError(f"{manifest}: dataset format {meta.get('format')!r}, this version reads {FORMAT!r}; "
+                        f"{refetch_hint(folder)}")
+    shape = tuple(int(s) for s in meta["shape"])
+    readers = {s: SplitReader(str(folder / s), shape, list(meta["splits"][s]["shards"])) for s in SPLITS}
+    return ShardedDataset(meta, readers["train"], readers["holdout"])
+
+
+# -- streaming a split to a training worker ---------------------------------------------------------------------------
+def epoch_part(n: int, groups: Sequence[Group], seed: int, epoch: int, rank: int, world: int) -> list[tuple[Group, int, int]]:
+    """The rank's disjoint part of one epoch: the split's row groups in an order drawn from (seed, epoch), cut into
+    ``world`` contiguous ranges of ``n // world`` rows; returns (group, first row, last row + 1) within each group
+    (a group on a boundary is shared: each rank reads its own rows of it)."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(groups))
+    per = n // world
+    lo, hi = rank * per, (rank + 1) * per
+    out, pos = [], 0
+    for k in order:
+        g = groups[int(k)]
+        a, b = max(lo, pos), min(hi, pos + g.rows)
+        if a < b:
+            out.append((g, a - pos, b - pos))
+        pos += g.rows
+        if pos >= hi:
+            break
+    return out
+
+
+class TrainStream:
+    """What one training worker reads: ``steps_per_epoch`` batches of ``batch`` uint8 images per epoch.
+
+    - Disjoint: each of ``world`` ranks reads its own ``1/world`` of the split in each epoch (:func:`epoch_part`).
+    - Shuffled in two levels: the row groups' order is drawn per epoch, and rows are shuffled within windows of
+      about ``buffer_rows`` consecutive rows (the whole part, when it fits: then it is a full shuffle).
+    - Prefetched: a thread reads and decodes the next windows while the model trains (pyarrow releases the GIL).
+    - Exact resume: the order is a function of (seed, epoch, rank, world) alone, so :meth:`epoch` with ``skip``
+      batches yields what the uninterrupted run would have; windows wholly before the skip point are not read.
+
+    Memory is about two windows, whatever the split's size.
+    """
+
+    def __init__(self, split: SplitReader, batch: int, rank: int, world: int, seed: int, buffer_rows: int,
+                 prefetch: int = 2):
+        self.split, self.batch, self.rank, self.world, self.seed = split, batch, rank, world, seed
+        self.buffer_rows = max(batch, buffer_rows)
+        self.prefetch = prefetch
+        self.n = len(split)
+        self.steps_per_epoch = (self.n // world) // batch
+
+    def _windows(self, epoch: int) -> list[list[tuple[Group, int, int]]]:
+        part = epoch_part(self.n, self.split.groups, self.seed, epoch, self.rank, self.world)
+        windows, cur, rows = [], [], 0
+        for piece in part:
+            cur.append(piece)
+            rows += piece[2] - piece[1]
+            if rows >= self.buffer_rows:
+                windows.append(cur)
+                cur, rows = [], 0
+        if cur:
+            windows.append(cur)
+        return windows
+
+    def _read_window(self, epoch: int, w: int, pieces) -> np.ndarray:
+        imgs = [self.split.read_group(g)[0][a:b] for g, a, b in pieces]
+        images = np.concatenate(imgs) if len(imgs) > 1 else imgs[0]
+        perm = np.random.default_rng([self.seed, epoch, self.rank, self.world, w]).permutation(len(images))
+        return images[perm]
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[np.ndarray]:
+        """The epoch's batches (uint8 [batch, C, H, W]) from batch ``skip`` on."""
+        windows = self._windows(epoch)
+        need = self.steps_per_epoch * self.batch
+        skip_rows = skip * self.batch
+        starts = np.cumsum([0] + [sum(b - a for _, a, b in w) for w in windows])
+        first = int(np.searchsorted(starts, skip_rows, side="right") - 1)
+        jobs = [(w, windows[w], int(starts[w])) for w in range(max(first, 0), len(windows)) if starts[w] < need]
+
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for w, pieces, start in jobs:
+                    if stop.is_set():
+                        return
+                    q.put((start, self._read_window(epoch, w, pieces)))
+                q.put(None)
+            except BaseException as e:  # handed to the consumer, which raises it
+                q.put(e)
+
+        t = threading.Thread(target=produce, name="train-stream", daemon=True)
+        t.start()
+        carry = np.empty((0, *self.split.shape), dtype=np.uint8)
+        pos = skip_rows
+        try:
+            while pos < need:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                start, images = item
+                lo = max(0, pos - start) if start < pos else 0
+                images = images[lo:]
+                if start + lo + len(images) > need:
+                    images = images[: need - (start + lo)]
+                buf = np.concatenate([carry, images]) if len(carry) else images
+                k = 0
+                while k + self.batch <= len(buf):
+                    yield buf[k:k + self.batch]
+                    k += self.batch
+                    pos += self.batch
+                carry = buf[k:]
+        finally:
+            stop.set()
+            while t.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(timeout=0.05)
+
+
+def load_dataset(folder: os.PathLike | str) -> DatasetArtifact:
+    """The dataset in ``folder`` read whole into memory, for the consumers that need it so and are small (the
+    classifier); the others stream (:func:`open_dataset`)."""
+    ds = open_dataset(folder)
+    return DatasetArtifact(ds.train.read_all(), ds.holdout.read_all(), ds.meta)
