@@ -52,7 +52,7 @@ from .lib.common import (
 )
 from .lib.inputs import stage_config
 from .lib.runkey import run_key
-from .lib.shards import TrainStream, open_dataset
+from .lib.shards import TrainStream, open_dataset, ray_dataset, ray_epoch
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -168,9 +168,19 @@ def train_loop(
     split = open_dataset(loop_cfg["data"]).train
     if len(split) < tc.batch_size:
         raise StageError(f"train.batch_size: {tc.batch_size} exceeds the {len(split)} training images")
-    image_bytes = math.prod(split.shape)
-    stream = TrainStream(split, local_batch, rank, world, tc.seed, (tc.shuffle_buffer_mb << 20) // image_bytes)
+    buffer_rows = (tc.shuffle_buffer_mb << 20) // math.prod(split.shape)
+    stream = TrainStream(split, local_batch, rank, world, tc.seed, buffer_rows)
     steps_per_epoch = stream.steps_per_epoch
+    if loop_cfg.get("ray_data"):  # train.loader ray-data: Ray Data reads the shards, Ray Train hands out parts
+        import ray.train
+
+        data_shard = ray.train.get_dataset_shard("train")
+
+        def epoch_batches(epoch: int, skip: int):
+            return ray_epoch(data_shard, local_batch, steps_per_epoch, split.shape, buffer_rows,
+                             (tc.seed * 1_000_003 + epoch) * 1009 + rank, skip)
+    else:
+        epoch_batches = stream.epoch
     pin = device.type == "cuda"
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -229,7 +239,7 @@ def train_loop(
     while step < tc.steps:
         # A resumed run starts at the batch where the checkpoint stopped: the epoch's order depends on the seed,
         # the epoch and the worker layout alone, so this is the batch the uninterrupted run would have read next.
-        for batch in stream.epoch(epoch, skip=offset):
+        for batch in epoch_batches(epoch, offset):
             # One seed per (step, rank): t, noise and dropout are the same whether or not the run was resumed.
             torch.manual_seed((tc.seed * 1_000_003 + step) * 1009 + rank)
             images = torch.from_numpy(batch)
@@ -311,7 +321,8 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[
 
 def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] = None,
               device: str = "cpu", callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
-    """The same loop in this process, without Ray (benchmarks, debugging). Returns the loop config."""
+    """The same loop in this process, without Ray (benchmarks, debugging; the shards loader whatever
+    ``train.loader`` says). Returns the loop config."""
     loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
     try:
         train_loop({**loop_cfg, "threads_per_worker": threads or torch.get_num_threads()}, device=device)
@@ -361,6 +372,10 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     workers = cfg.train.num_workers
     cpus_per_worker = max(1, total_cpus // workers) if not use_gpu else 1
+    if cfg.train.loader == "ray-data" and not use_gpu:
+        # Ray Data's tasks (listing and reading the shards) need a CPU the training workers do not hold: Ray Train
+        # leaves Ray Data only what the trainer did not reserve, and with every CPU reserved the read never starts.
+        cpus_per_worker = max(1, total_cpus - 1) / workers if total_cpus > 1 else 0.5
     if not use_gpu and workers > total_cpus:
         raise StageError(f"train.num_workers: {workers} workers need {workers} CPUs, the Ray cluster has {total_cpus}")
     total_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -368,9 +383,14 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         raise StageError(f"train.num_workers: {workers} GPU workers need {workers} GPUs, the Ray cluster has "
                          f"{total_gpus}; lower train.num_workers or set train.use_gpu: auto")
 
+    datasets = {}
+    if cfg.train.loader == "ray-data":
+        datasets["train"] = ray_dataset(open_dataset(loop_cfg["data"]).train)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_cfg, "threads_per_worker": cpus_per_worker},
+        train_loop_config={**loop_cfg, "threads_per_worker": max(1, int(cpus_per_worker)),
+                           "ray_data": bool(datasets)},
+        datasets=datasets or None,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu),
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(

@@ -185,7 +185,7 @@ def reference_features(fe, split, layer: str, batch_size: int, cuda: bool) -> tu
     mean and covariance of all of them, accumulated (:class:`refstats.Moments`), and the rows
     :func:`refstats.feature_subset` keeps for KID and precision/recall. Memory: one chunk, D x D and the subset."""
     n = len(split)
-    keep = refstats.feature_subset(n)
+    keep = refstats.feature_subset(n, refstats.MAX_FEATURES)
     moments, kept = refstats.Moments(), []
     chunk_rows = max(batch_size, REFERENCE_CHUNK_BYTES // int(np.prod(split.shape)))
     pending: list[np.ndarray] = []

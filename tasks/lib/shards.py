@@ -25,6 +25,7 @@ to re-fetch it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+
+from ddpm.checkpoint import atomic_write_bytes
 
 from .common import DataError, DatasetArtifact, Split, read_json, sha256_file
 
@@ -105,12 +108,12 @@ class SplitWriter:
                                                    [None, pa.py_buffer(np.ascontiguousarray(images))])
         table = pa.table({"image": col, "label": pa.array(labels, type=pa.int64())})
         name = f"part-{len(self._shards):05d}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        # No compression: pixels of natural images barely compress losslessly this way, and decoding then costs
-        # nothing (measured in benchmarks/bench_loader.py).
-        pq.write_table(table, tmp, row_group_size=self.row_group, compression="none", write_statistics=False)
-        os.replace(tmp, self.folder / name)
-        self._shards.append({"file": name, "rows": n, "sha256": sha256_file(self.folder / name)})
+        # No compression: decoding then costs nothing (measured in benchmarks/bench_loader.py). Written through a
+        # temporary file and a rename, like every output.
+        atomic_write_bytes(self.folder / name, lambda f: pq.write_table(
+            table, f, row_group_size=self.row_group, compression="none", write_statistics=False))
+        groups = [self.row_group] * (n // self.row_group) + ([n % self.row_group] if n % self.row_group else [])
+        self._shards.append({"file": name, "rows": n, "row_groups": groups, "sha256": sha256_file(self.folder / name)})
 
     def close(self) -> dict[str, Any]:
         self._flush()
@@ -209,6 +212,7 @@ class SplitReader:
     shards: list[dict[str, Any]]
     groups: list[Group] = field(default_factory=list)
     _cache: Optional[tuple[int, np.ndarray, np.ndarray]] = field(default=None, repr=False)
+    _file: Optional[tuple[str, Any]] = field(default=None, repr=False)
 
     def __post_init__(self):
         if not self.groups:
@@ -221,6 +225,9 @@ class SplitReader:
         import pyarrow.parquet as pq
 
         try:
+            if is_url(self.root):  # s3://, gs://, file://...: pyarrow's file systems
+                fs, path = _filesystem(self.path(file))
+                return pq.ParquetFile(fs.open_input_file(path))
             return pq.ParquetFile(self.path(file))
         except FileNotFoundError:
             raise DataError(f"{self.path(file)}: dataset shard not found; {refetch_hint(Path(self.root).parent)}") \
@@ -230,8 +237,15 @@ class SplitReader:
                             f"{refetch_hint(Path(self.root).parent)}") from None
 
     def _index(self) -> list[Group]:
+        """The row groups, from the manifest (no file is opened: 9,000 shards in object storage would be 9,000
+        requests); a shard whose footer disagrees fails when it is read."""
         groups, start = [], 0
         for shard in self.shards:
+            if "row_groups" in shard:
+                for g, rows in enumerate(shard["row_groups"]):
+                    groups.append(Group(shard["file"], g, start, int(rows)))
+                    start += int(rows)
+                continue
             meta = self._open(shard["file"]).metadata
             if meta.num_rows != shard["rows"]:
                 raise DataError(f"{self.path(shard['file'])}: {meta.num_rows} rows, the manifest says {shard['rows']}; "
@@ -247,7 +261,13 @@ class SplitReader:
 
     def read_group(self, g: Group) -> tuple[np.ndarray, np.ndarray]:
         """(images uint8 [n, C, H, W], labels int64 [n]) of one row group."""
-        t = self._open(g.file).read_row_group(g.index, columns=["image", "label"])
+        if self._file is None or self._file[0] != g.file:  # consecutive groups of one shard: one open
+            self._file = (g.file, self._open(g.file))
+        f = self._file[1]
+        if g.index >= f.metadata.num_row_groups or f.metadata.row_group(g.index).num_rows != g.rows:
+            raise DataError(f"{self.path(g.file)}: its row groups differ from the manifest's; "
+                            f"{refetch_hint(Path(self.root).parent)}")
+        t = f.read_row_group(g.index, columns=["image", "label"])
         images = _decode_images(t.column("image"), self.shape)
         labels = t.column("label").to_numpy()
         return images, labels.astype(np.int64, copy=False)
@@ -310,11 +330,38 @@ class ShardedDataset:
         return int(self.meta.get("num_classes") or 0)
 
 
+def is_url(location: os.PathLike | str) -> bool:
+    return "://" in str(location)
+
+
+def _filesystem(url: str):
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(url)
+
+
 def open_dataset(folder: os.PathLike | str) -> ShardedDataset:
-    """The fetch stage's output in ``folder`` (nothing read but the manifest and the shards' footers).
+    """The fetch stage's output in ``folder`` (nothing read but the manifest and the shards' footers). ``folder``
+    may be a URL that pyarrow reads (``s3://bucket/dataset``, ``gs://...``, ``file:///...``): shards in object
+    storage are read in place, a row group at a time.
 
     Raises :class:`DataError` for a missing or incomplete folder, and for the old single-file layout (with how to
     re-fetch)."""
+    if is_url(folder):
+        url = str(folder).rstrip("/")
+        try:
+            fs, path = _filesystem(f"{url}/dataset.json")
+            with fs.open_input_stream(path) as f:
+                meta = json.loads(f.read())
+        except Exception as e:
+            raise DataError(f"{url}/dataset.json: cannot read the dataset manifest ({type(e).__name__}: {e})") \
+                from None
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{url}/dataset.json: dataset format {meta.get('format')!r}, this version reads "
+                            f"{FORMAT!r}; re-fetch it")
+        shape = tuple(int(s) for s in meta["shape"])
+        readers = {s: SplitReader(f"{url}/{s}", shape, list(meta["splits"][s]["shards"])) for s in SPLITS}
+        return ShardedDataset(meta, readers["train"], readers["holdout"])
     folder = Path(folder)
     manifest = folder / "dataset.json"
     if not manifest.is_file():
@@ -453,3 +500,38 @@ def load_dataset(folder: os.PathLike | str) -> DatasetArtifact:
     classifier); the others stream (:func:`open_dataset`)."""
     ds = open_dataset(folder)
     return DatasetArtifact(ds.train.read_all(), ds.holdout.read_all(), ds.meta)
+
+
+# -- the same through Ray Data ----------------------------------------------------------------------------------------
+def ray_dataset(split: SplitReader):
+    """The split as a Ray Data dataset (``read_parquet`` over its shards, pixels only). Its read tasks ask for no
+    CPU: the training workers hold the cluster's CPUs, and a read task that waited for one would never run."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()  # travels with the dataset to the training workers
+    ctx.enable_progress_bars = False  # one bar per operator per worker, refreshed every second: noise in a log
+    ctx.print_on_execution_start = False
+    return ray.data.read_parquet([split.path(s["file"]) for s in split.shards], columns=["image"],
+                                 ray_remote_args={"num_cpus": 0})
+
+
+def ray_batch_images(column: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A Ray Data numpy batch's ``image`` column (bytes per row) -> uint8 [n, C, H, W]."""
+    if column.dtype.kind == "S":
+        flat = np.frombuffer(np.ascontiguousarray(column).tobytes(), dtype=np.uint8)
+    else:
+        flat = np.frombuffer(b"".join(column), dtype=np.uint8)
+    return flat.reshape(len(column), *shape).copy()
+
+
+def ray_epoch(shard, batch: int, steps: int, shape: Sequence[int], buffer_rows: int, seed: int,
+              skip: int = 0) -> Iterator[np.ndarray]:
+    """One epoch of a worker's Ray Data shard (``ray.train.get_dataset_shard``): ``steps`` batches, the first
+    ``skip`` read and dropped (Ray Data's order is not reproducible, so a resume is approximate: the resumed epoch
+    has as many batches left as the uninterrupted one, drawn in a new order). The epoch is read to its end even
+    when fewer batches are wanted: Ray's split of an epoch waits for every worker to finish it."""
+    it = shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True, prefetch_batches=2,
+                            local_shuffle_buffer_size=max(batch, buffer_rows), local_shuffle_seed=seed)
+    for k, b in enumerate(it):
+        if skip <= k < steps:
+            yield ray_batch_images(b["image"], shape)
