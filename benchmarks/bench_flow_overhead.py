@@ -46,7 +46,8 @@ def measure(label: str, rev: str, root: Path, total_wall_s: float, log: str) -> 
     return {"label": label, "rev": rev, "total_wall_s": round(total_wall_s, 1), "stages_s": stages,
             "compute_s": {"train_fit": train["fit_wall_s"], "sample_sampling": samples["sampling_s"],
                           "sampler_table_sampling": round(table_sampling, 2), "total": round(compute, 1)},
-            "rest_s": round(total_wall_s - compute, 1), "fid": ev.get("fid"), "floor_fid": ev.get("floor", {}).get("fid")}
+            "rest_s": round(total_wall_s - compute, 1), "train_images_per_s": train.get("images_per_s"),
+            "fid": ev.get("fid"), "floor_fid": ev.get("floor", {}).get("fid")}
 
 
 def run_once(label: str, rev: str, root: Path) -> dict[str, Any]:
@@ -64,7 +65,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {lab: [r for r in runs if r["label"] == lab] for lab in ("old", "new")}
     med = {lab: {k: statistics.median(r[k] for r in rs) for k in ("total_wall_s", "rest_s")} for lab, rs in by.items()}
     pairs = [round(n["total_wall_s"] / o["total_wall_s"], 3) for o, n in zip(by["old"], by["new"])]
+    speed = [round(n["train_images_per_s"] / o["train_images_per_s"], 3) for o, n in zip(by["old"], by["new"])
+             if n.get("train_images_per_s") and o.get("train_images_per_s")]
     return {"median": med, "total_ratio_new_over_old_per_pair": pairs,
+            "train_images_per_s_ratio_new_over_old_per_pair": speed,
             "rest_difference_s": round(med["new"]["rest_s"] - med["old"]["rest_s"], 1),
             "same_fid": len({round(r["fid"], 9) for r in runs if r.get("fid") is not None}) == 1}
 
@@ -77,7 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default="/tmp/bench_flow_overhead", help="folder of the clones")
     p.add_argument("--existing", nargs="*", metavar="LABEL:REV:DIR:WALL_S",
                    help="finished runs (their stdout in DIR/demo_stdout.log or DIR.log) instead of new ones")
-    p.add_argument("--results", help="write flow_overhead.json here instead of benchmarks/results/")
+    p.add_argument("--results", help="write the record here instead of benchmarks/results/")
+    p.add_argument("--name", default="flow_overhead", help="the record's name: benchmarks/results/<name>.json")
     args = p.parse_args(argv)
     runs = []
     if args.existing:
@@ -94,8 +99,10 @@ def main(argv=None) -> dict:
                 runs.append(run_once(label, rev, work / f"{label}{i}"))
                 print(json.dumps(runs[-1]), flush=True)
         command = f"python -m benchmarks.bench_flow_overhead --old {args.old} --new {args.new} --rounds {args.rounds}"
+    if args.name != "flow_overhead":
+        command += f" --name {args.name}"
     result = {"runs": runs, "summary": summarize(runs)}
-    write_result("flow_overhead", result, command, Path(args.results) if args.results else None)
+    write_result(args.name, result, command, Path(args.results) if args.results else None)
     print(json.dumps(result["summary"], indent=2))
     return result
 
