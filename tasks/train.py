@@ -52,7 +52,7 @@ from .lib.common import (
 )
 from .lib.inputs import stage_config
 from .lib.runkey import run_key
-from .lib.shards import TrainStream, open_dataset, ray_dataset, ray_epoch
+from .lib.shards import TrainStream, is_url, open_dataset, ray_dataset, ray_epoch
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -296,7 +296,9 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[
     """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config, start
     the callbacks (``None``: the installed trackers'); return the loop's config (absolute paths: Ray workers change
     directory)."""
-    data_dir, ckpt_dir, log_path = absolute(data_dir), absolute(ckpt_dir), absolute(log_path)
+    # A dataset may be a URL (s3://...: its shards are read in place, tasks/lib/shards.py).
+    data_dir = str(data_dir) if is_url(data_dir) else absolute(data_dir)
+    ckpt_dir, log_path = absolute(ckpt_dir), absolute(log_path)
     ds_meta = open_dataset(data_dir).meta
     if tuple(ds_meta["shape"]) != cfg.data.shape:
         raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "

@@ -195,6 +195,16 @@ def test_a_dataset_is_read_in_place_from_a_url(sharded):
         open_dataset((sharded / "nowhere").resolve().as_uri())
 
 
+def test_training_reads_a_dataset_url_in_place(tiny_config, tmp_path):
+    """The train stage given a URL (what an s3:// dataset looks like) reads the shards through it."""
+    from tasks import train
+
+    cfg = tiny_config({**NO_ATTN, "train.steps": 3, "train.batch_size": 16, "train.checkpoint_every": 3})
+    fetch.run(cfg, tmp_path / "ds")
+    loop = train.run_local(cfg, (tmp_path / "ds").resolve().as_uri(), tmp_path / "ck", tmp_path / "l.tsv", threads=1)
+    assert loop["data"].startswith("file:///") and (tmp_path / "ck" / "ckpt_00000003.pt").is_file()
+
+
 @pytest.mark.slow
 def test_ray_data_loader_trains_and_resumes_under_ray_train(tiny_config, tmp_path):
     """train.loader: ray-data, two workers on a local Ray: Ray Data reads the shards (its tasks get the CPU the
