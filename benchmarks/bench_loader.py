@@ -187,7 +187,11 @@ def npy_stream_class():
         """TrainStream with its window reader replaced: the window's rows, permuted, gathered from the maps by one
         fancy index per shard (a faithful simple mmap reader: pick a window, fancy-index)."""
 
-        def _read_window(self, epoch: int, w: int, pieces) -> np.ndarray:
+        def _read_window(self, epoch: int, w: int, pieces) -> tuple[np.ndarray, np.ndarray]:
+            images = self._gather(epoch, w, pieces)
+            return images, np.arange(len(images))  # gathered in shuffled order already
+
+        def _gather(self, epoch: int, w: int, pieces) -> np.ndarray:
             sp: NpySplit = self.split  # type: ignore[assignment]
             idx = np.concatenate([np.arange(g.start + a, g.start + b) for g, a, b in pieces])
             perm = np.random.default_rng([self.seed, epoch, self.rank, self.world, w]).permutation(len(idx))

@@ -71,7 +71,7 @@ class TrainConfig(_Section):
     seed: int = 0
     # rows are shuffled within windows of this many MiB of pixels per worker (the whole part when it fits: a full
     # shuffle); the row groups' order is drawn anew each epoch (tasks/lib/shards.py TrainStream)
-    shuffle_buffer_mb: int = Field(default=256, gt=0)
+    shuffle_buffer_mb: int = Field(default=64, gt=0)
     # shards: each worker reads its part of the shards itself (exact resume); ray-data: Ray Data reads them
     # (read tasks anywhere in the cluster, Ray Train's get_dataset_shard) and a resume skips batches of a new order
     loader: Literal["shards", "ray-data"] = "shards"

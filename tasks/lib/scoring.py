@@ -177,7 +177,8 @@ def extract(fe, images, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
                                          verbose=sys.stderr.isatty())
 
 
-REFERENCE_CHUNK_BYTES = 64 << 20  # pixels of the training split handed to the extractor at a time
+REFERENCE_CHUNK_BYTES = 4 << 20  # pixels of the training split handed to the extractor at a time (bigger chunks
+# only grow the heap: glibc keeps what torch-fidelity's batch loop freed, benchmarks/results/memory.json)
 
 
 def reference_features(fe, split, layer: str, batch_size: int, cuda: bool) -> tuple[np.ndarray, tuple]:

@@ -407,18 +407,16 @@ class TrainStream:
     - Disjoint: each of ``world`` ranks reads its own ``1/world`` of the split in each epoch (:func:`epoch_part`).
     - Shuffled in two levels: the row groups' order is drawn per epoch, and rows are shuffled within windows of
       about ``buffer_rows`` consecutive rows (the whole part, when it fits: then it is a full shuffle).
-    - Prefetched: a thread reads and decodes the next windows while the model trains (pyarrow releases the GIL).
+    - Prefetched: a thread reads and decodes the next window while the model trains (pyarrow releases the GIL).
     - Exact resume: the order is a function of (seed, epoch, rank, world) alone, so :meth:`epoch` with ``skip``
       batches yields what the uninterrupted run would have; windows wholly before the skip point are not read.
 
-    Memory is about two windows, whatever the split's size.
+    Memory is at most two windows (``buffer_rows`` rows each, plus one row group), whatever the split's size.
     """
 
-    def __init__(self, split: SplitReader, batch: int, rank: int, world: int, seed: int, buffer_rows: int,
-                 prefetch: int = 2):
+    def __init__(self, split: SplitReader, batch: int, rank: int, world: int, seed: int, buffer_rows: int):
         self.split, self.batch, self.rank, self.world, self.seed = split, batch, rank, world, seed
         self.buffer_rows = max(batch, buffer_rows)
-        self.prefetch = prefetch
         self.n = len(split)
         self.steps_per_epoch = (self.n // world) // batch
 
@@ -435,14 +433,22 @@ class TrainStream:
             windows.append(cur)
         return windows
 
-    def _read_window(self, epoch: int, w: int, pieces) -> np.ndarray:
-        imgs = [self.split.read_group(g)[0][a:b] for g, a, b in pieces]
-        images = np.concatenate(imgs) if len(imgs) > 1 else imgs[0]
-        perm = np.random.default_rng([self.seed, epoch, self.rank, self.world, w]).permutation(len(images))
-        return images[perm]
+    def _read_window(self, epoch: int, w: int, pieces) -> tuple[np.ndarray, np.ndarray]:
+        """A window's rows in group order (one array, filled a row group at a time) and its shuffle order."""
+        rows = sum(b - a for _, a, b in pieces)
+        images = np.empty((rows, *self.split.shape), dtype=np.uint8)
+        at = 0
+        for g, a, b in pieces:
+            images[at:at + b - a] = self.split.read_group(g)[0][a:b]
+            at += b - a
+        perm = np.random.default_rng([self.seed, epoch, self.rank, self.world, w]).permutation(rows)
+        return images, perm
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[np.ndarray]:
-        """The epoch's batches (uint8 [batch, C, H, W]) from batch ``skip`` on."""
+        """The epoch's batches (uint8 [batch, C, H, W]) from batch ``skip`` on.
+
+        The read-ahead thread builds the next window while this one is consumed, and no further: at most two
+        windows exist at a time. A batch is gathered from its window by index (no shuffled copy of the window)."""
         windows = self._windows(epoch)
         need = self.steps_per_epoch * self.batch
         skip_rows = skip * self.batch
@@ -450,49 +456,54 @@ class TrainStream:
         first = int(np.searchsorted(starts, skip_rows, side="right") - 1)
         jobs = [(w, windows[w], int(starts[w])) for w in range(max(first, 0), len(windows)) if starts[w] < need]
 
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        q: queue.Queue = queue.Queue()
+        may_build = threading.Semaphore(1)  # released each time the consumer takes a window
         stop = threading.Event()
 
         def produce():
             try:
                 for w, pieces, start in jobs:
+                    may_build.acquire()
                     if stop.is_set():
                         return
-                    q.put((start, self._read_window(epoch, w, pieces)))
+                    q.put((start, *self._read_window(epoch, w, pieces)))
                 q.put(None)
             except BaseException as e:  # handed to the consumer, which raises it
                 q.put(e)
 
         t = threading.Thread(target=produce, name="train-stream", daemon=True)
         t.start()
-        carry = np.empty((0, *self.split.shape), dtype=np.uint8)
-        pos = skip_rows
+        carry = np.empty((0, *self.split.shape), dtype=np.uint8)  # rows taken, fewer than a batch, not yet handed out
+        next_row = skip_rows  # the epoch position of the next row to take
         try:
-            while pos < need:
+            while next_row < need:
                 item = q.get()
                 if item is None:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                start, images = item
-                lo = max(0, pos - start) if start < pos else 0
-                images = images[lo:]
-                if start + lo + len(images) > need:
-                    images = images[: need - (start + lo)]
-                buf = np.concatenate([carry, images]) if len(carry) else images
+                may_build.release()
+                start, images, perm = item
+                lo, hi = max(0, next_row - start), min(len(perm), need - start)
+                order = perm[lo:hi]
+                next_row = start + hi
                 k = 0
-                while k + self.batch <= len(buf):
-                    yield buf[k:k + self.batch]
+                if len(carry):
+                    k = min(self.batch - len(carry), len(order))
+                    carry = np.concatenate([carry, images[order[:k]]])
+                    if len(carry) == self.batch:
+                        yield carry
+                        carry = carry[:0]
+                while k + self.batch <= len(order):
+                    yield images[order[k:k + self.batch]]
                     k += self.batch
-                    pos += self.batch
-                carry = buf[k:]
+                if k < len(order):
+                    carry = np.concatenate([carry, images[order[k:]]])
+                del images
         finally:
             stop.set()
-            while t.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(timeout=0.05)
+            may_build.release()  # a producer waiting for its turn sees stop and returns
+            t.join(timeout=5)
 
 
 def load_dataset(folder: os.PathLike | str) -> DatasetArtifact:
