@@ -710,12 +710,82 @@ def block_speed(r: Records) -> str:
     return " ".join(out) if out else "No record yet: `make bench` and `bash benchmarks/gpu.sh` write them."
 
 
+def block_loader(r: Records) -> str:
+    """What one loader worker delivers per format and image size (bench_loader) and the cores that feed a GPU."""
+    x = r.result("loader")
+    if not x:
+        return "No record yet: `python -m benchmarks.bench_loader` writes benchmarks/results/loader.json."
+    names = {"parquet": "Parquet, raw pixels (ours)", "parquet+torch": "the same + `torch.from_numpy` per batch",
+             "npy-mmap": "`.npy` shards, memory-mapped", "parquet-zstd": "Parquet, zstd",
+             "parquet-png": "Parquet of PNG bytes (as WebDataset / image files)", "ray-data": "Ray Data `read_parquet`"}
+    out = []
+    if x.get("quick"):
+        out.append("**A smoke run (`--quick`): indicative numbers only.**\n")
+    out.append(f"One loader worker (one process, torch at 1 thread, `TrainStream` with its prefetch thread) against a "
+               f"consumer that does no work, from the page cache; {x['data']}. Median of {x['settings']['epochs']} "
+               f"epochs. Machine: {x.get('cpu_model_name', '?')}, 1-minute load average before the run "
+               f"{(x.get('load_average_before') or ['?'])[0]}. Read from the page cache: a disk or an object store "
+               "adds its own latency, which the read-ahead thread hides as long as it keeps up.\n")
+    for size in x["sizes"]:
+        c, h, w = size["shape"]
+        out.append(f"**{h}x{w}x{c}**, {size['images']:,} images, batch {size['batch']}:\n")
+        out.append("| format | images/s | CPU s per 1,000 images | bytes on disk / raw pixels | first batch of an epoch |")
+        out.append("|---|---|---|---|---|")
+        for name, f in size["formats"].items():
+            extra = f" (+{f['epoch_startup_s']:.1f} s start-up per epoch)" if "epoch_startup_s" in f else ""
+            out.append(f"| {names.get(name, name)} | {_n(f['images_per_s'])}{extra} | {f['cpu_s_per_1k_images']:.3g} | "
+                       f"{f['of_raw_pixels']:.2f} | {f['first_batch_s']:.3g} s |")
+        out.append("")
+    cn = x["cores_needed"]
+    p32 = cn["32x32"]["formats"]["parquet"]
+    out.append(f"**Cores per GPU.** At 32x32 the H200's {_n(cn['gpu_rate_32'])} images/s need "
+               f"{p32['cores_by_cpu_time']:.3g} of a core of loading with our format, so one loader worker per GPU "
+               "(the training worker's own prefetch thread) is enough; PNG decoding would need "
+               f"{cn['32x32']['formats']['parquet-png']['cores_by_cpu_time']:.2g} cores.")
+    if "256x256" in cn:
+        p256 = cn["256x256"]["formats"]["parquet"]
+        out.append(f"At 256x256, {cn['256x256']['target_images_per_s']:.0f} images/s ({cn['gpu_rate_256_basis']}) "
+                   f"need {p256['cores_by_cpu_time']:.3g} of a core; one core feeds "
+                   f"{_n(1000 / p256['cores_per_1000_images_per_s'])} images/s of 256x256.")
+    return "\n".join(out)
+
+
+def block_memory(r: Records) -> str:
+    """Peak RSS of fetch, train and evaluate at N and 10N images (bench_memory)."""
+    x = r.result("memory")
+    if not x:
+        return "No record yet: `python -m benchmarks.bench_memory` writes benchmarks/results/memory.json."
+    runs = {run["n"]: run["stages"] for run in x["runs"]}
+    small, big = sorted(runs)[:2]
+    rows = [f"| stage | peak RSS at {small:,} images | at {big:,} | ratio | goal < 1.15 |", "|---|---|---|---|---|"]
+    shown = [("fetch", "peak_rss_mib", "fetch (main process)"), ("fetch", "tree_peak_rss_mib",
+             "fetch (with its decode processes, RSS summed)"), ("train", "peak_rss_mib", f"train ({x['train_steps']} steps)"),
+             ("evaluate", "peak_rss_mib", "evaluate (reference statistics of every training image)"),
+             ("train_classifier", "peak_rss_mib", "train_classifier (reads the split whole, by design)")]
+    for stage, key, label in shown:
+        a, b = runs[small].get(stage, {}).get(key), runs[big].get(stage, {}).get(key)
+        if a is None or b is None:
+            continue
+        goal = "n/a" if stage == "train_classifier" else ("met" if b / a < 1.15 else "**not met**")
+        rows.append(f"| {label} | {_n(a)} MiB | {_n(b)} MiB | {b / a:.3f} | {goal} |")
+    c, size = x["channels"], x["image_size"]
+    return (f"Image folders of generated {size}x{size} PNGs in {x['classes']} class folders, read as {c}-channel images; "
+            f"every stage a child process, its peak RSS from `os.wait4`, the median of {x.get('repeats', 1)} runs. "
+            f"Machine: {x.get('lscpu_model_name', '?')}; the whole run took {x['total_wall_s']:.0f} s.\n\n"
+            + "\n".join(rows) +
+            "\n\nWhat remains of the growth is bounded, not proportional. Training holds at most two shuffle windows "
+            "(`train.shuffle_buffer_mb`, 64 MiB each), and at 20,000 images a worker's whole part is one 16 MiB window. "
+            "Evaluate hands the extractor 4 MiB of pixels at a time and keeps at most 50,000 reference features. "
+            "Fetch keeps the list of file names, about 75 bytes per image.")
+
+
 # -- the blocks, per file -----------------------------------------------------------------------------------------------
 BLOCKS: dict[str, dict[str, Callable[[Records], str]]] = {
     "README.md": {"demo": block_demo, "speed": block_speed, "sampler_table": block_sampler_table,
                   "inpaint": block_inpaint, "repro": block_repro},
     "BENCHMARKS.md": {"noise": block_noise, "results": block_results, "profile": block_profile,
-                      "switches": block_switches, "goals": block_goals, "gpu": block_gpu},
+                      "switches": block_switches, "goals": block_goals, "gpu": block_gpu, "loader": block_loader,
+                      "memory": block_memory},
 }
 
 
