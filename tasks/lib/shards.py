@@ -11,7 +11,7 @@ Each shard is a Parquet file with two columns: ``image`` (fixed-size binary: the
 image, C-order) and ``label`` (int64, -1 when unlabeled), cut into row groups of about :data:`ROW_GROUP_BYTES`.
 A row group is the unit a reader decodes, so it bounds what one read holds. The manifest (``format``
 :data:`FORMAT`) has the counts, shape and labels of the dataset, and for each split its shards with their row
-counts and SHA-256 (of the file); ``sha256`` is the content hash of the pixels and labels, computed while writing.
+counts, row-group sizes and SHA-256 (of the file); ``sha256`` is the content hash of the pixels and labels, computed while writing.
 
 Why Parquet (``benchmarks/bench_loader.py``, BENCHMARKS.md "Loader"): raw pixels in a fixed-size binary column
 decode with one ``np.frombuffer`` (no image codec), the files carry their own row counts and row groups (random
