@@ -47,18 +47,14 @@ def describe(cfg: Config, shape, classes, source: str, split: dict, written: dic
     """The ``dataset.json`` manifest of a written dataset."""
     d = cfg.data
     return {
-        "format": shards.FORMAT,
         "dataset": d.dataset,
         "source": source,
-        "count": {s: written[s]["count"] for s in shards.SPLITS},
-        "shape": list(shape),
         "num_classes": len(classes),
         "classes": list(classes),
         "holdout": dict(split),
         "max_train": d.max_train,
         "skipped": skipped or {"count": 0, "files": []},
-        "splits": {s: {"count": written[s]["count"], "shards": written[s]["shards"]} for s in shards.SPLITS},
-        "sha256": shards.content_sha256(shape, written),
+        **shards.manifest_fields(shape, written),
     }
 
 
@@ -87,12 +83,10 @@ def _write_image_folder(cfg: Config, staging: Path) -> dict[str, Any]:
             break  # the staging folder is discarded; nothing of the previous output was touched
         written[name] = w.close()
     if bad:
-        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        what = datasets.unreadable(bad, plan.root)
         if d.bad_images == "error":
-            raise DataError(f"image-folder: {len(bad)} unreadable image file(s) under {plan.root}: {shown} "
-                            "(data.bad_images: skip leaves them out and counts them)")
-        print(f"fetch: skipped {len(bad)} unreadable image file(s) under {plan.root} (data.bad_images: skip): "
-              f"{shown}", file=sys.stderr)
+            raise DataError(f"image-folder: {what} (data.bad_images: skip leaves them out and counts them)")
+        print(f"fetch: skipped {what} (data.bad_images: skip)", file=sys.stderr)
     for name in shards.SPLITS:
         if written[name]["count"] == 0:
             raise DataError(f"image-folder: no readable image left in the {name} split of {plan.root}")

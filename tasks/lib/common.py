@@ -178,12 +178,9 @@ class Split:
     labels: np.ndarray  # int64 [N]; -1 where unknown
 
 
-@dataclass(frozen=True)
-class DatasetArtifact:
-    """A dataset read whole into memory: for the consumers that need it so and are small (the classifier)."""
+class DatasetMeta:
+    """What a dataset's manifest (``meta``, its dataset.json) says of its images."""
 
-    train: Split
-    holdout: Split
     meta: dict[str, Any]
 
     @property
@@ -193,6 +190,15 @@ class DatasetArtifact:
     @property
     def num_classes(self) -> int:
         return int(self.meta.get("num_classes") or 0)
+
+
+@dataclass(frozen=True)
+class DatasetArtifact(DatasetMeta):
+    """A dataset read whole into memory: for the consumers that need it so and are small (the classifier)."""
+
+    train: Split
+    holdout: Split
+    meta: dict[str, Any]
 
 
 def to_model_range(images_uint8) -> "torch.Tensor":  # noqa: F821

@@ -370,38 +370,36 @@ def _decode(path: Path, mode: str):
         return im.convert(mode)  # convert() forces the full decode, so truncated files fail here
 
 
+def folder_images(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """An image folder's files (relative POSIX paths, sorted), their int64 labels and the class names; raises
+    :class:`DataError` for a missing folder or one without images."""
+    if not root.is_dir():
+        raise DataError(f"image-folder: {root} is not a folder (set data.root to the folder of PNG/JPEG images)")
+    files = list_images(root)
+    if not files:
+        raise DataError(f"image-folder: no PNG or JPEG images under {root} (searched recursively)")
+    classes, labels = folder_classes(root, files)
+    return [f.relative_to(root).as_posix() for f in files], labels, classes
+
+
+def unreadable(bad: Sequence[str], root: Path) -> str:
+    """"N unreadable image file(s) under ROOT: the first five names (+ how many more)"."""
+    shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+    return f"{len(bad)} unreadable image file(s) under {root}: {shown}"
+
+
 def load_image_folder(root: str | os.PathLike, image_size: int, channels: int = 3) -> Source:
-    """Every PNG/JPEG under ``root``: shorter side resized to ``image_size``, center-cropped -> [N, C, S, S].
+    """Every PNG/JPEG under ``root``: shorter side resized to ``image_size``, center-cropped -> [N, C, S, S], in
+    this process (the fetch stage streams folders instead: :func:`plan_image_folder`, :func:`ingest`).
 
     Grayscale conversion is PIL's ``convert("L")`` (ITU-R 601 luma). Unreadable files are collected and
     reported together rather than skipped: a silently smaller dataset is worse than an error.
     """
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-    from tqdm import tqdm
-
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image-folder: {root} is not a folder (set data.root to the folder of PNG/JPEG images)")
-    paths = list_images(root)
-    if not paths:
-        raise DataError(f"image-folder: no PNG or JPEG images under {root} (searched recursively)")
-    classes, labels = folder_classes(root, paths)
-    mode = "RGB" if channels == 3 else "L"
-    images = np.empty((len(paths), channels, image_size, image_size), dtype=np.uint8)
-    bad: list[str] = []
-    # disable=None: a bar on a terminal, silence in captured logs (CI, DVC) where it would be noise.
-    for i, path in enumerate(tqdm(paths, desc="decode", unit="img", disable=None)):
-        try:
-            im = _decode(path, mode)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            bad.append(path.relative_to(root).as_posix())
-            continue
-        t = F.pil_to_tensor(im)  # uint8 [C, H, W]
-        images[i] = resize_and_crop(t[None], image_size)[0].numpy()
+    paths, labels, classes = folder_images(root)
+    images, bad = decode_chunk(str(root), paths, image_size, channels)
     if bad:
-        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        raise DataError(f"image-folder: {len(bad)} unreadable image file(s) under {root}: {shown}")
+        raise DataError(f"image-folder: {unreadable([paths[i] for i in bad], root)}")
     return Source(Split(images, labels), None, classes, str(root))
 
 
@@ -412,11 +410,9 @@ INGEST_CHUNK = 256  # images per decode task
 def decode_chunk(root: str, rel_paths: Sequence[str], size: int, channels: int) -> tuple[np.ndarray, list[int]]:
     """Decode, resize and crop images (one task of a parallel ingest): uint8 [n, C, size, size] of the readable
     ones, and the positions in ``rel_paths`` of the unreadable ones."""
-    import torch
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
-    torch.set_num_threads(1)  # one process per core already
     mode = "RGB" if channels == 3 else "L"
     out, bad = [], []
     for i, rel in enumerate(rel_paths):
@@ -428,6 +424,13 @@ def decode_chunk(root: str, rel_paths: Sequence[str], size: int, channels: int) 
         out.append(resize_and_crop(F.pil_to_tensor(im)[None], size)[0].numpy())
     images = np.stack(out) if out else np.empty((0, channels, size, size), dtype=np.uint8)
     return images, bad
+
+
+def _one_thread() -> None:
+    """A decode process's start: one torch thread, as there is one process per core already."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @dataclass(frozen=True)
@@ -447,14 +450,7 @@ class FolderPlan:
 def plan_image_folder(data: DataConfig) -> FolderPlan:
     """List ``data.root``'s images and split them as :func:`prepare` would (holdout, then the ``max_train`` cap)."""
     root = Path(data.root)
-    if not root.is_dir():
-        raise DataError(f"image-folder: {root} is not a folder (set data.root to the folder of PNG/JPEG images)")
-    files = list_images(root)
-    if not files:
-        raise DataError(f"image-folder: no PNG or JPEG images under {root} (searched recursively)")
-    classes, labels = folder_classes(root, files)
-    paths = [p.relative_to(root).as_posix() for p in files]
-    del files
+    paths, labels, classes = folder_images(root)
     train, holdout, stratified = split_holdout_indices(labels, data.holdout_fraction, data.seed,
                                                        data.stratify_holdout)
     if data.max_train is not None and len(train) > data.max_train:
@@ -494,7 +490,8 @@ def ingest(plan: FolderPlan, which: np.ndarray, size: int, channels: int, worker
                 consume(idx, decode_chunk(str(plan.root), [plan.paths[int(i)] for i in idx], size, channels))
             return bad
         # forkserver: no copy of this process's threads or torch state in the children
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"),
+                                 initializer=_one_thread) as pool:
             pending: deque = deque()
             for idx in chunks:
                 pending.append((idx, pool.submit(decode_chunk, str(plan.root),

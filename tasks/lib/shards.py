@@ -38,7 +38,7 @@ import numpy as np
 
 from ddpm.checkpoint import atomic_write_bytes
 
-from .common import DataError, DatasetArtifact, Split, read_json, sha256_file
+from .common import DataError, DatasetArtifact, DatasetMeta, Split, read_json, sha256_file
 
 FORMAT = "ddpm-parquet-shards/1"
 SPLITS = ("train", "holdout")
@@ -130,6 +130,14 @@ def content_sha256(shape: Sequence[int], splits: dict[str, dict[str, Any]]) -> s
     return h.hexdigest()
 
 
+def manifest_fields(shape: Sequence[int], written: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's fields that the writers decide: format, counts, shape, each split's shards, content hash
+    (``written``: each split's :meth:`SplitWriter.close`)."""
+    return {"format": FORMAT, "count": {s: written[s]["count"] for s in SPLITS}, "shape": list(shape),
+            "splits": {s: {"count": written[s]["count"], "shards": written[s]["shards"]} for s in SPLITS},
+            "sha256": content_sha256(shape, written)}
+
+
 def publish(staging: Path, out: Path, manifest: dict[str, Any], extra: Sequence[str] = ()) -> None:
     """Move a finished dataset from ``staging`` into ``out``: the old manifest goes first (so that an interruption
     leaves an incomplete folder, never a mix that looks complete), then the old splits, then the new ones, and the
@@ -163,10 +171,7 @@ def write_dataset(out: os.PathLike | str, train: Split, holdout: Split, meta: di
             w = SplitWriter(staging / name, shape, shard_images)
             w.add(split.images, split.labels)
             written[name] = w.close()
-        manifest = {**meta, "format": FORMAT, "count": {s: written[s]["count"] for s in SPLITS},
-                    "shape": list(shape),
-                    "splits": {s: {"count": written[s]["count"], "shards": written[s]["shards"]} for s in SPLITS},
-                    "sha256": content_sha256(shape, written)}
+        manifest = {**meta, **manifest_fields(shape, written)}
         out.mkdir(parents=True, exist_ok=True)
         publish(staging, out, manifest)
         return manifest
@@ -316,18 +321,10 @@ class SplitReader:
 
 
 @dataclass(frozen=True)
-class ShardedDataset:
+class ShardedDataset(DatasetMeta):
     meta: dict[str, Any]
     train: SplitReader
     holdout: SplitReader
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["shape"])  # type: ignore[return-value]
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta.get("num_classes") or 0)
 
 
 def is_url(location: os.PathLike | str) -> bool:
