@@ -54,7 +54,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 # Benchmarks 1-4 vs diffusers (~10 min on 2 cores), then `make report`'s rewrite of the measured blocks; BENCH_DEMO=1
-# adds the whole demo (benchmark 5). diffusers comes from the `bench` extra only: ddpm/, tasks/ and the tests never import it.
+# adds the whole demo (benchmark 5). diffusers is a runtime dependency (ddpm/solvers.py).
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.run_all

@@ -121,7 +121,8 @@ def collect(root: Path, log_text: Optional[str] = None, total_wall_s: Optional[f
         result["classifier"] = {k: clf.get(k) for k in ("accuracy", "num_holdout", "num_train", "steps")}
     table = _read(root / "metrics/sampler_table.json")
     if table and table.get("rows"):
-        result["sampler_table"] = {k: table[k] for k in ("rows", "floor", "num_samples", "seeds", "checkpoint",
+        result["sampler_table"] = {k: table[k] for k in ("rows", "answer", "floor", "num_samples", "seeds",
+                                                         "bootstrap", "timestep_spacing", "checkpoint",
                                                          "checkpoint_step", "use_ema", "device", "note",
                                                          "feature_extractor", "num_reference") if k in table}
     return result

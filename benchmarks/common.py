@@ -99,7 +99,7 @@ def cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """What every results file records about where it ran. diffusers' version is read from the installed package's
-    metadata, without importing it, and is None without the `bench` extra: benchmarks that do not compare with
+    metadata, without importing it, and is None where it is not installed: benchmarks that do not compare with
     diffusers (the demo, inpainting, the report's tests) must not need it."""
     from importlib.metadata import PackageNotFoundError, version
 

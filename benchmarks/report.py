@@ -597,6 +597,22 @@ def block_sampler_table(r: Records) -> str:
     if not t:
         return ("No record yet: benchmarks/results/demo.json holds no sampler table. `python -m benchmarks.bench_demo` "
                 "records the demo's `metrics/sampler_table.json` there, and `make report` writes the table here.")
+    if "answer" not in t:  # a record from before the solvers: the old table's columns
+        return _old_sampler_table(d, t)
+    from tasks.sampler_table import markdown_table
+
+    rows = t["rows"]
+    n = t.get("num_samples")
+    evals = sum(x["steps"] for x in rows)
+    facts = [f"the rows cost {evals:,} network evaluations per seed, {evals * n:,} in all"]
+    stage = (d.get("stages") or {}).get("sampler_table")
+    if stage:
+        facts.append(f"the stage took {_dur(stage['wall_s'])} in the demo")
+    body = markdown_table(t).rstrip("\n")
+    return body + f"\n\nMeasured {d['machine']['date']} by `{d['command']}`: " + "; ".join(facts) + "."
+
+
+def _old_sampler_table(d: dict, t: dict) -> str:
     rows = t["rows"]
     out = ["| sampler | steps | FID | KID | sampling time (s) | images/s |", "|---|---|---|---|---|---|"]
     for x in rows:
@@ -780,12 +796,115 @@ def block_memory(r: Records) -> str:
 
 
 # -- the blocks, per file -----------------------------------------------------------------------------------------------
+SOLVER_TITLES = {"ddpm": "DDPM (Alg. 2)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "dpm++3m": "DPM-Solver++(3M)",
+                 "dpm++2m-sde": "SDE-DPM-Solver++(2M)", "unipc": "UniPC"}
+
+
+def _solver_label(x: dict) -> str:
+    return SOLVER_TITLES.get(x["sampler"], x["sampler"]) + (f", η={x['eta']:g}" if x.get("eta") is not None else "")
+
+
+def block_solver_study(r: Records) -> str:
+    x = r.result("solver_study")
+    if not x:
+        return ("No record yet: `python -m benchmarks.bench_solvers --run DEMO_FOLDER --study` writes "
+                "benchmarks/results/solver_study.json.")
+    rows = x["rows"]
+    ref = x["reference_fid"]
+    ddpm = next(t for t in rows if t["sampler"] == "ddpm")
+    nfes = sorted({t["nfe"] for t in rows if t["sampler"] != "ddpm"})
+    out = ["| sampler | spacing | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+           "|---|---|" + "---|" * len(nfes)]
+    cells: dict[tuple, dict[int, dict]] = {}
+    for t in rows:
+        if t["sampler"] != "ddpm":
+            cells.setdefault((t["sampler"], t["eta"], t["spacing"]), {})[t["nfe"]] = t
+    for (sampler, eta, spacing), by in cells.items():
+        vals = []
+        for n in nfes:
+            t = by.get(n)
+            if t is None:
+                vals.append("–")
+                continue
+            sd = f" ± {t['fid_std']:.2f}" if t.get("fid_std") is not None else ""
+            vals.append(f"{t['fid_mean']:.3f}{sd} ({t['fid_mean'] / ref:.2f}x)")
+        out.append(f"| {_solver_label({'sampler': sampler, 'eta': eta})} | {spacing} | " + " | ".join(vals) + " |")
+    sd = f" ± {ddpm['fid_std']:.3f}" if ddpm.get("fid_std") is not None else ""
+    out += ["", f"DDPM-{ddpm['nfe']} (Algorithm 2, the reference): FID {ref:.3f}{sd}. Each cell: mean ± std over "
+                f"{x['draws']} disjoint draws of {x['samples_per_draw']:,} samples (seeds 0–"
+                f"{x['draws'] * x['samples_per_draw'] - 1:,}), and the mean's ratio to DDPM's; "
+                f"{x['feature_extractor']} against the {x['num_reference']:,} training images, checkpoint "
+                f"`{Path(x['checkpoint']).name}` of the demo (EMA)."]
+    # the spacing verdict: how often each spacing is the best of the three for the same sampler and NFE
+    wins: dict[str, int] = {}
+    groups: dict[tuple, list[dict]] = {}
+    for t in rows:
+        if t["sampler"] != "ddpm":
+            groups.setdefault((t["sampler"], t["eta"], t["nfe"]), []).append(t)
+    for g in groups.values():
+        best = min(g, key=lambda t: t["fid_mean"])
+        wins[best["spacing"]] = wins.get(best["spacing"], 0) + 1
+    n_groups = len(groups)
+    order = sorted(wins.items(), key=lambda kv: -kv[1])
+    win_text = ", ".join(f"{k} {v}" for k, v in order)
+    mean_ratio = {}
+    for sp in {t["spacing"] for t in rows if t["spacing"]}:
+        v = [t["fid_mean"] / ref for t in rows if t["spacing"] == sp]
+        mean_ratio[sp] = sum(v) / len(v)
+    ratio_text = ", ".join(f"{k} {v:.2f}x" for k, v in sorted(mean_ratio.items(), key=lambda kv: kv[1]))
+    out += ["", f"Best spacing per (sampler, NFE), of {n_groups}: {win_text}. Mean ratio to DDPM over every sampler "
+                f"and NFE: {ratio_text}."]
+    out += ["", f"Measured {x['machine']['date']} on {x['machine']['cpu']} ({x['machine']['cores']} cores) by "
+                f"`{x['command']}`."]
+    return "\n".join(out)
+
+
+def block_solvers(r: Records) -> str:
+    x = r.result("solvers")
+    if not x:
+        return ("No record yet: `python -m benchmarks.bench_solvers --run DEMO_FOLDER` writes "
+                "benchmarks/results/solvers.json.")
+    q, tm = x["quality"], x["timing"]
+    names = list(q)
+    ours = names[0]
+    fast = names[1]
+    pipe = names[2]
+    med = tm["median"]
+    label = {ours: "DDPM-1000, Algorithm 2 (ours)", pipe: "DDPM-1000, diffusers `DDPMPipeline`",
+             fast: f"{SOLVER_TITLES.get(x['solver'], x['solver'])}, {x['nfe']} NFE, {x['spacing']} spacing"}
+    nfe = {ours: 1000, pipe: 1000, fast: x["nfe"]}
+    out = ["| sampler | NFE | FID | / DDPM (ours) | images/s | speed-up vs this row |", "|---|---|---|---|---|---|"]
+    for n in names:
+        speed = "–" if n == fast else f"{med[fast] / med[n]:.1f}x"
+        out.append(f"| {label[n]} | {nfe[n]} | {q[n]['fid']:.3f} | {q[n]['fid'] / q[ours]['fid']:.2f}x | "
+                   f"{med[n]:.2f} | {speed} |")
+    out += ["", f"FID of {x['samples']:,} samples per row (seeds 0–{x['samples'] - 1:,}; the pipeline draws from one "
+                f"generator seeded 0) against the {x['num_reference']:,} training images, {x['feature_extractor']}; "
+                f"the same network and EMA weights (`{Path(x['checkpoint']).name}` of the demo) in every row, the "
+                f"pipeline through a wrapper that gives our UNet diffusers' `.sample` output. images/s: median of "
+                f"{tm['pairs']} alternating runs of a batch of {x['batch']} in one process, {x['threads']} threads, "
+                f"{x['machine']['cpu']}, measured {x['machine']['date']} by `{x['command']}`."]
+    gpu = r.result("gpu_h200_2026-11-28")
+    row = next((g for g in (gpu or []) if g.get("name") == "sampling_ddpm1000_compiled_bf16_b1024"), None)
+    if row:
+        rate = row["images_per_s"] * 1000  # network evaluations per second, per image
+        t_ddpm = 50_000 * 1000 / rate
+        t_fast = 50_000 * x["nfe"] / rate
+        out += ["", f"**50k CIFAR-10 samples on one H200**, projected from the DDPM-1000 rate of "
+                    f"[gpu_h200_2026-11-28.json]({RESULTS}/gpu_h200_2026-11-28.json) ({row['images_per_s']} images/s "
+                    f"at batch {row['batch']}, compiled, bf16: {rate:,.0f} network evaluations per second): DDPM-1000 "
+                    f"{_dur(t_ddpm)}, {label[fast]} {_dur(t_fast)} ({rate / x['nfe']:,.0f} images/s), {1000 / x['nfe']:.0f}x "
+                    "less. A projection, not a measurement: it counts network evaluations only (a solver step adds a "
+                    "few elementwise operations on the batch) and was not run on the GPU."]
+    return "\n".join(out)
+
+
 BLOCKS: dict[str, dict[str, Callable[[Records], str]]] = {
     "README.md": {"demo": block_demo, "speed": block_speed, "sampler_table": block_sampler_table,
                   "inpaint": block_inpaint, "repro": block_repro},
     "BENCHMARKS.md": {"noise": block_noise, "results": block_results, "profile": block_profile,
                       "switches": block_switches, "goals": block_goals, "gpu": block_gpu, "loader": block_loader,
-                      "memory": block_memory},
+                      "memory": block_memory, "solver_study": block_solver_study, "solvers": block_solvers},
 }
 
 

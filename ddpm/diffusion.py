@@ -146,6 +146,20 @@ class GaussianDiffusion:
             - self._coef("sqrt_one_minus_alphas_cumprod", t, x0.shape) * x0
         )
 
+    def x0_from_output(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                       clip_denoised: bool = True) -> torch.Tensor:
+        """The x_0 that the network's output ``out`` (eps, x0 or v, by ``objective``) implies at ``x_t``; clipped to
+        [-1, 1] when ``clip_denoised``. [B, C, H, W]."""
+        if self.objective is Objective.EPS:
+            x0 = self.predict_x0_from_eps(xt, t, out)
+        elif self.objective is Objective.X0:
+            x0 = out
+        else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0, so x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+            x0 = self._coef("sqrt_alphas_cumprod", t, xt.shape) * xt - self._coef(
+                "sqrt_one_minus_alphas_cumprod", t, xt.shape
+            ) * out
+        return x0.clamp(-1.0, 1.0) if clip_denoised else x0
+
     def model_predictions(self, model: Model, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True):
         """Run the network once and return ``(eps, x0)``, both consistent with ``x_t``.
 
@@ -153,16 +167,7 @@ class GaussianDiffusion:
         ancestral and DDIM updates see the same pair.
         """
         out = model(xt, t)
-        if self.objective is Objective.EPS:
-            x0 = self.predict_x0_from_eps(xt, t, out)
-        elif self.objective is Objective.X0:
-            x0 = out
-        else:
-            x0 = self._coef("sqrt_alphas_cumprod", t, xt.shape) * xt - self._coef(
-                "sqrt_one_minus_alphas_cumprod", t, xt.shape
-            ) * out
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        x0 = self.x0_from_output(out, xt, t, clip_denoised)
         if self.objective is Objective.EPS and not clip_denoised:
             eps = out
         else:

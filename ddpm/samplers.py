@@ -1,4 +1,4 @@
-"""Ancestral (Algorithm 2) and DDIM samplers with one random seed per sample.
+"""Ancestral (Algorithm 2), DDIM and the fast multistep solvers (:mod:`ddpm.solvers`) with one random seed per sample.
 
 Sample ``i`` draws all of its noise (x_T and every z) from its own generator seeded with ``seeds[i]``, so its noise
 does not depend on how a set of seeds is split into batches, shards or workers (EDM's convention), and neither do
@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .diffusion import GaussianDiffusion, Model, Variance, _enum
+from .solvers import SOLVERS, SPACINGS, check_spacing, drive, make_scheduler, solver_timesteps
 
 # callback(step_index, t, x_t, pred_x0): called after every reverse step, e.g. to record the chain.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -60,7 +61,7 @@ def _device_of(model, device) -> torch.device:
         return torch.device("cpu")
 
 
-SAMPLERS = ("ddpm", "ddim")  # Algorithm 2, DDIM
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)  # Algorithm 2, DDIM, then diffusers' multistep solvers
 
 
 def check_sampler(name: str) -> str:
@@ -70,12 +71,30 @@ def check_sampler(name: str) -> str:
     return name
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The DDIM sub-sequence: ``steps`` evenly strided indices 0, k, 2k, ... with k = T // steps."""
+def network_evaluations(sampler: str, num_timesteps: int, steps: int) -> int:
+    """NFE of one sample: T for Algorithm 2, ``steps`` for DDIM and for every solver in :mod:`ddpm.solvers`."""
+    return num_timesteps if check_sampler(sampler) == "ddpm" else int(steps)
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
+    """The DDIM sub-sequence of ``steps`` 0-indexed timesteps, ascending (Lin et al. 2024, Table 2):
+
+    - ``leading``: 0, k, 2k, ... with k = T // steps (the DDIM paper's; never visits T-1);
+    - ``trailing``: round(T - i*T/steps) - 1, so the chain starts at T-1, where x_T is pure noise;
+    - ``linspace``: round(linspace(0, T-1, steps)), both ends.
+    """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"DDIM steps must be between 1 and {num_timesteps}, got {steps}")
-    stride = num_timesteps // steps
-    return [i * stride for i in range(steps)]
+    check_spacing(spacing)
+    T = num_timesteps
+    if spacing == "leading":
+        stride = T // steps
+        return [i * stride for i in range(steps)]
+    if spacing == "trailing":
+        return sorted(int(round(T - i * T / steps)) - 1 for i in range(steps))
+    if steps == 1:
+        return [T - 1]
+    return [int(round(i * (T - 1) / (steps - 1))) for i in range(steps)]
 
 
 def ddpm_sample(
@@ -123,12 +142,14 @@ def ddim_sample(
     *,
     steps: int = 50,
     eta: float = 0.0,
+    spacing: str = "leading",
     clip_denoised: bool = True,
     device: torch.device | str | None = None,
     callback: Optional[StepCallback] = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021) over ``steps`` strided timesteps; ``eta=0`` is deterministic given x_T.
+    """DDIM (Song et al. 2021) over the ``steps`` timesteps of :func:`ddim_timesteps` (``spacing``); ``eta=0`` is
+    deterministic given x_T.
 
     Returns x_0 of shape [B, C, H, W].
     """
@@ -137,7 +158,7 @@ def ddim_sample(
     device = _device_of(model, device)
     noise = SeededNoise(seeds, shape, device)
     x = noise.draw()
-    seq = ddim_timesteps(diffusion.num_timesteps, steps)
+    seq = ddim_timesteps(diffusion.num_timesteps, steps, spacing)
     pairs = list(zip(reversed(seq), reversed([-1] + seq[:-1])))
     with _eval_mode(model), torch.inference_mode():
         for i, (step, prev) in enumerate(_progress(pairs, progress, f"DDIM-{steps}")):
@@ -151,6 +172,35 @@ def ddim_sample(
     return x
 
 
+def solver_sample(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    *,
+    solver: str = "dpm++2m",
+    steps: int = 20,
+    spacing: str = "trailing",
+    clip_denoised: bool = True,
+    device: torch.device | str | None = None,
+    callback: Optional[StepCallback] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """A multistep solver of :mod:`ddpm.solvers` (diffusers' scheduler) over ``steps`` network evaluations.
+
+    x_T and, for stochastic solvers, every step's noise come from the per-sample generators. Returns [B, C, H, W].
+    """
+    device = _device_of(model, device)
+    scheduler = make_scheduler(solver, diffusion, steps, spacing=spacing, clip_denoised=clip_denoised)
+    noise = SeededNoise(seeds, shape, device)
+    x = noise.draw() * scheduler.init_noise_sigma
+    draw = noise.draw if SOLVERS[solver].stochastic else None
+    bar = (lambda it: _progress(it, True, f"{solver}-{steps}")) if progress else None
+    with _eval_mode(model), torch.inference_mode():
+        return drive(model, diffusion, scheduler, x, draw, clip_denoised=clip_denoised, callback=callback,
+                     progress=bar)
+
+
 def sample(
     model: Model,
     diffusion: GaussianDiffusion,
@@ -160,6 +210,7 @@ def sample(
     sampler: str = "ddim",
     steps: int = 50,
     eta: float = 0.0,
+    timestep_spacing: str = "leading",
     variance: str | Variance = Variance.FIXED_LARGE,
     clip_denoised: bool = True,
     device: torch.device | str | None = None,
@@ -168,14 +219,19 @@ def sample(
 ) -> torch.Tensor:
     """Images for ``seeds`` from noise with the named sampler: the one place a sampler is chosen by name.
 
-    ``sampler`` is ``"ddpm"`` (Algorithm 2 over all T steps with ``variance``; ``steps`` and ``eta`` unused) or
-    ``"ddim"`` (``steps`` strided steps with ``eta``; ``variance`` unused). Returns x_0 [B, C, H, W].
+    ``sampler`` is ``"ddpm"`` (Algorithm 2 over all T steps with ``variance``; ``steps``, ``eta`` and
+    ``timestep_spacing`` unused), ``"ddim"`` (``steps`` timesteps of ``timestep_spacing`` with ``eta``) or a solver
+    of :data:`ddpm.solvers.SOLVERS` (``steps`` network evaluations on its ``timestep_spacing`` grid; ``eta`` and
+    ``variance`` unused). Returns x_0 [B, C, H, W].
     """
     if check_sampler(sampler) == "ddpm":
         return ddpm_sample(model, diffusion, seeds, shape, variance=variance, clip_denoised=clip_denoised,
                            device=device, callback=callback, progress=progress)
-    return ddim_sample(model, diffusion, seeds, shape, steps=steps, eta=eta, clip_denoised=clip_denoised,
-                       device=device, callback=callback, progress=progress)
+    if sampler == "ddim":
+        return ddim_sample(model, diffusion, seeds, shape, steps=steps, eta=eta, spacing=timestep_spacing,
+                           clip_denoised=clip_denoised, device=device, callback=callback, progress=progress)
+    return solver_sample(model, diffusion, seeds, shape, solver=sampler, steps=steps, spacing=timestep_spacing,
+                         clip_denoised=clip_denoised, device=device, callback=callback, progress=progress)
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -195,12 +251,14 @@ def start_index(num_timesteps: int, strength: float) -> int:
     return int(round(strength * num_timesteps)) - 1
 
 
-def reverse_pairs(sampler: str, num_timesteps: int, steps: int, t_start: Optional[int] = None) -> list[tuple[int, int]]:
+def reverse_pairs(sampler: str, num_timesteps: int, steps: int, t_start: Optional[int] = None,
+                  spacing: str = "leading") -> list[tuple[int, int]]:
     """The reverse chain as (t, t_prev) index pairs from ``t_start`` down to -1 (x_0).
 
-    ``"ddpm"`` visits every index; ``"ddim"`` the strided sub-sequence of :func:`ddim_timesteps` below ``t_start``,
-    entered by one (shorter) jump from ``t_start`` itself, so a chain can start at any timestep. Without
-    ``t_start`` it is the plain samplers' chain (DDIM from its top strided index, as :func:`ddim_sample`).
+    ``"ddpm"`` visits every index; ``"ddim"`` the sub-sequence of :func:`ddim_timesteps` (``spacing``) below
+    ``t_start``, entered by one (shorter) jump from ``t_start`` itself, so a chain can start at any timestep. Without
+    ``t_start`` it is the plain samplers' chain (DDIM from its top index, as :func:`ddim_sample`). A solver visits
+    its own grid (:func:`ddpm.solvers.solver_timesteps`), from its first point at or below ``t_start``.
     """
     full = t_start is None  # the plain sampler's chain: DDIM then starts at its own top index
     t_start = num_timesteps - 1 if t_start is None else int(t_start)
@@ -208,10 +266,13 @@ def reverse_pairs(sampler: str, num_timesteps: int, steps: int, t_start: Optiona
         raise ValueError(f"t_start must be between -1 and {num_timesteps - 1}, got {t_start}")
     if check_sampler(sampler) == "ddpm":
         seq = list(range(t_start + 1))
+    elif sampler in SOLVERS:
+        seq = [s for s in sorted(solver_timesteps(sampler, num_timesteps, steps, spacing)) if s <= t_start]
     elif full:
-        seq = ddim_timesteps(num_timesteps, steps)
+        seq = ddim_timesteps(num_timesteps, steps, spacing)
     else:
-        seq = [s for s in ddim_timesteps(num_timesteps, steps) if s < t_start] + ([t_start] if t_start >= 0 else [])
+        seq = [s for s in ddim_timesteps(num_timesteps, steps, spacing) if s < t_start] + (
+            [t_start] if t_start >= 0 else [])
     return list(zip(reversed(seq), reversed([-1] + seq[:-1])))
 
 
@@ -219,7 +280,9 @@ class _Stepper:
     """One reverse step t -> t_prev for either sampler, drawing its noise from the per-sample generators."""
 
     def __init__(self, diffusion: GaussianDiffusion, sampler: str, eta: float, variance, clip_denoised: bool):
-        check_sampler(sampler)
+        if check_sampler(sampler) in SOLVERS:
+            raise ValueError(f"{sampler} is a multistep solver: it does not take single steps between any two "
+                             "timesteps; use ddpm or ddim")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.d, self.sampler, self.eta = diffusion, sampler, eta
@@ -254,6 +317,7 @@ def img2img_sample(
     sampler: str = "ddpm",
     steps: int = 50,
     eta: float = 0.0,
+    timestep_spacing: str = "leading",
     variance: str | Variance = Variance.FIXED_LARGE,
     clip_denoised: bool = True,
     device: torch.device | str | None = None,
@@ -266,7 +330,9 @@ def img2img_sample(
     Args:
         x0: real images [B, C, H, W] in [-1, 1], one per seed.
         strength: 0 returns ``x0`` unchanged; 1 starts from (almost) pure noise, a fresh sample.
-        sampler: ``"ddpm"`` (Algorithm 2 from t) or ``"ddim"`` (the ``steps``-strided chain below t).
+        sampler: ``"ddpm"`` (Algorithm 2 from t), ``"ddim"`` (the ``steps``-point chain below t), or a solver of
+            :mod:`ddpm.solvers`: it starts at the first point of its own ``steps``-point grid at or below t (a grid
+            point is where its multistep history begins), so it diffuses to that point, not to t itself.
     Sample i draws its q_sample noise first, then every step's noise, from the generator seeded with ``seeds[i]``.
     Returns [B, C, H, W].
     """
@@ -276,9 +342,23 @@ def img2img_sample(
     x0 = x0.to(device=device, dtype=torch.float32)
     if t_start < 0:
         return x0.clone()
-    step_fn = _Stepper(diffusion, sampler, eta, variance, clip_denoised)
-    pairs = reverse_pairs(sampler, diffusion.num_timesteps, steps, t_start)
     noise = SeededNoise(seeds, x0.shape[1:], device)
+    if check_sampler(sampler) in SOLVERS:
+        scheduler = make_scheduler(sampler, diffusion, steps, spacing=timestep_spacing, clip_denoised=clip_denoised)
+        grid = [int(t) for t in scheduler.timesteps]
+        begin = next((i for i, t in enumerate(grid) if t <= t_start), None)
+        if begin is None:
+            raise ValueError(f"strength {strength} diffuses to t = {t_start + 1}, below the {sampler} grid's lowest "
+                             f"timestep {grid[-1] + 1} at {steps} steps; raise the strength or the steps, or use ddim")
+        t = torch.full((x0.shape[0],), grid[begin], device=device, dtype=torch.long)
+        x = diffusion.q_sample(x0, t, noise.draw())
+        draw = noise.draw if SOLVERS[sampler].stochastic else None
+        bar = (lambda it: _progress(it, True, f"img2img-{sampler}")) if progress else None
+        with _eval_mode(model), torch.inference_mode():
+            return drive(model, diffusion, scheduler, x, draw, begin=begin, clip_denoised=clip_denoised,
+                         callback=callback, progress=bar)
+    step_fn = _Stepper(diffusion, sampler, eta, variance, clip_denoised)
+    pairs = reverse_pairs(sampler, diffusion.num_timesteps, steps, t_start, timestep_spacing)
     x = diffusion.q_sample(x0, torch.full((x0.shape[0],), t_start, device=device, dtype=torch.long), noise.draw())
     with _eval_mode(model), torch.inference_mode():
         for i, (step, prev) in enumerate(_progress(pairs, progress, f"img2img-{sampler}")):
@@ -330,6 +410,7 @@ def inpaint_sample(
     sampler: str = "ddpm",
     steps: int = 50,
     eta: float = 0.0,
+    timestep_spacing: str = "leading",
     variance: str | Variance = Variance.FIXED_LARGE,
     clip_denoised: bool = True,
     jump_length: int = 1,
@@ -346,9 +427,13 @@ def inpaint_sample(
         mask: 1 where a pixel is known, 0 where it is to be filled; broadcastable to ``x0`` ([H, W], [1, H, W],
             [B, 1, H, W], ...).
         jump_length, jump_n_sample: RePaint's resampling (see :func:`repaint_schedule`); 1, 1 turns it off.
+        sampler: ``"ddpm"`` or ``"ddim"``. The multistep solvers are refused: re-imposing the known pixels after
+            every step would invalidate the model outputs their multistep history holds.
     The known pixels of the result equal ``x0`` exactly. Returns [B, C, H, W].
     """
     _check_images(x0, seeds)
+    if check_sampler(sampler) in SOLVERS:
+        raise ValueError(f"inpainting needs a single-step sampler (ddpm or ddim), not the multistep solver {sampler}")
     device = _device_of(model, device)
     x0 = x0.to(device=device, dtype=torch.float32)
     m = torch.as_tensor(mask, dtype=torch.float32, device=device)
@@ -360,7 +445,7 @@ def inpaint_sample(
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("mask must hold only 0 (fill) and 1 (known)")
     step_fn = _Stepper(diffusion, sampler, eta, variance, clip_denoised)
-    pairs = reverse_pairs(sampler, diffusion.num_timesteps, steps)
+    pairs = reverse_pairs(sampler, diffusion.num_timesteps, steps, spacing=timestep_spacing)
     moves = repaint_schedule(pairs, jump_length, jump_n_sample)
     noise = SeededNoise(seeds, x0.shape[1:], device)
     b = x0.shape[0]

@@ -303,12 +303,14 @@ def figures_markdown(fig: Optional[dict[str, Any]], table: Optional[dict[str, An
 
 
 def sampler_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [{"sampler": r["sampler"], "steps": r["steps"], "FID": r.get("fid"), "KID": r.get("kid_mean"),
+    rows = [{"sampler": r["sampler"], "NFE": r["steps"], "FID": r.get("fid"), "FID_std": r.get("fid_std"),
+             "vs_DDPM": r.get("ratio_to_ddpm"), "holds": r.get("holds"), "KID": r.get("kid_mean"),
              "sampling_s": r.get("sampling_s", r["wall_s"]), "images_per_s": r.get("images_per_s")}
             for r in table["rows"]]
     floor = table.get("floor") or {}
-    rows.append({"sampler": "real held-out (floor)", "steps": None, "FID": floor.get("fid"),
-                 "KID": floor.get("kid_mean"), "sampling_s": None, "images_per_s": None})
+    rows.append({"sampler": "real held-out (floor)", "NFE": None, "FID": floor.get("fid"), "FID_std": None,
+                 "vs_DDPM": None, "holds": None, "KID": floor.get("kid_mean"), "sampling_s": None,
+                 "images_per_s": None})
     return rows
 
 

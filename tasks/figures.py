@@ -142,7 +142,9 @@ def sampler_name(cfg: Config) -> str:
     s = cfg.sample
     if s.sampler == "ddpm":
         return f"ddpm-{cfg.diffusion.timesteps} ({s.variance})"
-    return f"ddim-{s.steps} (eta {s.eta:g})"
+    if s.sampler == "ddim":
+        return f"ddim-{s.steps} (eta {s.eta:g}, {s.timestep_spacing})"
+    return f"{s.sampler}-{s.steps} ({s.timestep_spacing})"
 
 
 def _kw(cfg: Config) -> dict[str, Any]:
@@ -152,7 +154,7 @@ def _kw(cfg: Config) -> dict[str, Any]:
 def _chain(holder, cfg: Config, seeds: list[int], frames: int) -> ChainRecorder:
     """Sample ``seeds`` from noise with the sample stage's sampler, keeping ``frames`` evenly spaced steps."""
     s = cfg.sample
-    pairs = reverse_pairs(s.sampler, holder.diffusion.num_timesteps, s.steps)
+    pairs = reverse_pairs(s.sampler, holder.diffusion.num_timesteps, s.steps, spacing=s.timestep_spacing)
     rec = ChainRecorder(trace_steps(len(pairs), frames))
     sample(holder.model, holder.diffusion, seeds, holder.shape, device=holder.device, callback=rec, **_kw(cfg))
     return rec

@@ -1,13 +1,21 @@
-"""Stage `sampler_table`: sample quality against speed for one trained model.
+"""Stage `sampler_table`: sample quality against network evaluations (NFE) for one trained model, and the question
+it answers: how many evaluations does each sampler need to come within ``sampler_table.tolerance`` (10%) of
+DDPM-1000's FID?
 
-One row per sampler: Algorithm 2 over all T steps (``sampler_table.ddpm``) and DDIM (Song et al. 2021, eta=0) at
-each of ``sampler_table.ddim_steps``; every row samples the same seeds (``sampler_table.seed`` ...), from the
-newest checkpoint with the weights ``sample.use_ema`` names. Each row runs the sample stage (Ray actors) into a
-temporary folder and scores it with the evaluate stage's ``run`` (FID/KID against the training split, the same
-feature extractor and cached reference statistics in ``--ref-dir``). One set of actors, started before the first
-row, samples every row, so no row's wall time holds Ray's or the actors' start-up (``actors_startup_s``). The
-real-vs-real floor at the same sample count closes the table. Writes ``--out`` (JSON) and ``--markdown`` (the
-table).
+Rows: Algorithm 2 over all T steps (``sampler_table.ddpm``, the reference), DDIM (Song et al. 2021, eta=0) at each
+of ``sampler_table.ddim_steps``, and each of ``sampler_table.solvers`` (DPM-Solver++, UniPC: ddpm/solvers.py) at each
+of ``sampler_table.solver_steps``; DDIM and the solvers place their steps by ``sample.timestep_spacing``. Every row
+samples the same seeds (``sampler_table.seed`` ...), from the newest checkpoint with the weights ``sample.use_ema``
+names. Each row runs the sample stage's machinery (Ray actors) into a temporary folder and is scored with the
+evaluate stage's (FID/KID against the training split, the same feature extractor and cached reference statistics in
+``--ref-dir``). One set of actors, started before the first row, samples every row, so no row's wall time holds
+Ray's or the actors' start-up (``actors_startup_s``).
+
+The noise is stated, not assumed: every row's FID is recomputed on ``sampler_table.bootstrap`` resamplings of the
+seeds, the same resampling for every row, which gives each FID's standard deviation and, paired, the standard
+deviation of its difference to DDPM's. A row holds quality when its FID is within the tolerance of DDPM's; only when no
+row does, the cheapest row whose excess over DDPM's is within two standard deviations of that difference is named
+instead ("within the noise"). The real-vs-real floor at the same sample count closes the table. Writes ``--out`` (JSON) and ``--markdown`` (the table and the answer).
 
     python -m tasks.sampler_table --params params.yaml --checkpoints checkpoints --data data/dataset \
         --classifier models/classifier.pt --ref-dir ref_stats --out metrics/sampler_table.json \
@@ -20,6 +28,8 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from tasks.lib.config import Config, apply_overrides, from_dict, write_resolved
 
@@ -34,45 +44,174 @@ from .lib.common import (
 from .lib.inputs import stage_config
 
 METRICS = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
-SETTINGS_NOTE = "DDIM rows use eta=0 (deterministic given x_T); DDPM is Algorithm 2 with sample.variance"
+NOISE_SIGMAS = 2.0  # "within the noise": an excess over DDPM's FID below this many std of the paired difference
+GOAL_NFE, MOONSHOT_NFE = 50, 20  # issue "Sampling at equal quality": >= 20x and >= 50x fewer evaluations than 1000
+TITLES = {"ddpm": "DDPM (Alg. 2)", "ddim": "DDIM, η=0", "dpm++2m": "DPM-Solver++(2M)", "dpm++3m": "DPM-Solver++(3M)",
+          "dpm++2m-sde": "SDE-DPM-Solver++(2M)", "unipc": "UniPC"}
 
 
 def settings(cfg: Config) -> list[dict[str, Any]]:
-    """The rows to sample: ``{"sampler", "steps", "eta"}`` in table order (DDPM first, then DDIM by steps)."""
+    """The rows to sample: ``{"sampler", "steps", "eta"}`` in table order: DDPM first, then DDIM by steps (most
+    first), then each solver by steps (fewest first)."""
     st = cfg.sampler_table
     rows = [{"sampler": "ddpm", "steps": cfg.diffusion.timesteps, "eta": None}] if st.ddpm else []
     rows += [{"sampler": "ddim", "steps": n, "eta": 0.0} for n in sorted(set(st.ddim_steps), reverse=True)]
+    rows += [{"sampler": s, "steps": n, "eta": None} for s in dict.fromkeys(st.solvers) for n in sorted(set(st.solver_steps))]
     return rows
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """The table as GitHub markdown: sampler, network evaluations, FID, KID, wall time, images/s."""
-    def g(x, fmt="{:.4g}"):
-        return fmt.format(x) if isinstance(x, (int, float)) else "–"
+def row_name(row: dict[str, Any]) -> str:
+    """``ddpm1000``, ``ddim10``, ``dpmpp2m20``, ``unipc10``: a row's name in files and metric keys (no '+')."""
+    return f"{row['sampler'].replace('+', 'p').replace('-', '_')}{row['steps']}"
 
-    lines = ["| sampler | steps | FID | KID | sampling time (s) | images/s |", "|---|---|---|---|---|---|"]
+
+def noise(rows: list[dict[str, Any]], boot: dict[str, np.ndarray]) -> None:
+    """Add each row's ``fid_std`` (bootstrap) and, against the DDPM row, ``fid_delta_std`` (paired bootstrap)."""
+    ref = next((r for r in rows if r["sampler"] == "ddpm"), None)
+    for r in rows:
+        b = boot.get(row_name(r))
+        if b is None or len(b) < 2:
+            continue
+        r["fid_std"] = float(np.std(b, ddof=1))
+        if ref is not None and r is not ref:
+            r["fid_delta_std"] = float(np.std(b - boot[row_name(ref)], ddof=1))
+
+
+def answer(rows: list[dict[str, Any]], tolerance: float) -> Optional[dict[str, Any]]:
+    """Which rows hold DDPM's quality, the cheapest of them, and each sampler's NFE needed. None without a DDPM row.
+
+    A row holds quality when ``fid <= (1 + tolerance) * fid_ddpm`` (``within_tolerance``, ``holds``). Its excess
+    ``fid - fid_ddpm`` is ``within_noise`` when at most :data:`NOISE_SIGMAS` standard deviations of the paired
+    difference; the cheapest such row is named only when no row holds (a noisy table must not crown a 5-step row
+    because its noise is wide). Rows gain ``ratio_to_ddpm``, ``excess_sigmas``, ``within_tolerance``,
+    ``within_noise`` and ``holds``.
+    """
+    ref = next((r for r in rows if r["sampler"] == "ddpm" and isinstance(r.get("fid"), (int, float))), None)
+    if ref is None:
+        return None
+    f0 = ref["fid"]
+    for r in rows:
+        if r is ref or not isinstance(r.get("fid"), (int, float)):
+            continue
+        r["ratio_to_ddpm"] = r["fid"] / f0 if f0 > 0 else None
+        r["within_tolerance"] = bool(r["fid"] <= (1 + tolerance) * f0)
+        sd = r.get("fid_delta_std")
+        r["excess_sigmas"] = (r["fid"] - f0) / sd if sd else None
+        r["within_noise"] = bool(sd is not None and r["fid"] - f0 <= NOISE_SIGMAS * sd)
+        r["holds"] = r["within_tolerance"]
+    others = [r for r in rows if r is not ref and "holds" in r]
+    per_sampler: dict[str, Any] = {}
+    for name in dict.fromkeys(r["sampler"] for r in others):
+        mine = sorted((r for r in others if r["sampler"] == name), key=lambda r: r["steps"])
+        ok = [r for r in mine if r["holds"]]
+        best = min(mine, key=lambda r: r["fid"])
+        per_sampler[name] = {
+            "nfe_needed": ok[0]["steps"] if ok else None,
+            "nfe_within_noise": next((r["steps"] for r in mine if r["within_noise"]), None),
+            "fid_by_nfe": {str(r["steps"]): r["fid"] for r in mine},
+            "best": {"nfe": best["steps"], "fid": best["fid"], "ratio_to_ddpm": best.get("ratio_to_ddpm")},
+        }
+    holding = sorted((r for r in others if r["holds"]), key=lambda r: (r["steps"], r["fid"]))
+    if not holding:
+        holding = sorted((r for r in others if r["within_noise"]), key=lambda r: (r["steps"], r["fid"]))
+    cheapest = holding[0] if holding else None
+    delta_sd = [r["fid_delta_std"] for r in others if r.get("fid_delta_std") is not None]
+    moon = [r for r in others if r["steps"] <= MOONSHOT_NFE]
+    best_moon = min(moon, key=lambda r: r["fid"]) if moon else None
+    return {
+        "reference": row_name(ref),
+        "reference_fid": f0,
+        "reference_fid_std": ref.get("fid_std"),
+        "tolerance": tolerance,
+        "noise_sigmas": NOISE_SIGMAS,
+        "median_delta_std": float(np.median(delta_sd)) if delta_sd else None,
+        "cheapest": None if cheapest is None else {
+            "row": row_name(cheapest), "sampler": cheapest["sampler"], "nfe": cheapest["steps"],
+            "fid": cheapest["fid"], "ratio_to_ddpm": cheapest.get("ratio_to_ddpm"),
+            "by": "tolerance" if cheapest["within_tolerance"] else "noise",
+            "excess_sigmas": cheapest.get("excess_sigmas"),
+            "speedup_in_nfe": ref["steps"] / cheapest["steps"]},
+        "per_sampler": per_sampler,
+        "goal": {"nfe": GOAL_NFE, "met": bool(cheapest and cheapest["steps"] <= GOAL_NFE)},
+        "moonshot": {"nfe": MOONSHOT_NFE, "met": bool(cheapest and cheapest["steps"] <= MOONSHOT_NFE),
+                     "best_row": None if best_moon is None else row_name(best_moon),
+                     "best_ratio_to_ddpm": None if best_moon is None else best_moon.get("ratio_to_ddpm")},
+    }
+
+
+def _g(x, fmt="{:.4g}"):
+    return fmt.format(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
+
+
+def answer_lines(a: Optional[dict[str, Any]]) -> list[str]:
+    """The answer in words: the cheapest row that holds DDPM's quality, each sampler's NFE needed, the noise."""
+    if not a:
+        return ["No DDPM row (sampler_table.ddpm: false): no reference to hold quality against."]
+    tol = f"{a['tolerance']:.0%}"
+    sd = a.get("median_delta_std")
+    lines = [f"**Equal quality** = FID within {tol} of {a['reference']}'s {_g(a['reference_fid'])} (when no row is, "
+             f"an excess of at most {a['noise_sigmas']:g} σ of the paired bootstrap difference). The noise: median σ "
+             f"of a row's difference to DDPM {_g(sd, '{:.3g}')}"
+             + (f", {sd / a['reference_fid']:.0%} of DDPM's FID" if sd and a['reference_fid'] else "") + "."]
+    lines.append("")
+    c = a.get("cheapest")
+    if c:
+        sig = f", {c['excess_sigmas']:+.1f} σ" if c.get("excess_sigmas") is not None else ""
+        lines.append(f"**Cheapest that holds it: {TITLES.get(c['sampler'], c['sampler'])} at {c['nfe']} NFE** (FID "
+                     f"{_g(c['fid'])}, {_g(c['ratio_to_ddpm'], '{:.2f}')}x DDPM's{sig}, by "
+                     f"{'the tolerance' if c['by'] == 'tolerance' else 'the noise only'}): "
+                     f"{c['speedup_in_nfe']:.0f}x fewer network evaluations than DDPM-1000.")
+    else:
+        lines.append("**No row holds DDPM's quality** at these NFE.")
+    lines.append("")
+    for name, p in a["per_sampler"].items():
+        need = f"{p['nfe_needed']} NFE" if p["nfe_needed"] else "not within the tolerance"
+        lines.append(f"- {TITLES.get(name, name)}: {need}; best {_g(p['best']['fid'])} at {p['best']['nfe']} NFE "
+                     f"({_g(p['best']['ratio_to_ddpm'], '{:.2f}')}x DDPM's).")
+    m = a["moonshot"]
+    if not m["met"] and m["best_row"]:
+        lines += ["", f"Moonshot (≤ {m['nfe']} NFE): missed; the best row at ≤ {m['nfe']} NFE, {m['best_row']}, is at "
+                     f"{_g(m['best_ratio_to_ddpm'], '{:.2f}')}x DDPM's FID (needs ≤ {1 + a['tolerance']:.2f}x)."]
+    return lines
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The table as GitHub markdown: sampler, NFE, FID ± bootstrap std, ratio to DDPM, KID, time, images/s; then the
+    answer."""
+    lines = ["| sampler | NFE | FID | ± (bootstrap) | / DDPM | holds | KID | sampling time (s) | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        name = "DDPM (Alg. 2)" if r["sampler"] == "ddpm" else "DDIM, η=0"
-        lines.append(f"| {name} | {r['steps']} | {g(r.get('fid'))} | {g(r.get('kid_mean'))} | "
-                     f"{g(r.get('sampling_s', r['wall_s']), '{:.1f}')} | {g(r['images_per_s'], '{:.1f}')} |")
+        name = TITLES.get(r["sampler"], r["sampler"])
+        holds = {True: "yes", False: "no"}.get(r.get("holds"), "ref" if r["sampler"] == "ddpm" else "–")
+        lines.append(f"| {name} | {r['steps']} | {_g(r.get('fid'))} | {_g(r.get('fid_std'), '{:.2g}')} | "
+                     f"{_g(r.get('ratio_to_ddpm'), '{:.2f}')} | {holds} | {_g(r.get('kid_mean'))} | "
+                     f"{_g(r.get('sampling_s', r['wall_s']), '{:.1f}')} | {_g(r['images_per_s'], '{:.1f}')} |")
     floor = result.get("floor") or {}
     if floor:
-        lines.append(f"| real held-out images (floor) | – | {g(floor.get('fid'))} | {g(floor.get('kid_mean'))} "
-                     "| – | – |")
+        lines.append(f"| real held-out images (floor) | – | {_g(floor.get('fid'))} | – | – | – | "
+                     f"{_g(floor.get('kid_mean'))} | – | – |")
+    spacing = result.get("timestep_spacing")
     lines += ["", f"{result['num_samples']} samples per row (seeds {result['seeds'][0]}–{result['seeds'][1]}, the "
                   f"same in every row) from `{Path(result['checkpoint']).name}` "
                   f"({'EMA' if result['use_ema'] else 'raw'} weights); {result['feature_extractor']} features "
                   f"against the {result['num_reference']} training images; {result['device']}, sampling time per actor "
-                  f"without start-up. {SETTINGS_NOTE}."]
+                  f"without start-up. DDIM rows use eta=0; DDPM is Algorithm 2 with sample.variance"
+                  + (f"; DDIM and the solvers use {spacing} timestep spacing" if spacing else "")
+                  + (f"; ± is the std over {result['bootstrap']} bootstrap resamplings of the seeds"
+                     if result.get("bootstrap") else "") + "."]
+    if "answer" in result:
+        lines += [""] + answer_lines(result["answer"])
     return "\n".join(lines) + "\n"
 
 
 def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, markdown_path) -> dict[str, Any]:
     """Sample and score every row; write ``out_path`` (JSON) and ``markdown_path``. Returns the JSON's content::
 
-        {"enabled": true, "rows": [{"sampler", "steps", "eta", "fid", "kid_mean", "kid_std", "wall_s",
-         "images_per_s"}, ...], "floor": {"fid", "kid_mean", ...}, "num_samples", "seeds": [first, last],
-         "checkpoint", "checkpoint_step", "feature_extractor", "device", ...}
+        {"enabled": true, "rows": [{"sampler", "steps" (= NFE), "eta", "timestep_spacing", "fid", "fid_std",
+         "fid_delta_std", "ratio_to_ddpm", "within_tolerance", "within_noise", "holds", "kid_mean", "kid_std",
+         "sampling_s", "wall_s", "images_per_s"}, ...], "answer": {...} (see :func:`answer`),
+         "floor": {"fid", "kid_mean", ...}, "num_samples", "seeds": [first, last], "bootstrap", "checkpoint",
+         "checkpoint_step", "feature_extractor", "device", ...}
 
     With ``sampler_table.enabled: false`` both files only say so.
     """
@@ -85,11 +224,13 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         print("sampler_table.enabled is false: no table")
         return result
     from .lib.sampling import SamplerPool, newest_checkpoint, sample_shards
-    from .lib.scoring import score_samples
+    from .lib.scoring import paired_bootstrap, score_samples
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seeds = list(range(st.seed, st.seed + st.num_samples))
     rows: list[dict[str, Any]] = []
+    feats: dict[str, np.ndarray] = {}  # each row's sample features, in seed order, for the bootstrap
+    ref_stats: dict[str, Any] = {}
     pool: Optional[SamplerPool] = None  # one set of actors (one copy of the network each) samples every row
     with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp, ExitStack() as actors:
         for spec in settings(cfg):
@@ -103,7 +244,7 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
             if "repeats" in type(cfg.evaluate).model_fields:  # one seed range per row: the table's cost is N/row
                 over["evaluate.repeats"] = 1
             row_cfg = from_dict(apply_overrides(cfg.to_dict(), over))
-            name = f"{spec['sampler']}{spec['steps']}"
+            name = row_name(spec)
             if pool is None:
                 shards = -(-st.num_samples // over["sample.shard_size"])
                 pool = actors.enter_context(SamplerPool(row_cfg, newest_checkpoint(ckpt_dir), shards))
@@ -114,20 +255,32 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
                 raise StageError(f"sampler_table: row {name} sampled seeds from {summary['seeds'][0]}, not {seeds[0]}")
             wall = summary["wall_s"]  # the actors were started before the first row: no start-up in any row
             sampling = summary.get("sampling_s") or wall  # inside the actors, per actor: no grid, no scheduling
-            ev = score_samples(row_cfg, data_dir, Path(tmp) / name, classifier_path, ref_dir, Path(tmp) / f"{name}.json")
+            got: dict[str, Any] = {}
+            ev = score_samples(row_cfg, data_dir, Path(tmp) / name, classifier_path, ref_dir, Path(tmp) / f"{name}.json",
+                               features=got)
+            feats[name] = got["generated"]
+            ref_stats = {"mu": got["mu"], "sigma": got["sigma"]}
             scores = {k: ev[k] for k in METRICS if isinstance(ev.get(k), (int, float))}
-            rows.append({**spec, **scores, "sampling_s": round(sampling, 2), "wall_s": round(wall, 2),
+            spacing = None if spec["sampler"] == "ddpm" else cfg.sample.timestep_spacing
+            rows.append({**spec, "timestep_spacing": spacing, **scores, "sampling_s": round(sampling, 2),
+                         "wall_s": round(wall, 2),
                          "images_per_s": round(summary["count"] / sampling, 2) if sampling > 0 else None})
             print(f"sampler_table: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
                   + f", sampling {sampling:.1f} s ({wall:.1f} s wall)")
+    if st.bootstrap and cfg.evaluate.fid:
+        noise(rows, paired_bootstrap(feats, ref_stats["mu"], ref_stats["sigma"], st.bootstrap, st.seed))
+    verdict = answer(rows, st.tolerance) if cfg.evaluate.fid else None
     floor = {k: v for k, v in ev["floor"].items() if k in (*METRICS, "num_holdout", "kid_subset_size")}
     ckpt = Path(summary["checkpoint"])
     result = {
         "enabled": True,
         "rows": rows,
+        "answer": verdict,
         "floor": floor,
         "num_samples": st.num_samples,
         "seeds": [seeds[0], seeds[-1]],
+        "bootstrap": st.bootstrap,
+        "timestep_spacing": cfg.sample.timestep_spacing,
         "checkpoint": str(ckpt),
         "checkpoint_step": int(ckpt.stem.split("_")[1]),
         "use_ema": cfg.sample.use_ema,
@@ -137,7 +290,6 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         "kid_subset_size": ev.get("kid_subset_size"),
         "device": f"{pool.workers} Ray sampling actor(s) of the sample stage",
         "actors_startup_s": round(pool.actors_startup_s, 2),
-        "note": SETTINGS_NOTE,
     }
     write_json(out_path, result)
     md = markdown_table(result)
@@ -148,7 +300,8 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    p = stage_parser("FID/KID and wall time of DDPM and DDIM at several step counts, same seeds, one model.")
+    p = stage_parser("FID/KID and wall time of DDPM, DDIM and the multistep solvers at several NFE, same seeds, one "
+                     "model, and the NFE each needs to hold DDPM-1000's quality.")
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder from the train stage")
     p.add_argument("--data", required=True, help="dataset folder (output of the fetch stage)")
     p.add_argument("--classifier", default=None, help="classifier weights (train_classifier output)")

@@ -157,7 +157,7 @@ def test_parse_override_needs_an_equals_sign():
         # cross checks
         ({"evaluate": {"kid_subset_size": 2000}}, "evaluate.kid_subset_size", "sample.num_samples"),
         ({"sample": {"steps": 2000}}, "sample.steps", "diffusion.timesteps"),
-        ({"diffusion": {"timesteps": 50}}, "sample.steps", "100 DDIM steps"),
+        ({"diffusion": {"timesteps": 50}}, "sample.steps", "100 ddim steps exceed diffusion.timesteps 50"),
         ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, "diffusion.beta_start", "diffusion.beta_end"),
         ({"data": {"dataset": "image-folder"}}, "data.image_size", "image-folder"),
     ],

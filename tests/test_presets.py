@@ -59,7 +59,12 @@ def test_fashion_mnist_preset_is_28x28x1(repo_root):
 def test_demo_params_turn_figures_and_sampler_table_on(repo_root):
     cfg = load_config(repo_root / "params.yaml")
     assert cfg.figures.enabled and cfg.sampler_table.enabled
-    assert cfg.sampler_table.ddpm and cfg.sampler_table.ddim_steps == (10, 20, 50, 100)
+    assert cfg.sampler_table.ddpm and cfg.sampler_table.ddim_steps == (10, 20, 50)
+    assert cfg.sampler_table.solvers == ("dpm++2m", "unipc", "dpm++2m-sde")
+    assert cfg.sampler_table.solver_steps == (5, 10, 20, 50) and cfg.sampler_table.bootstrap > 0
+    # the defaults the solver study chose (benchmarks/results/solver_study.json)
+    assert (cfg.sample.sampler, cfg.sample.steps, cfg.sample.timestep_spacing) == ("dpm++2m-sde", 20, "trailing")
+    assert (cfg.tracking.grid_sampler, cfg.tracking.grid_steps) == ("dpm++2m-sde", 10)
     assert cfg.sample.mode == "generate"
 
 

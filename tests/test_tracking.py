@@ -353,7 +353,7 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     """A fresh training's step-0 grid as the train stage logs it (its network seeded as train.py does, the EMA
     copy); returns the logged PNG file's bytes and the grid it should show."""
     from ddpm.ema import EMA
-    from ddpm.samplers import ddim_sample
+    from ddpm.samplers import sample
     from tasks.lib.common import to_uint8
 
     cfg = tiny_config({**ON, "tracking.experiment": experiment, "tracking.system_metrics": False,
@@ -369,7 +369,9 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     (png,) = [p for p in (tmp_path / "mlruns" / experiment).rglob("train_samples+step+0+*.png")
               if "compressed" not in p.name]
     seeds = list(range(grid_seed, grid_seed + 4))
-    return png.read_bytes(), grid_image(to_uint8(ddim_sample(ema.module, diffusion, seeds, (1, 8, 8), steps=3)))
+    # the grids' sampler (tracking.grid_sampler, default unipc) on the sample section's timestep spacing
+    want = sample(ema.module, diffusion, seeds, (1, 8, 8), sampler="unipc", steps=3, timestep_spacing="trailing")
+    return png.read_bytes(), grid_image(to_uint8(want))
 
 
 def test_same_grid_seed_logs_identical_step0_grids(tiny_config, tmp_path, monkeypatch):
@@ -410,7 +412,7 @@ def test_final_grid_uses_the_grid_seeds(tiny_config, tmp_path):
                            "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
                                       "params": cfg.to_dict()}})
     diffusion = train.build_diffusion(cfg.diffusion.model_dump())
-    want = to_uint8(ddim_sample(ema.module, diffusion, [30, 31, 32, 33], (1, 8, 8), steps=3))
+    want = to_uint8(ddim_sample(ema.module, diffusion, [30, 31, 32, 33], (1, 8, 8), steps=3, spacing="trailing"))
 
     images = np.arange(40 * 64, dtype=np.int64).reshape(40, 1, 8, 8).astype(np.uint8)
     seeds = np.arange(40)

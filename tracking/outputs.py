@@ -118,8 +118,8 @@ def log_figures(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
 
 
 def row_key(row: dict[str, Any]) -> str:
-    """``ddpm1000``, ``ddim10``, ...: a sampler row's name in metric keys."""
-    return f"{row['sampler']}{row['steps']}"
+    """``ddpm1000``, ``ddim10``, ``dpmpp2m20``, ...: a sampler row's name in metric keys (MLflow refuses '+')."""
+    return f"{row['sampler'].replace('+', 'p').replace('-', '_')}{row['steps']}"
 
 
 def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLike | str,

@@ -181,7 +181,7 @@ class MlflowTrainCallback(TrainCallback):
 
     def grid(self, step: int, model, diffusion) -> None:
         """Every ``tracking.grid_every`` steps and at the last step: a grid sampled from ``model`` (the EMA UNet)
-        with DDIM (eta 0) from the fixed seeds ``sample.grid_seed`` .. +``tracking.grid_samples``-1 (the same noise at every
+        with ``tracking.grid_sampler`` (``grid_steps`` evaluations) from the fixed seeds ``sample.grid_seed`` .. +``tracking.grid_samples``-1 (the same noise at every
         step and in every run with that grid seed; the final samples/grid.png starts from the same seeds), logged as
         stepped image ``train_samples``. Step 0 is the initial weights (the train loop reports it before the first update of a fresh training)."""
         tc = self.cfg.tracking if self.active else None
@@ -201,8 +201,9 @@ class MlflowTrainCallback(TrainCallback):
 
         tc = self.cfg.tracking
         seeds = list(range(self.cfg.sample.grid_seed, self.cfg.sample.grid_seed + tc.grid_samples))
-        x = sample(model, diffusion, seeds, self.cfg.data.shape, sampler="ddim",
-                   steps=min(tc.grid_steps, diffusion.num_timesteps))
+        x = sample(model, diffusion, seeds, self.cfg.data.shape, sampler=tc.grid_sampler,
+                   steps=min(tc.grid_steps, diffusion.num_timesteps),
+                   timestep_spacing=self.cfg.sample.timestep_spacing)
         mlflow.log_image(grid_image(to_uint8(x)), key=GRID_KEY, step=step, synchronous=True)
 
     def finish(self, step: int, model) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Union, get_args
 
 import yaml
 from pydantic import Field, StrictBool, ValidationError, model_validator
@@ -23,11 +23,13 @@ from ddpm.config import (  # noqa: F401  (the library's sections, re-exported: o
     DiffusionConfig,
     ModelConfig,
     SamplerConfig,
+    SamplerName,
     _Section,
 )
 from ddpm.unet import UNetConfig, UNetConfigError
 
 
+SOLVER_NAMES = tuple(n for n in get_args(SamplerName) if n not in ("ddpm", "ddim"))
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
 # Native (channels, side) of the built-in datasets; image-folder takes both from data.*.
 NATIVE_SHAPES = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
@@ -167,10 +169,15 @@ class SamplerTableConfig(_Section):
 
     enabled: StrictBool = False  # false: the stage writes only sampler_table.json saying so
     num_samples: int = Field(default=200, gt=1)  # per row; seeds seed .. seed+num_samples-1
-    ddpm: StrictBool = True  # include Algorithm 2 over all diffusion.timesteps
+    ddpm: StrictBool = True  # include Algorithm 2 over all diffusion.timesteps: the reference of "equal quality"
     ddim_steps: tuple[int, ...] = (10, 20, 50, 100)  # one DDIM (eta=0) row per entry
+    solvers: tuple[SamplerName, ...] = ("dpm++2m", "unipc")  # multistep solvers (ddpm/solvers.py) with rows ...
+    solver_steps: tuple[int, ...] = (5, 10, 20, 50)  # ... at each of these network evaluations
     batch_size: int = Field(default=100, gt=0)
     seed: int = Field(default=0, ge=0)
+    # the noise: FID of every row on this many resamplings of the seeds (the same for every row); 0: not stated
+    bootstrap: int = Field(default=200, ge=0)
+    tolerance: float = Field(default=0.1, gt=0)  # equal quality: FID within this fraction of DDPM's (or its noise)
 
 
 class RayConfig(_Section):
@@ -188,7 +195,10 @@ class TrackingConfig(_Section):
     experiment: Optional[str] = None  # null: the dataset name
     grid_every: int = Field(default=500, ge=0)  # EMA sample grid every N training steps and at the end; 0: none
     grid_samples: int = Field(default=16, gt=0)  # the grids use seeds sample.grid_seed .. +grid_samples-1
-    grid_steps: int = Field(default=20, gt=0)  # DDIM steps of the training grids (at most diffusion.timesteps)
+    # the training grids' sampler and its network evaluations (sample.timestep_spacing); the cheapest setting
+    # that held quality in BENCHMARKS.md "Samplers at equal quality"
+    grid_sampler: SamplerName = "unipc"
+    grid_steps: int = Field(default=10, gt=0)  # at most diffusion.timesteps; ddpm ignores it
     register_model: Optional[str] = None  # register the final EMA UNet under this model name
     system_metrics: StrictBool = True  # CPU/GPU/memory/disk metrics while training
 
@@ -228,16 +238,27 @@ class Config(_Section):
             key = "data.image_size" if e.field == "image_size" else f"model.{e.field}"
             raise ValueError(f"{key}: {str(e).split(': ', 1)[1]}") from None
         s = self.sample
-        if s.sampler == "ddim" and s.steps > self.diffusion.timesteps:
-            raise ValueError(f"sample.steps: {s.steps} DDIM steps exceed diffusion.timesteps {self.diffusion.timesteps}")
+        if s.sampler != "ddpm" and s.steps > self.diffusion.timesteps:
+            raise ValueError(f"sample.steps: {s.steps} {s.sampler} steps exceed diffusion.timesteps "
+                             f"{self.diffusion.timesteps}")
+        if s.mode == "inpaint" and s.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sample.sampler: inpaint accepts ddpm or ddim, got {s.sampler} (a multistep solver: the "
+                             "known pixels re-imposed after every step would invalidate its history)")
         f, st, T = self.figures, self.sampler_table, self.diffusion.timesteps
         if any(not 0 <= x <= 1 for x in f.recon_fractions) or not f.recon_fractions:
             raise ValueError(f"figures.recon_fractions: fractions of T in [0, 1], got {list(f.recon_fractions)}")
-        if not st.ddim_steps and not st.ddpm:
-            raise ValueError("sampler_table.ddim_steps: empty and sampler_table.ddpm is false; the table has no row")
+        if not st.ddim_steps and not st.ddpm and not (st.solvers and st.solver_steps):
+            raise ValueError("sampler_table.ddim_steps: empty, sampler_table.ddpm false and no solver rows; the table "
+                             "has no row")
         if st.enabled and any(not 1 <= n <= T for n in st.ddim_steps):
             raise ValueError(f"sampler_table.ddim_steps: each must be between 1 and diffusion.timesteps {T}, "
                              f"got {list(st.ddim_steps)}")
+        if st.enabled and any(n not in SOLVER_NAMES for n in st.solvers):
+            raise ValueError(f"sampler_table.solvers: each must be one of {', '.join(SOLVER_NAMES)} (DDPM and DDIM "
+                             f"rows are sampler_table.ddpm and ddim_steps), got {list(st.solvers)}")
+        if st.enabled and any(not 1 <= n <= T for n in st.solver_steps):
+            raise ValueError(f"sampler_table.solver_steps: each must be between 1 and diffusion.timesteps {T}, "
+                             f"got {list(st.solver_steps)}")
         if st.enabled and self.evaluate.kid and self.evaluate.kid_subset_size > st.num_samples:
             raise ValueError(f"sampler_table.num_samples: {st.num_samples} is below evaluate.kid_subset_size "
                              f"{self.evaluate.kid_subset_size}; KID needs at least that many samples")

@@ -20,6 +20,7 @@ read the held-out images of ``--data``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import time
@@ -33,7 +34,8 @@ from ddpm.checkpoint import newest_checkpoint as _newest_checkpoint
 from tasks.lib.config import Config, write_resolved
 from ddpm.perf import prepare_for_sampling
 from ddpm.pretrained import load_model
-from ddpm.samplers import img2img_sample, inpaint_sample, region_mask, sample as draw
+from ddpm.samplers import img2img_sample, inpaint_sample, network_evaluations, region_mask, sample as draw
+from ddpm.solvers import SOLVERS
 
 from .common import (
     DataError,
@@ -51,7 +53,7 @@ from .common import (
     write_npz,
 )
 
-SAMPLER_KEYS = ("sampler", "steps", "eta", "variance", "clip_denoised", "use_ema", "seed")
+SAMPLER_KEYS = ("sampler", "steps", "eta", "timestep_spacing", "variance", "clip_denoised", "use_ema", "seed")
 # Keys that matter only in their mode (sample.mode); generate-mode keys stay as they were, so its shards are kept.
 MODE_KEYS = {"generate": (), "img2img": ("mode", "strength"),
              "inpaint": ("mode", "mask", "jump_length", "jump_n_sample")}
@@ -90,6 +92,8 @@ def sampling_key(cfg: Config, ckpt: Path, step: int, inputs_sha256: Optional[str
         blob["inputs_sha256"] = inputs_sha256
     if s["precision"] != "fp32":  # (keys of fp32 shards stay as they were)
         blob["precision"] = s["precision"]
+    if s["sampler"] in SOLVERS:  # the solver's update rule is diffusers' code
+        blob["diffusers"] = importlib.metadata.version("diffusers")
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -392,6 +396,8 @@ def sample_shards(cfg: Config, ckpt_dir, out_dir, data_dir=None, pool: Optional[
            if s.mode == "inpaint" else {}),
         "steps": cfg.diffusion.timesteps if s.sampler == "ddpm" else s.steps,
         "eta": s.eta,
+        "timestep_spacing": s.timestep_spacing,
+        "network_evaluations": network_evaluations(s.sampler, cfg.diffusion.timesteps, s.steps),
         "use_ema": s.use_ema,
         "checkpoint": str(ckpt),
         "checkpoint_step": step,

@@ -252,8 +252,12 @@ def score_samples(
     ref_dir: os.PathLike | str,
     metrics_path: os.PathLike | str,
     classifier_metrics_path: os.PathLike | str | None = None,
+    features: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Evaluate the samples in ``samples_dir`` against ``data_dir``'s train split; write ``metrics_path``.
+
+    ``features``, when given, is filled with the FID layer's features of the samples (``"generated"``, float [N, D]
+    in seed order) and the reference's ``"mu"`` and ``"sigma"``: what a bootstrap over the samples needs.
 
     ``classifier_path`` is the weights file of the classifier feature extractor (unused with Inception);
     ``ref_dir`` holds the keyed training-set statistics; ``classifier_metrics_path`` (optional) supplies the
@@ -360,6 +364,8 @@ def score_samples(
             ref = refstats.save(ref_dir, want, feats, moments)
             print(f"reference statistics cached as {ref.path} (+ {ref.path.with_suffix('.json').name})")
 
+    if features is not None:
+        features.update(generated=gen[layer].numpy(), mu=ref.mu, sigma=ref.sigma)
     which = {"fid": ev.fid, "kid": ev.kid, "isc": isc, "prc": ev.prc}
     runs = [compare({name: f[i * n_gen:(i + 1) * n_gen] for name, f in gen.items()}, ref, layer, isc_layer, which,
                     ev.kid_subset_size, ev.seed) for i in range(k)]
@@ -441,3 +447,43 @@ def score_samples(
     print(f"{n_gen} samples{per} vs train ({extractor}): {summary}; real-vs-real floor ({len(holdout)} held-out): "
           f"{floor_s} -> {metrics_path}")
     return result
+
+
+# -- the noise of a FID: a bootstrap over the samples ----------------------------------------------------------------
+class FrechetDistance:
+    """FID of feature sets against one fixed Gaussian (mu, sigma), fast enough to repeat per bootstrap resample.
+
+    tr sqrt(S_g S_r) = tr sqrt(R S_g R) with R = S_r^(1/2) (same eigenvalues), so each call is one symmetric
+    eigendecomposition; R is computed once. Agrees with torch-fidelity's ``fid_statistics_to_metric`` to round-off.
+    """
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        w, v = np.linalg.eigh(np.asarray(sigma, dtype=np.float64))
+        self.root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        self.mu = np.asarray(mu, dtype=np.float64)
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, features: np.ndarray) -> float:
+        f = np.asarray(features, dtype=np.float64)
+        m, c = f.mean(axis=0), np.cov(f, rowvar=False)
+        e = np.linalg.eigvalsh(self.root @ c @ self.root)
+        return float(((m - self.mu) ** 2).sum() + np.trace(c) + self.trace - 2.0 * np.sqrt(np.clip(e, 0, None)).sum())
+
+
+def paired_bootstrap(features: dict[str, np.ndarray], mu: np.ndarray, sigma: np.ndarray, resamples: int,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """FID of every row in ``features`` ({row: [N, D] features, row i of each from the same seed}) on ``resamples``
+    resamplings of the N seeds with replacement, the same seeds for every row in each resample, so that differences
+    between rows keep their pairing. Returns {row: [resamples] FIDs}."""
+    n = {len(f) for f in features.values()}
+    if len(n) != 1:
+        raise ValueError(f"paired rows need the same number of samples, got {sorted(n)}")
+    n_rows = n.pop()
+    fid = FrechetDistance(mu, sigma)
+    rng = np.random.default_rng(seed)
+    out = {name: np.empty(resamples) for name in features}
+    for b in range(resamples):
+        idx = rng.integers(0, n_rows, n_rows)
+        for name, f in features.items():
+            out[name][b] = fid(f[idx])
+    return out
