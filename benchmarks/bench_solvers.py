@@ -33,6 +33,7 @@ from benchmarks.common import RESULTS, machine, set_threads, write_result
 
 NFES = (5, 10, 20, 50)
 SPACINGS = ("leading", "trailing", "linspace")
+BOOTSTRAP = 200  # resamplings of the samples for each FID's noise in the speed run
 STUDY_SAMPLERS = (("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", None), ("dpm++3m", None), ("dpm++2m-sde", None),
                   ("unipc", None))
 
@@ -188,11 +189,23 @@ def speed(run: Run, solver: str, nfe: int, spacing: str, samples: int, batch: in
         f"{solver}{nfe}_{spacing}": lambda s: draw(run, s, batch, sampler=solver, steps=nfe, timestep_spacing=spacing),
         "ddpm1000_diffusers_pipeline": lambda s: diffusers_ddpm(run, len(s), batch, s[0]),
     }
-    quality = {}
+    from tasks.lib.scoring import paired_bootstrap
+
+    quality, feats = {}, {}
     for name, fn in sides.items():
         t0 = time.perf_counter()
-        quality[name] = {"fid": run.fid(run.features(fn(seeds))), "wall_s": round(time.perf_counter() - t0, 1)}
+        feats[name] = run.features(fn(seeds))
+        quality[name] = {"fid": run.fid(feats[name]), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: FID {quality[name]['fid']:.4f} ({quality[name]['wall_s']} s for {samples})", flush=True)
+    # the noise: each FID's std over resamplings of the samples; ours and the solver share their seeds (paired), the
+    # pipeline draws from its own generator, so its difference to ours is unpaired
+    boot = paired_bootstrap(feats, run.ref_mu, run.ref_sigma, BOOTSTRAP, seed=0)
+    base = list(sides)[0]
+    for name in sides:
+        quality[name]["fid_std"] = float(np.std(boot[name], ddof=1))
+        if name != base:
+            quality[name]["fid_delta_std"] = float(np.std(boot[name] - boot[base], ddof=1))
+            quality[name]["paired_with_ours"] = name != "ddpm1000_diffusers_pipeline"
     timing = interleave({name: throughput(lambda fn=fn: fn(list(range(batch))), batch) for name, fn in sides.items()},
                         pairs=pairs, warmup=0)
     return {"quality": quality, "timing": timing}

@@ -558,7 +558,12 @@ def block_demo(r: Records) -> str:
         if name == "sample" and det.get("sample", {}).get("count"):
             k = ev.get("repeats", 1)
             n = det["sample"]["count"]
-            txt += (f" ({k} × {n // k:,} images for `evaluate.repeats: {k}`)" if k > 1 else f" ({n:,} images)")
+            txt += (f" ({k} × {n // k:,} images for `evaluate.repeats: {k}`" if k > 1 else f" ({n:,} images")
+            smp = det["sample"]
+            if smp.get("sampler"):
+                nfe = 1000 if smp["sampler"] == "ddpm" else smp.get("steps")
+                txt += f", {SOLVER_TITLES.get(smp['sampler'], smp['sampler'])} at {nfe} network evaluations"
+            txt += ")"
         parts.append(txt)
     rest = d["total_wall_s"] - d["sum_of_stages_s"]
     if rest >= 0:
@@ -873,16 +878,21 @@ def block_solvers(r: Records) -> str:
     label = {ours: "DDPM-1000, Algorithm 2 (ours)", pipe: "DDPM-1000, diffusers `DDPMPipeline`",
              fast: f"{SOLVER_TITLES.get(x['solver'], x['solver'])}, {x['nfe']} NFE, {x['spacing']} spacing"}
     nfe = {ours: 1000, pipe: 1000, fast: x["nfe"]}
-    out = ["| sampler | NFE | FID | / DDPM (ours) | images/s | speed-up vs this row |", "|---|---|---|---|---|---|"]
+    out = ["| sampler | NFE | FID ± σ | − DDPM (ours) ± σ | images/s | speed-up vs this row |",
+           "|---|---|---|---|---|---|"]
     for n in names:
         speed = "–" if n == fast else f"{med[fast] / med[n]:.1f}x"
-        out.append(f"| {label[n]} | {nfe[n]} | {q[n]['fid']:.3f} | {q[n]['fid'] / q[ours]['fid']:.2f}x | "
-                   f"{med[n]:.2f} | {speed} |")
+        sd = f" ± {q[n]['fid_std']:.2f}" if q[n].get("fid_std") is not None else ""
+        delta = "–" if n == ours else (f"{q[n]['fid'] - q[ours]['fid']:+.3f}"
+                                       + (f" ± {q[n]['fid_delta_std']:.2f}" if q[n].get("fid_delta_std") else ""))
+        out.append(f"| {label[n]} | {nfe[n]} | {q[n]['fid']:.3f}{sd} | {delta} | {med[n]:.2f} | {speed} |")
     out += ["", f"FID of {x['samples']:,} samples per row (seeds 0–{x['samples'] - 1:,}; the pipeline draws from one "
                 f"generator seeded 0) against the {x['num_reference']:,} training images, {x['feature_extractor']}; "
                 f"the same network and EMA weights (`{Path(x['checkpoint']).name}` of the demo) in every row, the "
                 f"pipeline through a wrapper that gives our UNet diffusers' `.sample` output. images/s: median of "
                 f"{tm['pairs']} alternating runs of a batch of {x['batch']} in one process, {x['threads']} threads, "
+                f"σ: std over 200 bootstrap resamplings of the samples (paired with ours "
+                f"for the solver, whose seeds are ours; unpaired for the pipeline's own generator). "
                 f"{x['machine']['cpu']}, measured {x['machine']['date']} by `{x['command']}`."]
     gpu = r.result("gpu_h200_2026-11-28")
     row = next((g for g in (gpu or []) if g.get("name") == "sampling_ddpm1000_compiled_bf16_b1024"), None)

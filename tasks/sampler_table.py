@@ -152,7 +152,10 @@ def answer_lines(a: Optional[dict[str, Any]]) -> list[str]:
     lines = [f"**Equal quality** = FID within {tol} of {a['reference']}'s {_g(a['reference_fid'])} (when no row is, "
              f"an excess of at most {a['noise_sigmas']:g} σ of the paired bootstrap difference). The noise: median σ "
              f"of a row's difference to DDPM {_g(sd, '{:.3g}')}"
-             + (f", {sd / a['reference_fid']:.0%} of DDPM's FID" if sd and a['reference_fid'] else "") + "."]
+             + (f", {sd / a['reference_fid']:.0%} of DDPM's FID" if sd and a['reference_fid'] else "") + "."
+             + (" That is wider than the tolerance: at this sample count a row holds on its point estimate, and "
+                "a 10% difference is not resolved (more samples narrow σ as 1/√N)."
+                if sd and sd > a["tolerance"] * a["reference_fid"] else "")]
     lines.append("")
     c = a.get("cheapest")
     if c:

@@ -193,3 +193,24 @@ def test_frechet_distance_matches_torch_fidelity_and_the_bootstrap_is_paired():
     assert np.array_equal(paired_bootstrap({"a": a, "b": b}, mu, sigma, 50, seed=1)["b"], boot["b"])
     with pytest.raises(ValueError, match="same number of samples"):
         paired_bootstrap({"a": a, "b": b[:10]}, mu, sigma, 5)
+
+
+def test_diffusers_ddpm_scheduler_is_our_algorithm_2_given_the_same_noise(tiny_unet, monkeypatch):
+    """The benchmark's DDPMPipeline baseline runs our update rule: DDPMScheduler (fixed_large, clipped), fed our
+    per-sample noise in place of its own draws, lands on ddpm_sample within float32 round-off."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_scheduler
+    from diffusers import DDPMScheduler
+
+    from ddpm.samplers import ddpm_sample
+
+    d = diffusion("cosine", T=200)
+    seeds = [1, 2, 3]
+    ours = ddpm_sample(tiny_unet, d, seeds, SHAPE)
+    sched = DDPMScheduler(num_train_timesteps=200, trained_betas=d.betas.numpy(), variance_type="fixed_large",
+                          clip_sample=True, prediction_type="epsilon")
+    sched.set_timesteps(200)
+    noise = SeededNoise(seeds, SHAPE)
+    monkeypatch.setattr(ddpm_scheduler, "randn_tensor", lambda *a, **k: noise.draw())
+    with torch.inference_mode():
+        theirs = drive(tiny_unet, d, sched, noise.draw())
+    assert (ours - theirs).abs().max().item() < 1e-4
