@@ -66,8 +66,11 @@ def start_server(port: int) -> tuple[subprocess.Popen, str]:
     """``prefect server start`` on 127.0.0.1:``port`` in a child process; returns it once its API answers."""
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches only this process, which
+    # stops serving first and then the server. A server that died first left the runner reconnecting to nothing
+    # (ConnectionClosedError: 1012, service restart) and still running.
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env)
+                             "--port", str(port)], env=env, start_new_session=True)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if api_healthy(api_url):
@@ -116,8 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError, KeyError) as e:
             print(f"error: {args.file}: {e}", file=sys.stderr)
             return 2
-        serve(*deployments, limit=args.limit)
+        serve(*deployments, limit=args.limit)  # until Ctrl-C: Prefect's runner catches it and returns
+    except KeyboardInterrupt:  # a Ctrl-C before or after the runner's own handling
+        pass
     finally:
+        print("serving stopped" + ("; stopping the Prefect server" if server is not None else ""), flush=True)
         if server is not None:
             server.terminate()
             try:

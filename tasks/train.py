@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -65,6 +66,7 @@ class NonFiniteLoss(StageError):
 # would retry a raised error train.max_failures times from the last checkpoint, and a deterministic error only
 # happens again. Worker deaths (a killed process, a lost node) still raise, and Ray restarts those.
 FAILURE_FILE = ".train_failure.json"
+PROGRESS_LINE_S = 10.0  # without a terminal, the training progress is one line this often (not one per update)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -232,7 +234,10 @@ def train_loop(
     if is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", mininterval=2.0)
+        # In a terminal, one bar redrawn in place; in a Ray worker (no terminal: each redraw becomes a forwarded line)
+        # or a log, one line every PROGRESS_LINE_S seconds.
+        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step",
+                   mininterval=2.0 if sys.stderr.isatty() else PROGRESS_LINE_S)
     ddp_model.train()
     epoch, offset = divmod(step, steps_per_epoch)
     t_log, seen = time.perf_counter(), 0
@@ -278,7 +283,7 @@ def train_loop(
                              "grad_norm": f"{float(grad_norm):.4f}", "images_per_s": f"{seen / (now - t_log):.1f}"})
                 callbacks.on_log(rows[-1])
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # shown at the bar's next redraw
                 t_log, seen = now, 0
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 save(step)
@@ -346,6 +351,42 @@ def _raise_worker_failure(ckpt_dir: Path) -> None:
     raise cls(str(failure.get("message", "training failed")))
 
 
+def state_api_available() -> bool:
+    """Whether Ray's State API answers. The dashboard serves it, and the Ray this project starts (and ``ray start``
+    from this environment, which lacks the dashboard's packages) runs without one."""
+    import ray
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:  # the address of the Ray this process uses: with none, Ray looks for one and may find several
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=2, raise_on_missing_output=False)
+        return True
+    except (RayStateApiException, ConnectionError):
+        return False
+
+
+def trainer_class(state_api: bool):
+    """Ray Train's ``TorchTrainer``; without a State API, one that leaves out its placement-group cleaner.
+
+    The cleaner is a detached actor that asks the State API every second whether the train controller is still
+    alive, to remove the workers' placement group if it died. Without the API it cannot know, never cleans up, and
+    logs "Failed to query Ray Train Controller actor state" on every check (157 lines in one demo), so it is left out
+    there: a local Ray ends with the stage and takes its placement groups with it.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if state_api:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class TrainerWithoutCleaner(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return TrainerWithoutCleaner
+
+
 def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None,
         callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
@@ -359,7 +400,6 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         check_writable(Path(metrics_path).parent)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
     ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
@@ -385,10 +425,12 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         raise StageError(f"train.num_workers: {workers} GPU workers need {workers} GPUs, the Ray cluster has "
                          f"{total_gpus}; lower train.num_workers or set train.use_gpu: auto")
 
+    print(f"train: {workers} Ray Train worker(s), each {'1 GPU' if use_gpu else f'{cpus_per_worker:g} CPU(s)'}, "
+          f"{cfg.train.steps:,} steps of batch {cfg.train.batch_size}; {how}", flush=True)
     datasets = {}
     if cfg.train.loader == "ray-data":
         datasets["train"] = ray_dataset(open_dataset(loop_cfg["data"]).train)
-    trainer = TorchTrainer(
+    trainer = trainer_class(state_api_available())(
         train_loop_per_worker,
         train_loop_config={**loop_cfg, "threads_per_worker": max(1, int(cpus_per_worker)),
                            "ray_data": bool(datasets)},

@@ -459,3 +459,51 @@ def test_cli_stage_failure_is_one_line_after_fetch_retries(served, tiny_params, 
         assert run.state.type.value == "FAILED" and run.state.message.startswith("fetch: image-folder:")
         fetch_runs = _task_runs(c, str(run.id))
     assert list(fetch_runs) == ["fetch"] and fetch_runs["fetch"][-1].run_count == 3  # 2 retries, then failed
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_make_serve_and_the_server_it_started(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the foreground process group: here, `make serve`'s
+    `python -m flows.serve --start-server` (its own group, as a shell job). The serving process and the Prefect server
+    it started are both gone within 15 s, and neither prints a traceback."""
+    import psutil
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = tmp_path / "serve.log"
+    env = _base_env(PREFECT_HOME=str(tmp_path / "home"))
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--start-server", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    family: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not _deployment_exists(url, "local"):
+            assert proc.poll() is None, f"flows.serve exited with {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"not serving after 240 s:\n{_tail(log)}"
+            time.sleep(1.0)
+        family = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert family, "the Prefect server should be a child of flows.serve"
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        t0 = time.monotonic()
+        proc.wait(timeout=15)
+
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        while any(alive(p) for p in family) and time.monotonic() - t0 < 15:
+            time.sleep(0.2)
+        left = [p for p in family if alive(p)]
+        assert not left, f"still running {time.monotonic() - t0:.0f} s after Ctrl-C: {left}\n{_tail(log)}"
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text[-3000:]
+        assert "serving stopped; stopping the Prefect server" in text and proc.returncode == 0, text[-3000:]
+    finally:
+        for pid in [proc.pid, *family]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -145,6 +145,15 @@ def test_grid_image_is_an_rgb_grid():
     # 4x4 cells of 8 px upscaled to 32, 2 px padding around each.
     assert grid.dtype == np.uint8 and grid.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
     assert grid[2:34, 2 + 3 * 34:34 + 3 * 34].min() == 200 and grid[2:34, 2:34].max() == 0
+    # what MLflow gets: at least 512 px wide, cells of 8 px scaled by 16 (4 x 8 x 16 = 512), an 8 px white gutter
+    big = grid_image(images, min_side=512)
+    assert big.shape == (4 * (128 + 8) + 8, 4 * (128 + 8) + 8, 3) and big.shape[1] >= 512
+    assert (big[:8] == 255).all() and big[8:136, 8 + 3 * 136:136 + 3 * 136].min() == 200
+    from tasks.lib.common import upscale_nearest
+
+    fig = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    up = upscale_nearest(fig, 512)
+    assert up.shape == (512, 768, 3) and np.array_equal(up[::256, ::256], fig)
 
 
 # -- end to end (real Ray, real MLflow server) ---------------------------------------------------------------------
@@ -217,7 +226,7 @@ def _image_steps(client, run_id: str, key: str) -> list[int]:
 def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, ray_local, monkeypatch):
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny training lasts a few seconds
@@ -292,7 +301,9 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     assert model.name == training.MODEL_NAME and model.params["unet.image_size"] == "8"
     local = download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model"),
                                tracking_uri=uri)
-    loaded = mlflow.pytorch.load_model(local)
+    assert not list(Path(local).rglob("*.pkl")) and (Path(local) / "artifacts" / "weights.pt").is_file()  # no pickle
+    pyfunc = mlflow.pyfunc.load_model(local)
+    loaded = pyfunc.unwrap_python_model().unet
     state = load_checkpoint(ckpts / "ckpt_00000006.pt")
     ref = UNet.from_config(state["config"]["model"])
     ref.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")})
@@ -301,6 +312,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
         out = loaded.eval()(x, t)
         assert out.shape == (3, 1, 8, 8)
         assert torch.allclose(out, ref.eval()(x, t), atol=1e-6)
+    assert np.allclose(pyfunc.predict(x.numpy(), params={"t": t.tolist()}), out.numpy(), atol=1e-6)
     (version,) = client.search_model_versions("name = 'ddpm-tiny'")
     assert version.run_id == run_id
 
@@ -371,7 +383,7 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     seeds = list(range(grid_seed, grid_seed + 4))
     # the grids' sampler (tracking.grid_sampler, default unipc) on the sample section's timestep spacing
     want = sample(ema.module, diffusion, seeds, (1, 8, 8), sampler="unipc", steps=3, timestep_spacing="trailing")
-    return png.read_bytes(), grid_image(to_uint8(want))
+    return png.read_bytes(), grid_image(to_uint8(want), min_side=training.MLFLOW_IMAGE_SIDE)
 
 
 def test_same_grid_seed_logs_identical_step0_grids(tiny_config, tmp_path, monkeypatch):

@@ -105,3 +105,42 @@ def test_interrupted_and_resumed_training_equals_the_uninterrupted_run(tiny_conf
     lrs = lambda p: [r["lr"] for r in read_loss_log(p, 6)]  # noqa: E731
     assert lrs(tmp_path / "straight.tsv") == lrs(tmp_path / "r.tsv") == [
         f"{lr_at(s, tiny_config(over)):.6g}" for s in range(6)]
+
+
+def test_training_progress_without_a_terminal_is_periodic_lines_not_one_per_update(tiny_config, tiny_trained,
+                                                                                   tmp_path, capfd):
+    """In a Ray worker stderr is no terminal and every redraw of the bar is forwarded as a line: the bar then
+    redraws every PROGRESS_LINE_S seconds, and the loss in its postfix waits for that redraw (it used to force one
+    at every log step: 216 forwarded lines in one demo)."""
+    import time
+
+    from tasks import train
+
+    cfg = tiny_config({"train.steps": 40, "train.log_every": 1, "train.checkpoint_every": 40})
+    capfd.readouterr()
+    t0 = time.perf_counter()
+    train.run_local(cfg, tiny_trained / "dataset", tmp_path / "ck", tmp_path / "loss.tsv", threads=1)
+    wall = time.perf_counter() - t0
+    err = capfd.readouterr().err
+    redraws = err.replace("\r", "\n").count("train:")
+    assert redraws <= 2 + wall / train.PROGRESS_LINE_S, (redraws, wall, err[-500:])  # first, periodic, last
+    assert "40/40" in err and "loss=" in err  # the final line still has the count and the loss
+    assert len(read_loss_log(tmp_path / "loss.tsv", 40)) == 40  # every step logged to the file all the same
+
+
+def test_the_placement_group_cleaner_is_left_out_only_without_a_state_api():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from tasks.train import trainer_class
+
+    assert trainer_class(True) is TorchTrainer
+    quiet = trainer_class(False)
+    assert issubclass(quiet, TorchTrainer)
+    trainer = quiet(lambda: None, scaling_config=__import__("ray.train", fromlist=["ScalingConfig"]).ScalingConfig(
+        num_workers=1))
+    kinds = [type(c) for c in trainer._create_default_callbacks()]
+    assert PlacementGroupCleanerCallback not in kinds and kinds  # the other default callbacks stay
+    full = TorchTrainer(lambda: None, scaling_config=__import__("ray.train", fromlist=["ScalingConfig"]).ScalingConfig(
+        num_workers=1))
+    assert PlacementGroupCleanerCallback in [type(c) for c in full._create_default_callbacks()]

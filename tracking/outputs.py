@@ -26,6 +26,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+import numpy as np
+
+from tasks.lib.common import upscale_nearest
 from tasks.lib.config import Config
 from tasks.lib.layout import read_record
 
@@ -111,8 +114,8 @@ def log_figures(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
         for name in files:
             if name.endswith(".png") and name != "loss.png" and (out_dir / name).is_file():
                 with Image.open(out_dir / name) as im:
-                    client.log_image(run_id, im.convert("RGB"), key=f"figures/{Path(name).stem}", step=step,
-                                     synchronous=True)
+                    big = upscale_nearest(np.asarray(im.convert("RGB")), 512)  # MLflow shows it at its size
+                    client.log_image(run_id, big, key=f"figures/{Path(name).stem}", step=step, synchronous=True)
 
     return log_into_run(cfg, "of the figures", _dataset_sha(summary.get("checkpoint")), body)
 

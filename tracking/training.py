@@ -10,7 +10,6 @@ the run FAILED from the driver.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from .run import (
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns
 MODEL_NAME = "ema_unet"
 GRID_KEY = "train_samples"
+MLFLOW_IMAGE_SIDE = 512  # px: MLflow's image cards and slider show a picture at its own size
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
 
@@ -204,7 +204,7 @@ class MlflowTrainCallback(TrainCallback):
         x = sample(model, diffusion, seeds, self.cfg.data.shape, sampler=tc.grid_sampler,
                    steps=min(tc.grid_steps, diffusion.num_timesteps),
                    timestep_spacing=self.cfg.sample.timestep_spacing)
-        mlflow.log_image(grid_image(to_uint8(x)), key=GRID_KEY, step=step, synchronous=True)
+        mlflow.log_image(grid_image(to_uint8(x), min_side=MLFLOW_IMAGE_SIDE), key=GRID_KEY, step=step, synchronous=True)
 
     def finish(self, step: int, model) -> None:
         """At the end of training: the pending metrics, the EMA UNet (when this call trained), the run ended."""
@@ -216,26 +216,44 @@ class MlflowTrainCallback(TrainCallback):
         self._close("FINISHED")
 
     def _log_model(self, step: int, model) -> None:
-        import mlflow.pytorch
+        """The EMA UNet as an MLflow model without pickle (tracking/unet_model.py: a "model from code" that rebuilds
+        it from its config and a weights-only state dict); the library's code travels with it."""
+        import json
+        import tempfile
+
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
         import ddpm
 
         unet, diffusion = self.cfg.unet_config().to_dict(), self.cfg.diffusion.model_dump()
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            model = copy.deepcopy(model).to("cpu")
-        mlflow.pytorch.log_model(
-            model,
-            name=MODEL_NAME,
-            serialization_format="pickle",  # forward(x, t) has two inputs; pt2 would fix the batch size
-            code_paths=[str(Path(ddpm.__file__).parent)],  # loadable without this project installed
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),  # no slow inference subprocess
-            params={**{f"unet.{k}": v for k, v in unet.items()}, **{f"diffusion.{k}": v for k, v in diffusion.items()},
-                    "train_step": step},
-            metadata={"unet_config": unet, "diffusion": diffusion, "train_step": step,
-                      "params_hash": params_hash(self.cfg), "inputs": "x [B, C, H, W] in [-1, 1], t [B] int64",
-                      "output": f"{self.cfg.diffusion.objective} prediction [B, C, H, W]"},
-            step=step,
-            registered_model_name=self.cfg.tracking.register_model,
-        )
+        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        meta = {"unet_config": unet, "diffusion": diffusion, "train_step": step, "params_hash": params_hash(self.cfg),
+                "inputs": "x [B, C, H, W] in [-1, 1], t [B] int64",
+                "output": f"{self.cfg.diffusion.objective} prediction [B, C, H, W]"}
+        with tempfile.TemporaryDirectory(prefix="ema_unet-") as tmp:
+            weights, config = Path(tmp) / "weights.pt", Path(tmp) / "unet.json"
+            torch.save(state, weights)
+            config.write_text(json.dumps(meta, indent=2))
+            c, h = unet["image_channels"], unet["image_size"]
+            signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, h))]),
+                                       params=ParamSchema([ParamSpec("t", "long", [0], (-1,))]))
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                signature=signature,
+                input_example=(np.zeros((1, c, h, h), np.float32), {"t": [0]}),
+                python_model=str(Path(__file__).with_name("unet_model.py")),
+                artifacts={"weights": str(weights), "config": str(config)},
+                code_paths=[str(Path(ddpm.__file__).parent)],  # loadable without this project installed
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                params={**{f"unet.{k}": v for k, v in unet.items()},
+                        **{f"diffusion.{k}": v for k, v in diffusion.items()}, "train_step": step},
+                metadata=meta,
+                step=step,
+                registered_model_name=self.cfg.tracking.register_model,
+            )
 
 

@@ -215,19 +215,32 @@ def to_uint8(x) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8).cpu().numpy()
 
 
-def grid_image(images: np.ndarray, min_cell: int = 32) -> np.ndarray:
+def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0) -> np.ndarray:
     """uint8 images [N, C, H, W] -> one uint8 [H', W', 3] grid (torchvision's make_grid), upscaled by nearest
-    neighbour so that 8x8 digits stay legible."""
+    neighbour so that each cell is at least ``min_cell`` px and the grid at least ``min_side`` px wide (8x8 digits
+    stay legible; MLflow shows its images at their size), with a white gutter that grows with the scale."""
     import math
 
     import torch
     from torchvision.utils import make_grid
 
     x = torch.from_numpy(np.ascontiguousarray(images))
-    scale = max(1, math.ceil(min_cell / x.shape[-1]))
+    ncol = max(1, math.ceil(math.sqrt(len(x))))
+    w = x.shape[-1]
+    scale = max(1, math.ceil(min_cell / w), math.ceil(min_side / (ncol * w)) if min_side else 1)
     x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    grid = make_grid(x, nrow=max(1, math.ceil(math.sqrt(len(x)))), padding=2, pad_value=255)
+    pad = max(2, scale // 2) if min_side else 2
+    grid = make_grid(x, nrow=ncol, padding=pad, pad_value=255)
     return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def upscale_nearest(image: np.ndarray, min_side: int = 512) -> np.ndarray:
+    """uint8 [H, W, C] -> the same picture enlarged by an integer nearest-neighbour factor until its shorter side is
+    at least ``min_side`` px (pixels stay square and sharp)."""
+    import math
+
+    k = max(1, math.ceil(min_side / min(image.shape[:2])))
+    return image.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else image
 
 
 # -- devices and Ray ------------------------------------------------------------------------------------------------
@@ -267,7 +280,7 @@ def ensure_ray(cfg: Config) -> str:
     import ray
 
     if ray.is_initialized():
-        return "ray already initialised"
+        return f"Ray already initialised in this process (at {ray.get_runtime_context().gcs_address})"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     if address:
@@ -287,7 +300,8 @@ def ensure_ray(cfg: Config) -> str:
         # (protected by its token authentication, on by default); the dashboard is off. docs/reliability.md.
         _node_ip_address="127.0.0.1",
     )
-    return f"started local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs"
+    return (f"started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs at "
+            f"{ray.get_runtime_context().gcs_address}")
 
 
 def _join_error(where: str, e: BaseException) -> str:

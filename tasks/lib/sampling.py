@@ -217,7 +217,7 @@ class SamplerPool:
         s = cfg.sample
         self.cfg, self.ckpt = cfg, absolute(ckpt)
         t0 = time.perf_counter()
-        ensure_ray(cfg)
+        how = ensure_ray(cfg)
         self.ray_startup_s = time.perf_counter() - t0
         use_gpu = s.use_gpu
         if use_gpu == "auto":
@@ -228,6 +228,8 @@ class SamplerPool:
         if self.workers < s.num_workers and self.workers < jobs:
             print(f"sample.num_workers: {s.num_workers} actors do not fit; using {self.workers}")
         threads = 1 if use_gpu else CPU_THREADS_PER_ACTOR  # never derived from `workers` (see CPU_THREADS_PER_ACTOR)
+        print(f"sampling actors: {self.workers}, each {'1 GPU' if use_gpu else f'{threads} CPU thread(s)'}; {how}",
+              flush=True)
         Actor = ray.remote(num_cpus=threads, num_gpus=1 if use_gpu else 0)(ShardSampler)
         self.actors = [Actor.remote(str(self.ckpt), cfg.to_dict(), "cuda" if use_gpu else "cpu", threads)
                        for _ in range(self.workers)]
@@ -273,7 +275,7 @@ def save_grid(images: np.ndarray, path: Path) -> Path:
 
     from .common import atomic_write_bytes, grid_image
 
-    atomic_write_bytes(path, lambda f: Image.fromarray(grid_image(images)).save(f, format="png"))
+    atomic_write_bytes(path, lambda f: Image.fromarray(grid_image(images, min_side=512)).save(f, format="png"))
     return path
 
 
