@@ -490,3 +490,38 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     monkeypatch.delenv(TRACKING_BY_ENV)
     after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
     assert client.get_run(run_id).data.metrics["fid"] == 4.25
+
+
+@pytest.mark.slow
+def test_make_mlflow_ui_is_light(tmp_path, repo_root):
+    """`make mlflow-ui` starts the UI and what it needs, nothing else: MLflow's job runner (huey consumers for
+    server-side jobs) is off. Measured: 2 processes instead of 10."""
+    import signal
+    import urllib.request
+
+    import psutil
+
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_PORT={port}", f"MLFLOW_STORE={tmp_path}"],
+                            cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "make mlflow-ui exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the UI did not answer within 120 s"
+                time.sleep(1.0)
+        time.sleep(3)  # anything started after the first answer
+        procs = [p for p in psutil.Process(proc.pid).children(recursive=True) if "mlflow" in " ".join(p.cmdline())]
+        cmdlines = [" ".join(p.cmdline())[:120] for p in procs]
+        assert 1 <= len(procs) <= 3, cmdlines
+        assert not any("huey" in c for c in cmdlines), cmdlines
+        assert (tmp_path / "mlflow.db").is_file()  # the store named by MLFLOW_STORE, not the project's
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
