@@ -176,7 +176,7 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
     exp = client.get_experiment_by_name("faults")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
-    logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
     assert logged == list(range(1, steps + 1))
     assert runs[0].info.status == "FINISHED"
 
@@ -384,8 +384,8 @@ def test_two_pipelines_at_once_both_complete_and_share_a_readable_store(two_pipe
     found = client.search_runs([exp.experiment_id])
     assert len(found) == 2
     for r in found:
-        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss")) == list(range(1, 7))
-        assert r.data.metrics["sample_count"] == 48, r.data.metrics
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) == list(range(1, 7))
+        assert r.data.tags["sample.count"] == "48", r.data.tags
     assert {r.data.params["train.seed"] for r in found} == {"0", "1"}
 
 

@@ -369,7 +369,7 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
     ml = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = ml.get_experiment_by_name("digits")
     tagged = ml.search_runs([exp.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{run2}'")
-    assert tagged and tagged[0].data.metrics["fid"] == pytest.approx(metrics["fid"])
+    assert tagged and tagged[0].data.metrics["eval/fid"] == pytest.approx(metrics["fid"])
 
     # 4. The run is a DVC experiment of the project, carrying both ids; its MLflow run names it.
     rows = [row for row in _exp_rows(work, served["env"]).values() if row.get("prefect_flow_run_id") == run2]
@@ -404,7 +404,7 @@ def test_deployment_runs_with_overrides_are_dvc_experiments(served, tiny_params)
         assert name.startswith("exp-") and float(row["train.lr"]) == lr and float(row["fid"]) > 0, row
         run = ml.get_run(row["mlflow_run_id"])
         assert run.data.tags["prefect_flow_run_id"] == run_id and run.data.tags["dvc_exp_name"] == name
-        assert run.data.metrics["fid"] == pytest.approx(float(row["fid"]))
+        assert run.data.metrics["eval/fid"] == pytest.approx(float(row["fid"]))
         mlflow_ids.add(row["mlflow_run_id"])
     assert len(mlflow_ids) == 2
     assert not (work / "dvc.lock").exists()  # the project's own workspace was not touched by them

@@ -107,7 +107,7 @@ def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config
     first = start_training(cfg, "sha-1", fresh=True)
     assert first["uri"] == f"sqlite:///{tmp_path}/mlflow.db" and tracking.find_run(cfg)["run_id"] == first["run_id"]
     client = MlflowClient(first["uri"])
-    client.log_metric(first["run_id"], "loss", 0.5, step=1)
+    client.log_metric(first["run_id"], "train/loss", 0.5, step=1)
     # A resume (and, with more steps, the same params hash) continues the run; a changed value becomes a tag.
     resumed = start_training(tiny_config({**ON, "train.steps": 12}), "sha-1", fresh=False)
     assert resumed["run_id"] == first["run_id"]
@@ -119,7 +119,7 @@ def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config
     assert restarted["run_id"] != first["run_id"] and tracking.find_run(cfg)["run_id"] == restarted["run_id"]
     old = client.get_run(first["run_id"])
     assert old.data.tags["superseded_by"] == restarted["run_id"] and old.info.status == "FINISHED"
-    assert old.data.metrics == {"loss": 0.5, "fid": 2.5, "floor_fid": 1.25, "fid_ratio": 2.0}
+    assert old.data.metrics == {"train/loss": 0.5, "eval/fid": 2.5, "floor/fid": 1.25, "eval/fid_ratio": 2.0}
     # Other params: another run.
     assert start_training(tiny_config({**ON, "train.lr": 5e-4}), "sha-1", fresh=True)["run_id"] not in (
         first["run_id"], restarted["run_id"])
@@ -217,9 +217,10 @@ def _history_steps(client, run_id: str, key: str) -> list[int]:
 
 
 def _image_steps(client, run_id: str, key: str) -> list[int]:
-    """Steps of the stepped images ``key`` (files images/<key>+step+<n>+timestamp+...png)."""
+    """Steps of the stepped images ``key`` (files images/<key with / as ~>+step+<n>+timestamp+...png)."""
     names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
-    return sorted(int(n.split("+")[2]) for n in names if n.startswith(f"{key}+step+") and n.endswith(".png"))
+    stem = key.replace("/", "~")
+    return sorted(int(n.split("+")[2]) for n in names if n.startswith(f"{stem}+step+") and n.endswith(".png"))
 
 
 @pytest.mark.slow
@@ -274,26 +275,31 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
 
     # Training curves: one point per logged step (train.log_every = 1), from rank 0 only.
     for key in training.TRAIN_METRICS:
-        assert _history_steps(client, run_id, key) == [1, 2, 3, 4, 5, 6], key
+        assert _history_steps(client, run_id, f"train/{key}") == [1, 2, 3, 4, 5, 6], key
     with open(tmp_path / "loss.tsv") as f:
         tsv = [line.split("\t") for line in f.read().splitlines()[1:]]
-    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert [loss[int(r[0])] for r in tsv] == pytest.approx([float(r[1]) for r in tsv])
     assert any(k.startswith("system/") for k in data_.metrics), sorted(data_.metrics)
-    assert _image_steps(client, run_id, "train_samples") == [0, 3, 6]  # 0: the initial weights
+    assert _image_steps(client, run_id, "train/samples") == [0, 3, 6]  # 0: the initial weights
+    # every metric key has a section; nothing flat but what MLflow itself adds
+    assert all("/" in k for k in data_.metrics), sorted(k for k in data_.metrics if "/" not in k)
 
     # Sample stage: the grid as an artifact and as the image "samples" at the checkpoint's step.
     artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert {"samples/grid.png", "samples/samples.json"} <= artifacts
-    assert _image_steps(client, run_id, "samples") == [6]
-    assert data_.metrics["sample_count"] == 24 and data_.tags["sample.sampler"] == "ddim-5"
+    assert _image_steps(client, run_id, "eval/samples") == [6]
+    assert data_.tags["sample.count"] == "24" and data_.tags["sample.sampler"] == "ddim-5"
+    assert data_.metrics["perf/sample_images_per_s"] > 0
 
     # Evaluate stage: the metrics of eval.json, the floor, the classifier's accuracy.
-    for key in ("fid", "kid_mean", "kid_std", "fid_ratio", "classifier_accuracy", "num_generated"):
-        assert data_.metrics[key] == pytest.approx(result[key]), key
-    for key in ("fid", "kid_mean", "kid_std", "num_holdout"):
-        assert data_.metrics[f"floor_{key}"] == pytest.approx(result["floor"][key]), key
-    assert _history_steps(client, run_id, "fid") == [6]
+    for key in ("fid", "kid_mean", "kid_std", "fid_ratio", "classifier_accuracy"):
+        assert data_.metrics[f"eval/{key}"] == pytest.approx(result[key]), key
+    for key in ("fid", "kid_mean", "kid_std"):
+        assert data_.metrics[f"floor/{key}"] == pytest.approx(result["floor"][key]), key
+    assert data_.tags["eval.num_generated"] == str(result["num_generated"])  # counts are tags
+    assert data_.tags["eval.floor_num_holdout"] == str(result["floor"]["num_holdout"])
+    assert _history_steps(client, run_id, "eval/fid") == [6]
     assert "evaluate/eval.json" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
 
     # The EMA UNet: loads back (through the server's artifact proxy) and computes what the checkpoint's EMA does.
@@ -322,8 +328,8 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     train.run(cfg9, data, ckpts, tmp_path / "loss.tsv")
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
-    assert _history_steps(client, run_id, "loss") == list(range(1, 10))
-    assert _image_steps(client, run_id, "train_samples") == [0, 3, 6, 9]
+    assert _history_steps(client, run_id, "train/loss") == list(range(1, 10))
+    assert _image_steps(client, run_id, "train/samples") == [0, 3, 6, 9]
     assert runs[0].data.params["train.steps"] == "6" and runs[0].data.tags["latest.train.steps"] == "9"
     assert len(client.search_model_versions("name = 'ddpm-tiny'")) == 2
 
@@ -352,9 +358,9 @@ def test_default_local_store_without_a_server(tiny_config, tmp_path, ray_local, 
     assert run.data.tags[tracking.PARAMS_HASH_TAG] == tracking.params_hash(cfg)
     assert run.info.status == "FINISHED"
     assert tracking.find_run(cfg)["run_id"] == run.info.run_id
-    assert _history_steps(client, run.info.run_id, "loss") == [1, 2]
-    assert _image_steps(client, run.info.run_id, "train_samples") == [0, 2]
-    assert list((tmp_path / "mlruns").rglob("train_samples+step+2+*.png"))
+    assert _history_steps(client, run.info.run_id, "train/loss") == [1, 2]
+    assert _image_steps(client, run.info.run_id, "train/samples") == [0, 2]
+    assert list((tmp_path / "mlruns").rglob("train~samples+step+2+*.png"))
     assert list((tmp_path / "mlruns").rglob("MLmodel"))
     assert json.loads((tmp_path / "ckpt" / "run_key.json").read_text())["data_sha256"] == \
         run.data.tags[tracking.DATASET_TAG]
@@ -378,7 +384,7 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     cb.on_train_start(cfg, 0, [])
     cb.on_step_end(0, ema.module, diffusion)  # what the train loop reports before the first update
     cb.on_train_end(0, ema.module)
-    (png,) = [p for p in (tmp_path / "mlruns" / experiment).rglob("train_samples+step+0+*.png")
+    (png,) = [p for p in (tmp_path / "mlruns" / experiment).rglob("train~samples+step+0+*.png")
               if "compressed" not in p.name]
     seeds = list(range(grid_seed, grid_seed + 4))
     # the grids' sampler (tracking.grid_sampler, default unipc) on the sample section's timestep spacing
@@ -477,7 +483,7 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     assert run.info.run_name == "ws-exp"
     assert run.data.tags[tracking.PREFECT_TAG] == "flow-run-1" and run.data.tags[tracking.DVC_EXP_TAG] == "ws-exp"
     assert run.data.tags["sample.checkpoint"] == str(ws / "checkpoints/ckpt_00000006.pt")
-    assert run.data.metrics["fid"] == 3.5 and run.data.metrics["floor_fid"] == 1.75
+    assert run.data.metrics["eval/fid"] == 3.5 and run.data.metrics["floor/fid"] == 1.75
 
     # A stage's command line run by hand in the workspace: its own output paths, through the installed tracker;
     # under the flow (DDPM_TRACKING_BY=flow) it leaves that to the flow.
@@ -486,10 +492,10 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv(TRACKING_BY_ENV, "flow")
     after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
-    assert client.get_run(run_id).data.metrics["fid"] == 3.5
+    assert client.get_run(run_id).data.metrics["eval/fid"] == 3.5
     monkeypatch.delenv(TRACKING_BY_ENV)
     after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
-    assert client.get_run(run_id).data.metrics["fid"] == 4.25
+    assert client.get_run(run_id).data.metrics["eval/fid"] == 4.25
 
 
 @pytest.mark.slow
@@ -525,3 +531,31 @@ def test_make_mlflow_ui_is_light(tmp_path, repo_root):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_run_of_the_layout_before_sections_still_opens_and_resumes(tiny_config, tmp_path, monkeypatch):
+    """A store written before the metric sections (flat ``loss``, ``fid``): its run is found again by its params,
+    keeps its old keys readable, and a resumed training continues after the old curve's last step under
+    ``train/loss`` instead of logging its steps twice."""
+    from mlflow import MlflowClient
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config({**ON, "tracking.grid_every": 0})
+    first = start_training(cfg, "sha-1", fresh=True)
+    client = MlflowClient(first["uri"])
+    for step in (1, 2, 3):
+        client.log_metric(first["run_id"], "loss", 1.0 / step, step=step)  # the old layout's keys
+    client.log_metric(first["run_id"], "fid", 2.5, step=3)
+    cb = training.MlflowTrainCallback()
+    cb.on_fit_start(cfg, "sha-1", False)  # a resume: the same run
+    rows = [{"step": str(s), "loss": str(1.0 / s)} for s in (1, 2, 3, 4)]
+    cb.on_train_start(cfg, 4, rows)  # the loss log replayed up to the checkpoint's step 4
+    cb.on_log({"step": "5", "loss": "0.2", "lr": "0.001", "grad_norm": "1.0", "images_per_s": "10"})
+    cb.flush()
+    cb._close("FINISHED")
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics["fid"] == 2.5 and run.data.metrics["loss"] == pytest.approx(1 / 3)  # old keys readable
+    assert _history_steps(client, first["run_id"], "train/loss") == [4, 5]  # only what the old curve lacked
+    assert _history_steps(client, first["run_id"], "loss") == [1, 2, 3]

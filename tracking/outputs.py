@@ -6,15 +6,24 @@ in a run's layout (tasks/lib/layout.py). It is called after the stage: by the st
 
 What a run gets:
 
-* sample: artifacts ``samples/grid.png`` and ``samples/samples.json``, image ``samples``, metrics ``sample_*``
-  (count, steps, eta, wall and start-up seconds, images/s, shards reused) and tags ``sample.*``;
-* evaluate: every number of ``eval.json`` (``fid``, ``kid_mean``, ``kid_std``, ``isc_*``, ``precision``,
-  ``recall``, ``fid_ratio``, ``classifier_accuracy``, the floor as ``floor_*``, per repeat ``<metric>_r<i>`` and
-  ``_mean``/``_std``/``_min``), its provenance as tags ``eval.*``, artifact ``evaluate/eval.json``;
+Metric keys carry sections (the prefix before ``/``, which MLflow's charts group by): ``train/`` (the training
+callback's), ``eval/`` (the headline numbers), ``floor/``, ``eval_repeats/``, ``perf/`` and ``sampler/``. Counts and
+settings are tags.
+
+* sample: artifacts ``samples/grid.png`` and ``samples/samples.json``, image ``eval/samples``, metrics
+  ``perf/sample_wall_s``, ``perf/sample_images_per_s``, ``perf/sample_ray_startup_s``, tags ``sample.*`` (sampler,
+  count, steps, eta, spacing, checkpoint, shards reused);
+* evaluate: ``eval/<metric>`` for :data:`EVAL_HEADLINE` (FID, KID, IS, precision/recall, ``fid_ratio``,
+  ``classifier_accuracy``), the real-vs-real floor as ``floor/<metric>``, per repeat
+  ``eval_repeats/<metric>_r<i>`` and ``_mean``/``_std``/``_min``; counts and the provenance as tags ``eval.*``;
+  artifact ``evaluate/eval.json``;
 * figures: artifacts ``figures/*`` (the PNGs, the GIF and ``figures.json``), images ``figures/progressive`` and
   ``figures/reconstruction_t<t>``;
-* sampler_table: metrics ``table_<metric>_<row>`` (row = ``ddpm1000``, ``ddim10``, ...), the floor as
-  ``table_floor_<metric>``, artifacts ``sampler_table/sampler_table.json`` and ``.md``.
+* sampler_table: metrics ``sampler/<metric>_<row>`` (row = ``ddpm1000``, ``ddim10``, ``dpmpp2m_sde10``, ...),
+  the floor as ``sampler/floor_<metric>``, artifacts ``sampler_table/sampler_table.json`` and ``.md``.
+
+A store written before the sections (``loss``, ``fid``, ``floor_fid``, ``table_*``) still opens: its runs keep their
+flat keys, and a resumed training finds its curve under either name.
 
 Every number is logged at the training step of the checkpoint the stage read.
 """
@@ -34,6 +43,12 @@ from tasks.lib.layout import read_record
 
 from .run import dataset_sha_from_checkpoints, flat_tags, log_into_run, metric_list, numbers
 
+SAMPLES_KEY = "eval/samples"  # the final grid, beside the headline metrics
+# the evaluation's headline numbers (section eval/); counts and settings are tags
+EVAL_HEADLINE = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "precision", "recall", "f_score", "fid_ratio",
+                 "classifier_accuracy")
+COUNTS = ("num_generated", "num_reference", "num_holdout", "repeats", "kid_subset_size")
+
 
 def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str) -> Optional[str]:
     """After the sample stage: the grid (artifact ``samples/grid.png`` and image ``samples``), the manifest, the
@@ -45,10 +60,12 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
     def body(client, run_id: str) -> None:
         from mlflow.entities import RunTag
 
-        values = {f"sample_{k}": v for k, v in numbers(summary).items()
-                  if k in ("count", "steps", "eta", "wall_s", "ray_startup_s", "images_per_s", "shards_reused")}
+        values = {f"perf/sample_{k}": v for k, v in numbers(summary).items()
+                  if k in ("wall_s", "ray_startup_s", "images_per_s")}
         tags = {"sample.sampler": f"{summary.get('sampler')}-{summary.get('steps')}",
-                "sample.checkpoint": str(ckpt), "sample.checkpoint_step": str(step)}
+                "sample.checkpoint": str(ckpt), "sample.checkpoint_step": str(step),
+                **{f"sample.{k}": str(summary[k]) for k in ("count", "eta", "timestep_spacing", "network_evaluations",
+                                                            "shards_reused") if summary.get(k) is not None}}
         client.log_batch(run_id, metrics=metric_list(values, step), tags=[RunTag(k, v) for k, v in tags.items()])
         grid = out_dir / "grid.png"
         if grid.is_file():
@@ -56,7 +73,7 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
             from PIL import Image
 
             with Image.open(grid) as im:
-                client.log_image(run_id, im.convert("RGB"), key="samples", step=step, synchronous=True)
+                client.log_image(run_id, im.convert("RGB"), key=SAMPLES_KEY, step=step, synchronous=True)
         if (out_dir / "samples.json").is_file():
             client.log_artifact(run_id, str(out_dir / "samples.json"), "samples")
 
@@ -79,12 +96,16 @@ def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional
     def body(client, run_id: str) -> None:
         from mlflow.entities import RunTag
 
-        values = {**numbers(result), **numbers(result.get("floor") or {}, "floor_")}
+        values = {f"eval/{k}": v for k, v in numbers(result).items() if k in EVAL_HEADLINE}
+        floor = result.get("floor") or {}
+        values.update({f"floor/{k}": v for k, v in numbers(floor).items() if k not in COUNTS})
         for metric, s in (result.get("per_repeat") or {}).items():
-            values.update(numbers({k: s.get(k) for k in ("mean", "std", "min")}, f"{metric}_"))
-            values.update({f"{metric}_r{i}": float(v) for i, v in enumerate(s.get("values") or [])})
+            values.update(numbers({k: s.get(k) for k in ("mean", "std", "min")}, f"eval_repeats/{metric}_"))
+            values.update({f"eval_repeats/{metric}_r{i}": float(v) for i, v in enumerate(s.get("values") or [])})
+        counts = {**{f"eval.{k}": str(result[k]) for k in COUNTS if result.get(k) is not None},
+                  **{f"eval.floor_{k}": str(floor[k]) for k in COUNTS if floor.get(k) is not None}}
         tags = {"evaluate.feature_extractor": str(result.get("feature_extractor")),
-                "evaluate.reference_key": str(result.get("reference_key")),
+                "evaluate.reference_key": str(result.get("reference_key")), **counts,
                 **{f"eval.{k}": v for k, v in flat_tags(result.get("provenance") or {}).items()}}
         client.log_batch(run_id, metrics=metric_list(values, step), tags=[RunTag(k, v) for k, v in tags.items()])
         if Path(metrics_path).is_file():
@@ -127,18 +148,19 @@ def row_key(row: dict[str, Any]) -> str:
 
 def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLike | str,
                       markdown_path: os.PathLike | str) -> Optional[str]:
-    """After the sampler_table stage: per row ``table_<metric>_<row>`` (fid, kid_mean, kid_std, sampling_s, wall_s,
-    images_per_s) at the checkpoint's step, the floor as ``table_floor_<metric>``, and both files as artifacts."""
+    """After the sampler_table stage: per row ``sampler/<metric>_<row>`` (fid, fid_std, kid_mean, kid_std, sampling_s,
+    wall_s, images_per_s) at the checkpoint's step, the floor as ``sampler/floor_<metric>``, and both files as
+    artifacts."""
     step = int(result.get("checkpoint_step") or 0)
 
     def body(client, run_id: str) -> None:
         values: dict[str, float] = {}
         for row in result.get("rows", []):
             for k, v in numbers(row).items():
-                if k in ("fid", "kid_mean", "kid_std", "sampling_s", "wall_s", "images_per_s"):
-                    values[f"table_{k}_{row_key(row)}"] = v
+                if k in ("fid", "fid_std", "kid_mean", "kid_std", "sampling_s", "wall_s", "images_per_s"):
+                    values[f"sampler/{k}_{row_key(row)}"] = v
         values.update(numbers({k: v for k, v in (result.get("floor") or {}).items() if k in ("fid", "kid_mean")},
-                               "table_floor_"))
+                               "sampler/floor_"))
         client.log_batch(run_id, metrics=metric_list(values, step))
         for path in (json_path, markdown_path):
             if Path(path).is_file():

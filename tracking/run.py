@@ -50,7 +50,7 @@ DVC_EXP_TAG = "dvc_exp_name"
 PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns
 MODEL_NAME = "ema_unet"
-GRID_KEY = "train_samples"
+GRID_KEY = "train/samples"
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
 # Sections and keys that change where, how fast or how long, or only what is reported, not what is computed:
@@ -262,7 +262,7 @@ def _open_run(cfg: Config, client, uri: str, dataset_sha256: Optional[str], fres
     phash = params_hash(cfg)
     run = _newest_run(client, exp_id, phash)
     superseded = None
-    if run is not None and fresh_training and "loss" in run.data.metrics:
+    if run is not None and fresh_training and ({"train/loss", "loss"} & set(run.data.metrics)):  # (or the old key)
         print(f"tracking: training starts from scratch; new MLflow run (run {run.info.run_id} keeps its curves)")
         superseded, run = run.info.run_id, None
     params, tags = flat_params(cfg), _context_tags(dataset_sha256)

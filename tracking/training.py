@@ -28,9 +28,9 @@ from .run import (
     warn,
 )
 
-TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns, logged as train/<column>
 MODEL_NAME = "ema_unet"
-GRID_KEY = "train_samples"
+GRID_KEY = "train/samples"  # beside train/loss in the train section
 MLFLOW_IMAGE_SIDE = 512  # px: MLflow's image cards and slider show a picture at its own size
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
@@ -123,7 +123,8 @@ class MlflowTrainCallback(TrainCallback):
             raise
         self.active = True
         self.client = client_for(info["uri"])
-        self.logged_upto = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
+        self.logged_upto = max((m.step for key in ("train/loss", "loss")  # "loss": a run of the layout before sections
+                                for m in self.client.get_metric_history(self.run_id, key)), default=0)
         # Grids are logged after their step's metrics: none beyond this; a fresh training may log step 0's.
         self.images_upto = self.logged_upto if step > 0 else -1
         self.buffer: list = []
@@ -165,7 +166,7 @@ class MlflowTrainCallback(TrainCallback):
         now = int(time.time() * 1000)
         for key in TRAIN_METRICS:
             try:
-                self.buffer.append(Metric(key, float(row[key]), now, step))
+                self.buffer.append(Metric(f"train/{key}", float(row[key]), now, step))
             except (KeyError, TypeError, ValueError):
                 continue
         self.logged_upto = step
