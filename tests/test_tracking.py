@@ -484,6 +484,17 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     assert run.data.tags[tracking.PREFECT_TAG] == "flow-run-1" and run.data.tags[tracking.DVC_EXP_TAG] == "ws-exp"
     assert run.data.tags["sample.checkpoint"] == str(ws / "checkpoints/ckpt_00000006.pt")
     assert run.data.metrics["eval/fid"] == 3.5 and run.data.metrics["floor/fid"] == 1.75
+    # the run page's description: the result against its floor, where the pictures are; the table adds its answer
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**digits** diffusion model, params hash `") and "(ws-exp)" in note
+    assert "**FID 3.5** against a real-vs-real floor of 1.75 (ratio 2)" in note and "`eval/samples`" in note
+    table = {"checkpoint_step": 6, "rows": [], "answer": {"cheapest": {"sampler": "unipc", "nfe": 10,
+                                                                       "ratio_to_ddpm": 1.04, "by": "tolerance",
+                                                                       "speedup_in_nfe": 100.0}}}
+    with environ(tags):
+        assert outputs.log_sampler_table(cfg, table, ws / "none.json", ws / "none.md") == run_id
+    note = client.get_run(run_id).data.tags["mlflow.note.content"]
+    assert "**FID 3.5**" in note and "**unipc at 10 network evaluations** holds DDPM-1000's FID (1.04x" in note
 
     # A stage's command line run by hand in the workspace: its own output paths, through the installed tracker;
     # under the flow (DDPM_TRACKING_BY=flow) it leaves that to the flow.

@@ -108,10 +108,60 @@ def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional
                 "evaluate.reference_key": str(result.get("reference_key")), **counts,
                 **{f"eval.{k}": v for k, v in flat_tags(result.get("provenance") or {}).items()}}
         client.log_batch(run_id, metrics=metric_list(values, step), tags=[RunTag(k, v) for k, v in tags.items()])
+        write_note(client, run_id, cfg, "ddpm.note.eval", evaluation_note(cfg, result, step))
         if Path(metrics_path).is_file():
             client.log_artifact(run_id, str(metrics_path), "evaluate")
 
     return log_into_run(cfg, "of the evaluation", dataset_sha256, body)
+
+
+NOTE_TAG = "mlflow.note.content"  # the run page's Description
+NOTE_PARTS = ("ddpm.note.eval", "ddpm.note.sampler_table")  # its parts, each written by the stage it describes
+
+
+def _g(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
+
+
+def evaluation_note(cfg: Config, result: dict[str, Any], step: int) -> str:
+    """The evaluation's part of the run description: FID/KID against the real-vs-real floor, and where the pictures
+    are."""
+    floor = result.get("floor") or {}
+    per = (result.get("per_repeat") or {}).get("fid") or {}
+    spread = f" ± {per['std']:.2g} over {result.get('repeats')} seed ranges" if per.get("std") is not None else ""
+    return "\n".join([
+        f"**FID {_g(result.get('fid'))}{spread}** against a real-vs-real floor of {_g(floor.get('fid'))} "
+        f"(ratio {_g(result.get('fid_ratio'))}); KID {_g(result.get('kid_mean'))} against {_g(floor.get('kid_mean'))}; "
+        f"{result.get('feature_extractor')} features, {result.get('num_generated')} samples per range, checkpoint "
+        f"step {step}.",
+        "",
+        "Pictures: image `eval/samples` (artifact `samples/grid.png`), the training grids `train/samples`, the "
+        "figures under `figures/`."])
+
+
+def table_note(result: dict[str, Any]) -> str:
+    """The sampler table's part: the cheapest sampler that holds DDPM-1000's quality."""
+    a = result.get("answer") or {}
+    c = a.get("cheapest")
+    if not c:
+        return "Sampler table (artifact `sampler_table/sampler_table.md`): no row within the tolerance of DDPM's FID."
+    return (f"Sampler table (artifact `sampler_table/sampler_table.md`): **{c['sampler']} at {c['nfe']} network "
+            f"evaluations** holds DDPM-1000's FID ({_g(c.get('ratio_to_ddpm'))}x, by the {c.get('by')}), "
+            f"{_g(c.get('speedup_in_nfe'))}x fewer evaluations.")
+
+
+def write_note(client, run_id: str, cfg: Config, part: str, text: str) -> None:
+    """Set one part of the run description and rewrite ``mlflow.note.content`` from the header and every part."""
+    from .run import params_hash
+
+    tags = client.get_run(run_id).data.tags
+    parts = {k: tags.get(k) for k in NOTE_PARTS}
+    parts[part] = text
+    head = (f"**{cfg.data.dataset}** diffusion model, params hash `{params_hash(cfg)[:12]}` "
+            f"({tags.get('dvc_exp_name') or 'workspace'}).")
+    note = "\n\n".join([head, *[p for k in NOTE_PARTS if (p := parts.get(k))]])
+    client.set_tag(run_id, part, text)
+    client.set_tag(run_id, NOTE_TAG, note)
 
 
 def _dataset_sha(checkpoint: Optional[str]) -> Optional[str]:
@@ -162,6 +212,7 @@ def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLik
         values.update(numbers({k: v for k, v in (result.get("floor") or {}).items() if k in ("fid", "kid_mean")},
                                "sampler/floor_"))
         client.log_batch(run_id, metrics=metric_list(values, step))
+        write_note(client, run_id, cfg, "ddpm.note.sampler_table", table_note(result))
         for path in (json_path, markdown_path):
             if Path(path).is_file():
                 client.log_artifact(run_id, str(path), "sampler_table")
