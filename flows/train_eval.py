@@ -214,7 +214,8 @@ def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
         return None
     if not info or not info.get("run_id"):
         return None
-    return {"run_id": str(info["run_id"]), **({"url": str(info["url"])} if info.get("url") else {})}
+    return {"run_id": str(info["run_id"]), **({"url": str(info["url"])} if info.get("url") else {}),
+            **({"compare_url": str(info["compare_url"])} if info.get("compare_url") else {})}
 
 
 # -- artifacts ------------------------------------------------------------------------------------------------------
@@ -547,6 +548,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "sends the outputs to the remote")
     if summary["mlflow"]:
         lines.append(f"MLflow run: {summary['mlflow'].get('url') or summary['mlflow']['run_id']}")
+        if summary["mlflow"].get("compare_url"):
+            local = "" if summary["mlflow"].get("url") else " (after `make mlflow-ui`)"
+            lines.append(f"compare runs: {summary['mlflow']['compare_url']}{local}")
     lines.append(f"Prefect flow run: {summary['flow_run_id']}")
     print("\n".join(lines))
     return 0

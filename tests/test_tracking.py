@@ -106,6 +106,9 @@ def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config
     cfg = tiny_config(ON)
     first = start_training(cfg, "sha-1", fresh=True)
     assert first["uri"] == f"sqlite:///{tmp_path}/mlflow.db" and tracking.find_run(cfg)["run_id"] == first["run_id"]
+    found = tracking.find_run(cfg)
+    assert found["compare_url"] == (f"http://127.0.0.1:5000/#/experiments/{found['experiment_id']}/runs"
+                                    "?workflowType=machine_learning&compareRunsMode=CHART")  # the chart view
     client = MlflowClient(first["uri"])
     client.log_metric(first["run_id"], "train/loss", 0.5, step=1)
     # A resume (and, with more steps, the same params hash) continues the run; a changed value becomes a tag.

@@ -51,6 +51,8 @@ PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns
 MODEL_NAME = "ema_unet"
 GRID_KEY = "train/samples"
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over the project's local store
+COMPARE_QUERY = "workflowType=machine_learning&compareRunsMode=CHART"
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
 # Sections and keys that change where, how fast or how long, or only what is reported, not what is computed:
@@ -249,8 +251,11 @@ def find_run(cfg: Config, root: Optional[Path] = None) -> Optional[dict[str, str
     if run is None:
         return None
     info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "uri": uri}
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
     if uri.startswith(("http://", "https://")):
-        info["url"] = f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        info["url"] = f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    # the experiment's runs in the chart view (a fresh browser otherwise opens the GenAI view: "No data available")
+    info["compare_url"] = f"{server}/#/experiments/{run.info.experiment_id}/runs?{COMPARE_QUERY}"
     return info
 
 
