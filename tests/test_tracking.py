@@ -263,7 +263,9 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     assert len(runs) == 1, "every stage logs into the one pipeline run"
     run = runs[0]
     assert tracking.find_run(cfg) == {"run_id": run.info.run_id, "experiment_id": exp.experiment_id, "uri": uri,
-                                      "url": f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"}
+                                      "url": f"{uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}",
+                                      "compare_url": f"{uri}/#/experiments/{exp.experiment_id}/runs?"
+                                                     "workflowType=machine_learning&compareRunsMode=CHART"}
     run_id, data_ = run.info.run_id, run.data
     assert run.info.status == "FINISHED"
 
@@ -274,7 +276,12 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     if git.returncode == 0:
         assert data_.tags[tracking.GIT_TAG] == git.stdout.strip()
-    assert data_.params == tracking.flat_params(cfg)
+    # ~20 params that define the result (they are printed on every image card); the whole config is an artifact
+    assert data_.params == tracking.result_params(cfg) and len(data_.params) == len(tracking.RESULT_PARAMS)
+    assert data_.tags["config.train.num_workers"] == "1"  # where and on what it ran: tags
+    config = download_artifacts(run_id=run_id, artifact_path="config/params.yaml", tracking_uri=uri,
+                                dst_path=str(tmp_path / "cfg"))
+    assert yaml.safe_load(Path(config).read_text()) == cfg.to_dict()
 
     # Training curves: one point per logged step (train.log_every = 1), from rank 0 only.
     for key in training.TRAIN_METRICS:

@@ -91,6 +91,40 @@ def flat_params(cfg: Config) -> dict[str, str]:
             for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
+# The keys that define a result: the run's params (MLflow prints a run's params on every image card; all 106 keys
+# pushed the pictures off the cards). The whole resolved config is the artifact config/params.yaml.
+RESULT_PARAMS = (
+    "data.dataset", "data.image_size", "data.max_train",
+    "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions", "model.dropout",
+    "diffusion.schedule", "diffusion.timesteps", "diffusion.objective",
+    "train.steps", "train.batch_size", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.ema_decay",
+    "train.seed",
+    "sample.sampler", "sample.steps", "sample.eta", "sample.timestep_spacing", "sample.use_ema",
+)
+# Where and on what it ran: tags config.<key>, not params.
+INFRA_TAGS = ("data.root", "train.num_workers", "train.use_gpu", "train.precision", "train.compile", "train.loader",
+              "sample.num_workers", "sample.use_gpu", "sample.precision", "ray.address", "ray.num_cpus")
+CONFIG_ARTIFACT = "config"  # the artifact folder of params.yaml: the whole resolved config
+
+
+def result_params(cfg: Config) -> dict[str, str]:
+    """The run's MLflow params: :data:`RESULT_PARAMS` of :func:`flat_params`."""
+    flat = flat_params(cfg)
+    return {k: flat[k] for k in RESULT_PARAMS if k in flat}
+
+
+def log_config(client, run_id: str, cfg: Config) -> None:
+    """The whole resolved config as the run's artifact ``config/params.yaml``."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="ddpm-config-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        client.log_artifact(run_id, str(path), CONFIG_ARTIFACT)
+
+
 def project_dir() -> Path:
     """DVC's root under DVC (also for ``dvc exp run --temp``), else the working directory."""
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
@@ -270,21 +304,27 @@ def _open_run(cfg: Config, client, uri: str, dataset_sha256: Optional[str], fres
     if run is not None and fresh_training and ({"train/loss", "loss"} & set(run.data.metrics)):  # (or the old key)
         print(f"tracking: training starts from scratch; new MLflow run (run {run.info.run_id} keeps its curves)")
         superseded, run = run.info.run_id, None
-    params, tags = flat_params(cfg), _context_tags(dataset_sha256)
+    params, tags = result_params(cfg), _context_tags(dataset_sha256)
+    flat = flat_params(cfg)
+    tags.update({f"config.{k}": flat[k] for k in INFRA_TAGS if k in flat})
     if run is None:
         name = os.environ.get("DVC_EXP_NAME") or f"{cfg.data.dataset}-{phash[:8]}"
         run = client.create_run(exp_id, run_name=name, tags={PARAMS_HASH_TAG: phash, **tags})
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        log_config(client, run.info.run_id, cfg)
         if superseded:
             client.set_tag(superseded, "superseded_by", run.info.run_id)
         print(f"tracking: MLflow run {run.info.run_id} ({name}) in experiment "
               f"{cfg.tracking.experiment or cfg.data.dataset!r} at {uri}")
         return run.info.run_id
-    # Params are immutable in MLflow: keys new since the run began are logged, changed values become tags.
+    # Params are immutable in MLflow: keys new since the run began are logged, changed values become tags (a run of the
+    # layout before RESULT_PARAMS holds every key as a param: the same subset is compared), and the config artifact
+    # is rewritten.
     logged = run.data.params
     new = [Param(k, v) for k, v in params.items() if k not in logged]
     changed = [RunTag(f"latest.{k}", v) for k, v in params.items() if k in logged and logged[k] != v]
     client.log_batch(run.info.run_id, params=new, tags=[RunTag(k, v) for k, v in tags.items()] + changed)
+    log_config(client, run.info.run_id, cfg)
     print(f"tracking: continuing MLflow run {run.info.run_id} at {uri}")
     return run.info.run_id
 
