@@ -119,7 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError, KeyError) as e:
             print(f"error: {args.file}: {e}", file=sys.stderr)
             return 2
-        serve(*deployments, limit=args.limit)  # until Ctrl-C: Prefect's runner catches it and returns
+        # Until Ctrl-C: Prefect's runner catches it and returns. A Ctrl-C in the second or so between the deployments'
+        # registration and the runner's start can go unanswered (seen once under load); press it again.
+        serve(*deployments, limit=args.limit)
     except KeyboardInterrupt:  # a Ctrl-C before or after the runner's own handling
         pass
     finally:
