@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = None
+    server, serving = None, False
     if args.start_server:
         api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
         if api_healthy(api_url):
@@ -121,11 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         # Until Ctrl-C: Prefect's runner catches it and returns. A Ctrl-C in the second or so between the deployments'
         # registration and the runner's start can go unanswered (seen once under load); press it again.
+        serving = True
         serve(*deployments, limit=args.limit)
     except KeyboardInterrupt:  # a Ctrl-C before or after the runner's own handling
         pass
     finally:
-        print("serving stopped" + ("; stopping the Prefect server" if server is not None else ""), flush=True)
+        if serving:  # (not after an error line: that one line is all a refused start prints)
+            print("serving stopped" + ("; stopping the Prefect server" if server is not None else ""), flush=True)
         if server is not None:
             server.terminate()
             try:
