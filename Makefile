@@ -12,13 +12,13 @@ export MLFLOW_DISABLE_TELEMETRY := true
 MLFLOW_PORT ?= 5000
 MLFLOW_STORE ?= $(CURDIR)
 
-.PHONY: install demo serve mlflow-ui test test-fast clean help bench report
+.PHONY: install browser demo serve mlflow-ui test test-fast clean help bench report screenshots
 
 help:
 	@echo "make demo   - install (once) and run the train-eval flow on the embedded digits dataset (no server)"
 	@echo "make serve  - a local Prefect server on 127.0.0.1:4200 + the train-eval deployments (Ctrl-C stops both)"
 	@echo "make mlflow-ui - the MLflow UI over this project's runs (mlflow.db, mlruns/) at http://127.0.0.1:5000"
-	@echo "make test   - install (once) and run the whole test suite"
+	@echo "make test   - install (once, with chromium for the browser tests) and run the whole test suite"
 	@echo "make report - rewrite README.md's and BENCHMARKS.md's measured blocks from benchmarks/results/*.json"
 
 $(PY):
@@ -31,6 +31,15 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The headless browser of the UI tests (tests/test_browser.py) and `make screenshots`: Debian's chromium, a system
+# package, installed with apt when missing and this runs as root. Elsewhere the browser tests fail and name it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed (not root: run apt-get install chromium); the browser tests will fail"; fi; }
 
 # The main job: the train-eval Prefect flow in this process (fetch -> train_classifier -> train -> sample ->
 # evaluate -> figures, sampler_table, each through `dvc repro`) on the embedded digits with params.yaml; Prefect
@@ -50,7 +59,7 @@ mlflow-ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--workers 1 --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db --default-artifact-root $(MLFLOW_STORE)/mlruns
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 test-fast: install
@@ -66,6 +75,11 @@ bench: install
 # (a second run changes nothing; `python -m benchmarks.report --check` names stale blocks without writing).
 report: install
 	$(PY) -m benchmarks.report
+
+# README's screenshots of the MLflow run page, the compare view and the Prefect flow run page (docs/screenshots/),
+# taken in headless chromium over this project's stores: mlflow.db/mlruns and the Prefect database of PREFECT_HOME.
+screenshots: install browser
+	$(PY) -m tools.screenshots --out docs/screenshots
 
 clean:
 	rm -rf .ray_results dvc_out

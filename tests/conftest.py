@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +144,49 @@ def tiny_trained(tmp_path_factory) -> Path:
     fetch.run(cfg, work / "dataset")
     run_local(cfg, work / "dataset", work / "checkpoints", work / "train_loss.tsv", threads=1)
     return work
+
+
+# -- a real MLflow server on loopback (tests/test_tracking.py, tests/test_browser.py) ------------------------------
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store and proxied artifacts, shared by the test
+    modules (each logs into its own experiment); killed at the end.
+
+    Yields a callable waiting for its /health (so the caller can do other work while it starts)."""
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{free_port()}"
+    log = open(root / "server.log", "w")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def ready(timeout: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                    return uri
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"mlflow server not healthy after {timeout} s:\n{(root / 'server.log').read_text()[-3000:]}")
+
+    yield ready
+    from tools.screenshots import stop_group
+
+    stop_group(proc)
+    log.close()

@@ -317,11 +317,11 @@ def test_repeats_give_k_values_from_disjoint_seed_ranges(digits, classifier, tmp
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     metrics, tags = run.data.metrics, run.data.tags
-    assert metrics["eval/fid"] == pytest.approx(fid["mean"])
-    assert metrics["eval_repeats/fid_min"] == pytest.approx(fid["min"])
-    assert [metrics[f"eval_repeats/fid_r{i}"] for i in range(3)] == pytest.approx(fid["values"])
-    assert metrics["eval_repeats/fid_std"] == pytest.approx(fid["std"])
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "eval_repeats/fid_r2")] == [1500]
+    assert metrics["trained/fid"] == pytest.approx(fid["mean"])
+    assert metrics["trained/repeats/fid_min"] == pytest.approx(fid["min"])
+    assert [metrics[f"trained/repeats/fid_r{i}"] for i in range(3)] == pytest.approx(fid["values"])
+    assert metrics["trained/repeats/fid_std"] == pytest.approx(fid["std"])
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "trained/repeats/fid_r2")] == [1500]
     assert json.loads(tags["eval.seed_ranges"]) == p["seed_ranges"] and tags["eval.sampler"] == "ddim"
     assert tags["eval.checkpoint.step"] == "1500" and tags["eval.feature_extractor.weights_sha256"] == \
         p["feature_extractor"]["weights_sha256"]

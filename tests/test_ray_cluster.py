@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from tasks.lib.common import load_samples
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -78,12 +78,6 @@ while True:
 print(json.dumps(nodes))
 sys.exit(0 if sum(n["alive"] for n in nodes) >= want else 1)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -136,7 +130,7 @@ class RayHead:
 
     def _role_args(self) -> list[str]:
         """What makes it a head: its GCS port (``self.address``) and no dashboard."""
-        port = _free_port()
+        port = free_port()
         self.address = f"127.0.0.1:{port}"
         return ["--head", "--port", str(port), "--include-dashboard", "false"]
 
@@ -145,7 +139,7 @@ class RayHead:
         # Unix sockets live under the temp dir and must stay below ~107 characters: tmp_path is too deep for that.
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
         # Every port the node opens is chosen here, so that two such clusters (or a local Ray) never clash.
-        ports = {opt: str(_free_port()) for opt in ("--node-manager-port", "--object-manager-port",
+        ports = {opt: str(free_port()) for opt in ("--node-manager-port", "--object-manager-port",
                                                     "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                                     "--runtime-env-agent-port", "--metrics-export-port")}
         if self.worker_ports:

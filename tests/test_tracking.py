@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tasks.lib import sampling
 from tracking import outputs, training
 from tracking import run as tracking
 from tasks.lib.common import grid_image
+from conftest import free_port
 
 ON = {"tracking.enabled": True}  # explicit: the tiny test params may turn tracking off for the other tests
 
@@ -122,7 +121,8 @@ def test_stages_find_their_run_and_a_fresh_training_starts_a_new_one(tiny_config
     assert restarted["run_id"] != first["run_id"] and tracking.find_run(cfg)["run_id"] == restarted["run_id"]
     old = client.get_run(first["run_id"])
     assert old.data.tags["superseded_by"] == restarted["run_id"] and old.info.status == "FINISHED"
-    assert old.data.metrics == {"train/loss": 0.5, "eval/fid": 2.5, "floor/fid": 1.25, "eval/fid_ratio": 2.0}
+    assert old.data.metrics == {"train/loss": 0.5, "trained/fid": 2.5, "trained/floor/fid": 1.25,
+                                "trained/fid_ratio": 2.0}
     # Other params: another run.
     assert start_training(tiny_config({**ON, "train.lr": 5e-4}), "sha-1", fresh=True)["run_id"] not in (
         first["run_id"], restarted["run_id"])
@@ -152,6 +152,11 @@ def test_grid_image_is_an_rgb_grid():
     big = grid_image(images, min_side=512)
     assert big.shape == (4 * (128 + 8) + 8, 4 * (128 + 8) + 8, 3) and big.shape[1] >= 512
     assert (big[:8] == 255).all() and big[8:136, 8 + 3 * 136:136 + 3 * 136].min() == 200
+    # what an MLflow image card shows whole: a 4:1 strip, 2 rows of 8, at least 1024 px wide (8 px x 16, 8 px gutter)
+    strip = tracking.card_image(images)
+    assert strip.shape == (2 * (128 + 8) + 8, 8 * (128 + 8) + 8, 3) and strip.shape[1] >= tracking.CARD_WIDTH
+    assert strip[8:136, 8 + 3 * 136:136 + 3 * 136].min() == 200 and strip[8:136, 8:136].max() == 0
+    assert grid_image(images[:4], aspect=4).shape[:2] == (34 + 2, 4 * 34 + 2)  # 4 images: one row
     from tasks.lib.common import upscale_nearest
 
     fig = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
@@ -167,52 +172,6 @@ def ray_local():
     yield
     if ray.is_initialized():
         ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a temporary SQLite store and proxied artifacts; killed at the end.
-
-    Yields a callable waiting for its /health (so the caller can do other work while it starts)."""
-    import requests
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    uri = f"http://127.0.0.1:{_free_port()}"
-    log = open(root / "server.log", "w")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def ready(timeout: float = 180.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                    return uri
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"mlflow server not healthy after {timeout} s:\n{(root / 'server.log').read_text()[-3000:]}")
-
-    yield ready
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
 
 
 def _history_steps(client, run_id: str, key: str) -> list[int]:
@@ -276,9 +235,12 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     if git.returncode == 0:
         assert data_.tags[tracking.GIT_TAG] == git.stdout.strip()
-    # ~20 params that define the result (they are printed on every image card); the whole config is an artifact
-    assert data_.params == tracking.result_params(cfg) and len(data_.params) == len(tracking.RESULT_PARAMS)
-    assert data_.tags["config.train.num_workers"] == "1"  # where and on what it ran: tags
+    # six params runs are compared by (MLflow prints them on every image card); the rest of what defines the
+    # result, and where it ran, are tags config.<key>; the whole config is an artifact
+    assert data_.params == tracking.result_params(cfg) and len(data_.params) == len(tracking.RESULT_PARAMS) == 6
+    flat = tracking.flat_params(cfg)
+    assert {k: data_.tags[f"config.{k}"] for k in tracking.RESULT_TAGS} == {k: flat[k] for k in tracking.RESULT_TAGS}
+    assert data_.tags["config.train.num_workers"] == "1" and data_.tags["config.model.ch_mult"] == "[1, 2]"
     config = download_artifacts(run_id=run_id, artifact_path="config/params.yaml", tracking_uri=uri,
                                 dst_path=str(tmp_path / "cfg"))
     assert yaml.safe_load(Path(config).read_text()) == cfg.to_dict()
@@ -298,18 +260,18 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     # Sample stage: the grid as an artifact and as the image "samples" at the checkpoint's step.
     artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert {"samples/grid.png", "samples/samples.json"} <= artifacts
-    assert _image_steps(client, run_id, "eval/samples") == [6]
+    assert _image_steps(client, run_id, "trained/samples") == [6]
     assert data_.tags["sample.count"] == "24" and data_.tags["sample.sampler"] == "ddim-5"
-    assert data_.metrics["perf/sample_images_per_s"] > 0
+    assert data_.metrics["trained/perf/sample_images_per_s"] > 0
 
     # Evaluate stage: the metrics of eval.json, the floor, the classifier's accuracy.
     for key in ("fid", "kid_mean", "kid_std", "fid_ratio", "classifier_accuracy"):
-        assert data_.metrics[f"eval/{key}"] == pytest.approx(result[key]), key
+        assert data_.metrics[f"trained/{key}"] == pytest.approx(result[key]), key
     for key in ("fid", "kid_mean", "kid_std"):
-        assert data_.metrics[f"floor/{key}"] == pytest.approx(result["floor"][key]), key
+        assert data_.metrics[f"trained/floor/{key}"] == pytest.approx(result["floor"][key]), key
     assert data_.tags["eval.num_generated"] == str(result["num_generated"])  # counts are tags
     assert data_.tags["eval.floor_num_holdout"] == str(result["floor"]["num_holdout"])
-    assert _history_steps(client, run_id, "eval/fid") == [6]
+    assert _history_steps(client, run_id, "trained/fid") == [6]
     assert "evaluate/eval.json" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
 
     # The EMA UNet: loads back (through the server's artifact proxy) and computes what the checkpoint's EMA does.
@@ -399,7 +361,7 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     seeds = list(range(grid_seed, grid_seed + 4))
     # the grids' sampler (tracking.grid_sampler, default unipc) on the sample section's timestep spacing
     want = sample(ema.module, diffusion, seeds, (1, 8, 8), sampler="unipc", steps=3, timestep_spacing="trailing")
-    return png.read_bytes(), grid_image(to_uint8(want), min_side=training.MLFLOW_IMAGE_SIDE)
+    return png.read_bytes(), tracking.card_image(to_uint8(want))
 
 
 def test_same_grid_seed_logs_identical_step0_grids(tiny_config, tmp_path, monkeypatch):
@@ -493,11 +455,11 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     assert run.info.run_name == "ws-exp"
     assert run.data.tags[tracking.PREFECT_TAG] == "flow-run-1" and run.data.tags[tracking.DVC_EXP_TAG] == "ws-exp"
     assert run.data.tags["sample.checkpoint"] == str(ws / "checkpoints/ckpt_00000006.pt")
-    assert run.data.metrics["eval/fid"] == 3.5 and run.data.metrics["floor/fid"] == 1.75
+    assert run.data.metrics["trained/fid"] == 3.5 and run.data.metrics["trained/floor/fid"] == 1.75
     # the run page's description: the result against its floor, where the pictures are; the table adds its answer
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith("**digits** diffusion model, params hash `") and "(ws-exp)" in note
-    assert "**FID 3.5** against a real-vs-real floor of 1.75 (ratio 2)" in note and "`eval/samples`" in note
+    assert "**FID 3.5** against a real-vs-real floor of 1.75 (ratio 2)" in note and "`trained/samples`" in note
     table = {"checkpoint_step": 6, "rows": [], "answer": {"cheapest": {"sampler": "unipc", "nfe": 10,
                                                                        "ratio_to_ddpm": 1.04, "by": "tolerance",
                                                                        "speedup_in_nfe": 100.0}}}
@@ -513,10 +475,10 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv(TRACKING_BY_ENV, "flow")
     after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
-    assert client.get_run(run_id).data.metrics["eval/fid"] == 3.5
+    assert client.get_run(run_id).data.metrics["trained/fid"] == 3.5
     monkeypatch.delenv(TRACKING_BY_ENV)
     after_stage("evaluate", cfg, eval_metrics="metrics/eval2.json")
-    assert client.get_run(run_id).data.metrics["eval/fid"] == 4.25
+    assert client.get_run(run_id).data.metrics["trained/fid"] == 4.25
 
 
 @pytest.mark.slow
@@ -528,7 +490,7 @@ def test_make_mlflow_ui_is_light(tmp_path, repo_root):
 
     import psutil
 
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_PORT={port}", f"MLFLOW_STORE={tmp_path}"],
                             cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

@@ -6,24 +6,27 @@ in a run's layout (tasks/lib/layout.py). It is called after the stage: by the st
 
 What a run gets:
 
-Metric keys carry sections (the prefix before ``/``, which MLflow's charts group by): ``train/`` (the training
-callback's), ``eval/`` (the headline numbers), ``floor/``, ``eval_repeats/``, ``perf/`` and ``sampler/``. Counts and
-settings are tags.
+Metric keys carry sections (the prefix before the last ``/``, which MLflow's charts group by). MLflow 3.17 orders a
+run's sections by name, so everything measured after training sorts after ``train/`` (the training callback's: the
+run page opens on the loss curve and the training strips): ``trained/`` (the trained model's headline numbers and
+samples), ``trained/floor/``, ``trained/perf/``, ``trained/repeats/`` and ``trained/sampler/``. Counts and settings
+are tags.
 
-* sample: artifacts ``samples/grid.png`` and ``samples/samples.json``, image ``eval/samples``, metrics
-  ``perf/sample_wall_s``, ``perf/sample_images_per_s``, ``perf/sample_ray_startup_s``, tags ``sample.*`` (sampler,
-  count, steps, eta, spacing, checkpoint, shards reused);
-* evaluate: ``eval/<metric>`` for :data:`EVAL_HEADLINE` (FID, KID, IS, precision/recall, ``fid_ratio``,
-  ``classifier_accuracy``), the real-vs-real floor as ``floor/<metric>``, per repeat
-  ``eval_repeats/<metric>_r<i>`` and ``_mean``/``_std``/``_min``; counts and the provenance as tags ``eval.*``;
+* sample: artifacts ``samples/grid.png`` and ``samples/samples.json``, image ``trained/samples`` (the training
+  strips' seeds, from the final samples), metrics ``trained/perf/sample_wall_s``, ``_images_per_s``,
+  ``_ray_startup_s``, tags ``sample.*`` (sampler, count, steps, eta, spacing, checkpoint, shards reused);
+* evaluate: ``trained/<metric>`` for :data:`EVAL_HEADLINE` (FID, KID, IS, precision/recall, ``fid_ratio``,
+  ``classifier_accuracy``), the real-vs-real floor as ``trained/floor/<metric>``, per repeat
+  ``trained/repeats/<metric>_r<i>`` and ``_mean``/``_std``/``_min``; counts and the provenance as tags ``eval.*``;
   artifact ``evaluate/eval.json``;
-* figures: artifacts ``figures/*`` (the PNGs, the GIF and ``figures.json``), images ``figures/progressive`` and
-  ``figures/reconstruction_t<t>``;
-* sampler_table: metrics ``sampler/<metric>_<row>`` (row = ``ddpm1000``, ``ddim10``, ``dpmpp2m_sde10``, ...),
-  the floor as ``sampler/floor_<metric>``, artifacts ``sampler_table/sampler_table.json`` and ``.md``.
+* figures: artifacts ``figures/*`` (the PNGs, the GIF and ``figures.json``), which the Artifacts tab shows at full
+  size (not image cards: a card cuts a square picture off under the params);
+* sampler_table: metrics ``trained/sampler/<metric>_<row>`` (row = ``ddpm1000``, ``ddim10``, ``dpmpp2m_sde10``,
+  ...), the floor as ``trained/sampler/floor_<metric>``, artifacts ``sampler_table/sampler_table.json`` and ``.md``.
 
-A store written before the sections (``loss``, ``fid``, ``floor_fid``, ``table_*``) still opens: its runs keep their
-flat keys, and a resumed training finds its curve under either name.
+A store written before the sections (``loss``, ``fid``, ``floor_fid``, ``table_*``) or with the first section names
+(``eval/``, ``floor/``, ...) still opens: its runs keep their keys, and a resumed training finds its curve under
+``train/loss`` or ``loss``.
 
 Every number is logged at the training step of the checkpoint the stage read.
 """
@@ -37,22 +40,24 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from tasks.lib.common import upscale_nearest
 from tasks.lib.config import Config
 from tasks.lib.layout import read_record
 
-from .run import dataset_sha_from_checkpoints, flat_tags, log_into_run, metric_list, numbers
+from .run import card_image, dataset_sha_from_checkpoints, flat_tags, log_into_run, metric_list, numbers
 
-SAMPLES_KEY = "eval/samples"  # the final grid, beside the headline metrics
-# the evaluation's headline numbers (section eval/); counts and settings are tags
+# The sections after training (see above): each sorts after "train" in MLflow's charts.
+EVAL, FLOOR, PERF, REPEATS, SAMPLER = "trained", "trained/floor", "trained/perf", "trained/repeats", "trained/sampler"
+SAMPLES_KEY = f"{EVAL}/samples"  # the final samples of the training strips' seeds, beside the headline metrics
+# the evaluation's headline numbers (section trained/); counts and settings are tags
 EVAL_HEADLINE = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "precision", "recall", "f_score", "fid_ratio",
                  "classifier_accuracy")
 COUNTS = ("num_generated", "num_reference", "num_holdout", "repeats", "kid_subset_size")
 
 
 def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str) -> Optional[str]:
-    """After the sample stage: the grid (artifact ``samples/grid.png`` and image ``samples``), the manifest, the
-    count and speed (``sample_*``, at the checkpoint's training step) and the sampler (tags ``sample.*``)."""
+    """After the sample stage: the grid (artifact ``samples/grid.png``), the final strip (image ``trained/samples``),
+    the manifest, the speed (``trained/perf/sample_*``, at the checkpoint's training step), the sampler and count
+    (tags ``sample.*``)."""
     out_dir = Path(out_dir)
     step = int(summary.get("checkpoint_step") or 0)
     ckpt = summary.get("checkpoint")
@@ -60,7 +65,7 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
     def body(client, run_id: str) -> None:
         from mlflow.entities import RunTag
 
-        values = {f"perf/sample_{k}": v for k, v in numbers(summary).items()
+        values = {f"{PERF}/sample_{k}": v for k, v in numbers(summary).items()
                   if k in ("wall_s", "ray_startup_s", "images_per_s")}
         tags = {"sample.sampler": f"{summary.get('sampler')}-{summary.get('steps')}",
                 "sample.checkpoint": str(ckpt), "sample.checkpoint_step": str(step),
@@ -70,15 +75,33 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
         grid = out_dir / "grid.png"
         if grid.is_file():
             client.log_artifact(run_id, str(grid), "samples")
-            from PIL import Image
-
-            with Image.open(grid) as im:
-                client.log_image(run_id, im.convert("RGB"), key=SAMPLES_KEY, step=step, synchronous=True)
+        strip = _final_strip(cfg, out_dir)
+        if strip is not None:
+            client.log_image(run_id, strip, key=SAMPLES_KEY, step=step, synchronous=True)
         if (out_dir / "samples.json").is_file():
             client.log_artifact(run_id, str(out_dir / "samples.json"), "samples")
 
     sha = dataset_sha_from_checkpoints(Path(ckpt).parent) if ckpt else None
     return log_into_run(cfg, "of the samples", sha, body)
+
+
+def _final_strip(cfg: Config, out_dir: Path) -> Optional[np.ndarray]:
+    """The samples of the training strips' seeds (``sample.grid_seed`` .. +``tracking.grid_samples``-1; the first
+    samples when the shards lack them) as a card strip; None without samples."""
+    from tasks.lib.common import DataError, SampleShards
+
+    try:
+        samples = SampleShards(out_dir)
+        seeds = samples.seeds
+    except (OSError, DataError):
+        return None
+    if len(seeds) == 0:
+        return None
+    want = np.arange(cfg.sample.grid_seed, cfg.sample.grid_seed + cfg.tracking.grid_samples)
+    pos = np.searchsorted(seeds, want)
+    if not ((pos < len(seeds)) & (seeds[np.minimum(pos, len(seeds) - 1)] == want)).all():
+        pos = np.arange(min(len(seeds), len(want)))
+    return card_image(np.stack([samples[int(i)] for i in pos]))
 
 
 def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional[str],
@@ -96,12 +119,12 @@ def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional
     def body(client, run_id: str) -> None:
         from mlflow.entities import RunTag
 
-        values = {f"eval/{k}": v for k, v in numbers(result).items() if k in EVAL_HEADLINE}
+        values = {f"{EVAL}/{k}": v for k, v in numbers(result).items() if k in EVAL_HEADLINE}
         floor = result.get("floor") or {}
-        values.update({f"floor/{k}": v for k, v in numbers(floor).items() if k not in COUNTS})
+        values.update({f"{FLOOR}/{k}": v for k, v in numbers(floor).items() if k not in COUNTS})
         for metric, s in (result.get("per_repeat") or {}).items():
-            values.update(numbers({k: s.get(k) for k in ("mean", "std", "min")}, f"eval_repeats/{metric}_"))
-            values.update({f"eval_repeats/{metric}_r{i}": float(v) for i, v in enumerate(s.get("values") or [])})
+            values.update(numbers({k: s.get(k) for k in ("mean", "std", "min")}, f"{REPEATS}/{metric}_"))
+            values.update({f"{REPEATS}/{metric}_r{i}": float(v) for i, v in enumerate(s.get("values") or [])})
         counts = {**{f"eval.{k}": str(result[k]) for k in COUNTS if result.get(k) is not None},
                   **{f"eval.floor_{k}": str(floor[k]) for k in COUNTS if floor.get(k) is not None}}
         tags = {"evaluate.feature_extractor": str(result.get("feature_extractor")),
@@ -135,8 +158,8 @@ def evaluation_note(cfg: Config, result: dict[str, Any], step: int) -> str:
         f"{result.get('feature_extractor')} features, {result.get('num_generated')} samples per range, checkpoint "
         f"step {step}.",
         "",
-        "Pictures: image `eval/samples` (artifact `samples/grid.png`), the training grids `train/samples`, the "
-        "figures under `figures/`."])
+        f"Pictures: the training strips `train/samples` beside the loss curve, the final samples `{SAMPLES_KEY}` "
+        "(all of the grid: artifact `samples/grid.png`), the figures in the artifacts under `figures/`."])
 
 
 def table_note(result: dict[str, Any]) -> str:
@@ -169,24 +192,16 @@ def _dataset_sha(checkpoint: Optional[str]) -> Optional[str]:
 
 
 def log_figures(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str) -> Optional[str]:
-    """After the figures stage: every figure file as an artifact under ``figures/``; the PNG figures also as
-    images (shown in the run's Artifacts and, stepped at the checkpoint's step, as images). The run id or None."""
+    """After the figures stage: every figure file as an artifact under ``figures/`` (the Artifacts tab shows them at
+    full size; as image cards they would be cut off under the params). The run id or None."""
     out_dir = Path(out_dir)
-    step = int(summary.get("checkpoint_step") or 0)
     files = [summary["progressive"]["file"], *(r["file"] for r in summary["reconstruction"]),
              summary["animation"]["file"], summary["loss"]["file"], "figures.json"]
 
     def body(client, run_id: str) -> None:
-        from PIL import Image
-
         for name in files:
             if (out_dir / name).is_file():
                 client.log_artifact(run_id, str(out_dir / name), "figures")
-        for name in files:
-            if name.endswith(".png") and name != "loss.png" and (out_dir / name).is_file():
-                with Image.open(out_dir / name) as im:
-                    big = upscale_nearest(np.asarray(im.convert("RGB")), 512)  # MLflow shows it at its size
-                    client.log_image(run_id, big, key=f"figures/{Path(name).stem}", step=step, synchronous=True)
 
     return log_into_run(cfg, "of the figures", _dataset_sha(summary.get("checkpoint")), body)
 
@@ -198,8 +213,8 @@ def row_key(row: dict[str, Any]) -> str:
 
 def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLike | str,
                       markdown_path: os.PathLike | str) -> Optional[str]:
-    """After the sampler_table stage: per row ``sampler/<metric>_<row>`` (fid, fid_std, kid_mean, kid_std, sampling_s,
-    wall_s, images_per_s) at the checkpoint's step, the floor as ``sampler/floor_<metric>``, and both files as
+    """After the sampler_table stage: per row ``trained/sampler/<metric>_<row>`` (fid, fid_std, kid_mean, kid_std, sampling_s,
+    wall_s, images_per_s) at the checkpoint's step, the floor as ``trained/sampler/floor_<metric>``, and both files as
     artifacts."""
     step = int(result.get("checkpoint_step") or 0)
 
@@ -208,9 +223,9 @@ def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLik
         for row in result.get("rows", []):
             for k, v in numbers(row).items():
                 if k in ("fid", "fid_std", "kid_mean", "kid_std", "sampling_s", "wall_s", "images_per_s"):
-                    values[f"sampler/{k}_{row_key(row)}"] = v
+                    values[f"{SAMPLER}/{k}_{row_key(row)}"] = v
         values.update(numbers({k: v for k, v in (result.get("floor") or {}).items() if k in ("fid", "kid_mean")},
-                               "sampler/floor_"))
+                               f"{SAMPLER}/floor_"))
         client.log_batch(run_id, metrics=metric_list(values, step))
         write_note(client, run_id, cfg, "ddpm.note.sampler_table", table_note(result))
         for path in (json_path, markdown_path):

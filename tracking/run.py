@@ -89,19 +89,26 @@ def flat_params(cfg: Config) -> dict[str, str]:
             for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
-# The keys that define a result: the run's params (MLflow prints a run's params on every image card; all 106 keys
-# pushed the pictures off the cards). The whole resolved config is the artifact config/params.yaml.
-RESULT_PARAMS = (
-    "data.dataset", "data.image_size", "data.max_train",
-    "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions", "model.dropout",
+# MLflow 3.17 prints every param of a run, with no cap, on each of its image cards, above the picture; the card's
+# body is 250 px high. Measured in headless chromium (tests/test_browser.py): 23 params (~700 characters) push a
+# training grid out of the card, six short ones leave room for a 4:1 strip (CARD_ASPECT). So the params are the six
+# keys runs are compared by; the other keys that define a result are tags config.<key> (searchable, shown in the
+# run's Overview), like where and on what it ran. The whole resolved config is the artifact config/params.yaml, and
+# a run is found again by its params hash (tag ddpm.params_hash) over every key that changes the result.
+RESULT_PARAMS = ("data.dataset", "model.ch", "train.steps", "train.lr", "sample.sampler", "sample.steps")
+RESULT_TAGS = (
+    "data.image_size", "data.max_train",
+    "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions", "model.dropout",
     "diffusion.schedule", "diffusion.timesteps", "diffusion.objective",
-    "train.steps", "train.batch_size", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.ema_decay",
-    "train.seed",
-    "sample.sampler", "sample.steps", "sample.eta", "sample.timestep_spacing", "sample.use_ema",
+    "train.batch_size", "train.lr_schedule", "train.warmup_steps", "train.ema_decay", "train.seed",
+    "sample.eta", "sample.timestep_spacing", "sample.use_ema",
 )
 # Where and on what it ran: tags config.<key>, not params.
 INFRA_TAGS = ("data.root", "train.num_workers", "train.use_gpu", "train.precision", "train.compile", "train.loader",
               "sample.num_workers", "sample.use_gpu", "sample.precision", "ray.address", "ray.num_cpus")
+# The pictures in image cards: MLflow shows a 256-px-wide thumbnail, and the full picture when the card is clicked.
+CARD_ASPECT = 4.0  # grids logged as strips (16 images: 2 rows of 8), the shape that fits under the params
+CARD_WIDTH = 1024  # px: nearest-neighbour upscaling, so the clicked picture is sharp
 CONFIG_ARTIFACT = "config"  # the artifact folder of params.yaml: the whole resolved config
 
 
@@ -109,6 +116,20 @@ def result_params(cfg: Config) -> dict[str, str]:
     """The run's MLflow params: :data:`RESULT_PARAMS` of :func:`flat_params`."""
     flat = flat_params(cfg)
     return {k: flat[k] for k in RESULT_PARAMS if k in flat}
+
+
+def config_tags(cfg: Config) -> dict[str, str]:
+    """Tags ``config.<key>`` of :data:`RESULT_TAGS` and :data:`INFRA_TAGS`: the rest of what defines the result,
+    and where it ran."""
+    flat = flat_params(cfg)
+    return {f"config.{k}": flat[k] for k in (*RESULT_TAGS, *INFRA_TAGS) if k in flat}
+
+
+def card_image(images) -> Any:
+    """uint8 images [N, C, H, W] -> the RGB strip an MLflow image card shows whole (:data:`CARD_ASPECT`)."""
+    from tasks.lib.common import grid_image
+
+    return grid_image(images, min_side=CARD_WIDTH, aspect=CARD_ASPECT)
 
 
 def log_config(client, run_id: str, cfg: Config) -> None:
@@ -263,8 +284,9 @@ def _newest_run(client, experiment_id: str, phash: str):
 
 
 def find_run(cfg: Config, root: Optional[Path] = None) -> Optional[dict[str, str]]:
-    """Read-only look-up of the run the stages log into for these params: ``{"run_id", "experiment_id", "uri"}``
-    plus ``"url"`` (the run's page) for a tracking server; None when tracking is off or there is no such run.
+    """Read-only look-up of the run the stages log into for these params: ``{"run_id", "experiment_id", "uri",
+    "url", "compare_url"}``, the run's page and the experiment's chart view in the MLflow UI (for a local store, the
+    UI ``make mlflow-ui`` serves, and ``"local": True``); None when tracking is off or there is no such run.
     ``root``: what relative store paths are relative to (:func:`resolve_uri`)."""
     if not cfg.tracking.enabled:
         return None
@@ -283,9 +305,11 @@ def find_run(cfg: Config, root: Optional[Path] = None) -> Optional[dict[str, str
     if run is None:
         return None
     info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "uri": uri}
-    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    if uri.startswith(("http://", "https://")):
-        info["url"] = f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    served = uri.startswith(("http://", "https://"))
+    server = uri.rstrip("/") if served else LOCAL_UI
+    info["url"] = f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if not served:
+        info["local"] = True
     # the experiment's runs in the chart view (a fresh browser otherwise opens the GenAI view: "No data available")
     info["compare_url"] = f"{server}/#/experiments/{run.info.experiment_id}/runs?{COMPARE_QUERY}"
     return info
@@ -303,8 +327,7 @@ def _open_run(cfg: Config, client, uri: str, dataset_sha256: Optional[str], fres
         print(f"tracking: training starts from scratch; new MLflow run (run {run.info.run_id} keeps its curves)")
         superseded, run = run.info.run_id, None
     params, tags = result_params(cfg), _context_tags(dataset_sha256)
-    flat = flat_params(cfg)
-    tags.update({f"config.{k}": flat[k] for k in INFRA_TAGS if k in flat})
+    tags.update(config_tags(cfg))
     if run is None:
         name = os.environ.get("DVC_EXP_NAME") or f"{cfg.data.dataset}-{phash[:8]}"
         run = client.create_run(exp_id, run_name=name, tags={PARAMS_HASH_TAG: phash, **tags})

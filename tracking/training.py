@@ -1,9 +1,10 @@
 """Training as MLflow sees it: the ``mlflow`` tracker's :class:`~tasks.lib.callbacks.TrainCallback`.
 
 The driver finds or creates the pipeline run before Ray starts (:meth:`MlflowTrainCallback.on_fit_start`); the
-callback then travels to the rank-0 Ray Train worker, which logs the loss log's rows as metrics ``loss``, ``lr``,
-``grad_norm``, ``images_per_s`` (batched, at most every ``FLUSH_SECONDS``), MLflow's ``system/*`` metrics, a grid
-sampled from the EMA network every ``tracking.grid_every`` steps (image ``train_samples``) and, at the end, the EMA
+callback then travels to the rank-0 Ray Train worker, which logs the loss log's rows as metrics ``train/loss``,
+``train/lr``, ``train/grad_norm``, ``train/images_per_s`` (batched, at most every ``FLUSH_SECONDS``), MLflow's
+``system/*`` metrics, a strip sampled from the EMA network every ``tracking.grid_every`` steps (image
+``train/samples``, beside the loss curve in the run's ``train`` section) and, at the end, the EMA
 UNet as logged model ``ema_unet`` (registered under ``tracking.register_model`` when set). A failed training marks
 the run FAILED from the driver.
 """
@@ -19,6 +20,7 @@ from tasks.lib.callbacks import TrainCallback
 from tasks.lib.config import Config
 
 from .run import (
+    card_image,
     client_for,
     end_run,
     forwarded_env,
@@ -31,7 +33,6 @@ from .run import (
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "images_per_s")  # the loss log's columns, logged as train/<column>
 MODEL_NAME = "ema_unet"
 GRID_KEY = "train/samples"  # beside train/loss in the train section
-MLFLOW_IMAGE_SIDE = 512  # px: MLflow's image cards and slider show a picture at its own size
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
 
@@ -184,7 +185,7 @@ class MlflowTrainCallback(TrainCallback):
         """Every ``tracking.grid_every`` steps and at the last step: a grid sampled from ``model`` (the EMA UNet)
         with ``tracking.grid_sampler`` (``grid_steps`` evaluations) from the fixed seeds ``sample.grid_seed`` .. +``tracking.grid_samples``-1 (the same noise at every
         step and in every run with that grid seed; the final samples/grid.png starts from the same seeds), logged as
-        stepped image ``train_samples``. Step 0 is the initial weights (the train loop reports it before the first update of a fresh training)."""
+        stepped image ``train/samples``: a 4:1 strip, which MLflow's image card shows whole. Step 0 is the initial weights (the train loop reports it before the first update of a fresh training)."""
         tc = self.cfg.tracking if self.active else None
         if tc is None or not tc.grid_every or (step % tc.grid_every and step != self.cfg.train.steps):
             return
@@ -198,14 +199,14 @@ class MlflowTrainCallback(TrainCallback):
 
         from ddpm.samplers import sample
 
-        from tasks.lib.common import grid_image, to_uint8
+        from tasks.lib.common import to_uint8
 
         tc = self.cfg.tracking
         seeds = list(range(self.cfg.sample.grid_seed, self.cfg.sample.grid_seed + tc.grid_samples))
         x = sample(model, diffusion, seeds, self.cfg.data.shape, sampler=tc.grid_sampler,
                    steps=min(tc.grid_steps, diffusion.num_timesteps),
                    timestep_spacing=self.cfg.sample.timestep_spacing)
-        mlflow.log_image(grid_image(to_uint8(x), min_side=MLFLOW_IMAGE_SIDE), key=GRID_KEY, step=step, synchronous=True)
+        mlflow.log_image(card_image(to_uint8(x)), key=GRID_KEY, step=step, synchronous=True)
 
     def finish(self, step: int, model) -> None:
         """At the end of training: the pending metrics, the EMA UNet (when this call trained), the run ended."""

@@ -215,17 +215,24 @@ def to_uint8(x) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8).cpu().numpy()
 
 
-def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0) -> np.ndarray:
+def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0, aspect: float = 1.0) -> np.ndarray:
     """uint8 images [N, C, H, W] -> one uint8 [H', W', 3] grid (torchvision's make_grid), upscaled by nearest
     neighbour so that each cell is at least ``min_cell`` px and the grid at least ``min_side`` px wide (8x8 digits
-    stay legible; MLflow shows its images at their size), with a white gutter that grows with the scale."""
+    stay legible; MLflow shows its images at their size), with a white gutter that grows with the scale.
+
+    ``aspect`` is the grid's width over its height in cells: 1 is square-ish (ceil(sqrt(N)) columns), 4 a strip
+    (16 images: 2 rows of 8), the shape that fits under the run name in MLflow's image cards."""
     import math
 
     import torch
     from torchvision.utils import make_grid
 
     x = torch.from_numpy(np.ascontiguousarray(images))
-    ncol = max(1, math.ceil(math.sqrt(len(x))))
+    if aspect == 1.0:
+        ncol = max(1, math.ceil(math.sqrt(len(x))))
+    else:
+        nrow = max(1, round(math.sqrt(len(x) / aspect)))
+        ncol = max(1, math.ceil(len(x) / nrow))
     w = x.shape[-1]
     scale = max(1, math.ceil(min_cell / w), math.ceil(min_side / (ncol * w)) if min_side else 1)
     x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)

@@ -1,0 +1,1 @@
+"""Developer tools run from the repository root (not installed): the headless browser the UI checks use."""
