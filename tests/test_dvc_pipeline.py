@@ -105,10 +105,10 @@ def test_dvc_repro_end_to_end(tmp_path, repo_root, tiny_params):
     assert (dest / "samples" / "shard_00000.npz").read_bytes() != shard  # drawn again under the new code's key
     assert (dest / "checkpoints/ckpt_00000006.pt").is_file()
 
+    # A changed param makes stale the stage that reads it, and no other: what reads its outputs follows when they
+    # change (as the repro above showed for the samples).
     _params(dest, TINY, **{"train.lr": 5e-4})
-    third = _dvc(dest, "repro")
-    ran = _ran(third.stdout)
-    assert ran[:3] == ["train", "sample", "evaluate"] and sorted(ran[3:]) == ["figures", "sampler_table"]
+    assert {k.rpartition(":")[2] for k in json.loads(_dvc(dest, "status", "--json").stdout)} == {"train"}
 
     # Outputs are versioned: push to the default local remote, drop the cache and workspace copy, pull back.
     _dvc(dest, "push")
