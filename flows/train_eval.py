@@ -197,7 +197,7 @@ def tracking_env(cfg: Config, project: Path) -> dict[str, str]:
 
 # -- MLflow ---------------------------------------------------------------------------------------------------------
 def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
-    """The MLflow run the stages logged into for these params: {"run_id", "url"?} or None.
+    """The MLflow run the stages logged into for these params: {"run_id", "url", "compare_url", "local"?} or None.
 
     The tracking layer (tracking/) logs into it and tags it with this flow run's id (``DDPM_PREFECT_FLOW_RUN_ID``)
     and the DVC experiment (``DVC_EXP_NAME``); its read-only ``find_run`` gives the run (url: the run's page in the
@@ -214,8 +214,8 @@ def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
         return None
     if not info or not info.get("run_id"):
         return None
-    return {"run_id": str(info["run_id"]), **({"url": str(info["url"])} if info.get("url") else {}),
-            **({"compare_url": str(info["compare_url"])} if info.get("compare_url") else {})}
+    return {"run_id": str(info["run_id"]), "url": str(info["url"]), "compare_url": str(info["compare_url"]),
+            **({"local": "true"} if info.get("local") else {})}
 
 
 # -- artifacts ------------------------------------------------------------------------------------------------------
@@ -257,13 +257,14 @@ def summary_markdown(cfg: Config, results: dict[str, Any], runs: dict[str, dict[
     if ev.get("fid_ratio") is not None:
         lines += ["", f"FID / floor = {ev['fid_ratio']:.2f}"]
     if mlflow:
-        link = f"[{mlflow['run_id']}]({mlflow['url']})" if mlflow.get("url") else f"`{mlflow['run_id']}`"
-        ml = f"run {link}"
+        ml = (f"run [{mlflow['run_id']}]({mlflow['url']}), [compare runs]({mlflow['compare_url']})"
+              + (" (after `make mlflow-ui`)" if mlflow.get("local") else ""))
     else:
         exp = cfg.tracking.experiment or cfg.data.dataset
         ml = (f"experiment `{exp}`; the stages that ran tagged their run `prefect_flow_run_id={flow_run_id}`"
               if cfg.tracking.enabled else "tracking off (tracking.enabled: false)")
-    lines += ["", f"- **Sample grid**: `{sm['grid']}`",
+    grid = Path(sm["grid"]) if Path(sm["grid"]).is_absolute() else Path(dvc["workspace"]) / sm["grid"]
+    lines += ["", f"- **Sample grid**: [{grid.name}]({grid.as_uri()}) `{sm['grid']}`",
               f"- **Checkpoints**: `{paths['checkpoints']}` (newest `{Path(tr['checkpoint']).name}`)"
               if tr.get("checkpoint") else f"- **Checkpoints**: `{paths['checkpoints']}`",
               f"- **Metrics**: `{paths['eval_metrics']}`",
@@ -278,9 +279,10 @@ def publish(markdown: str, ev: dict[str, Any], mlflow: Optional[dict[str, str]])
     create_markdown_artifact(markdown, key="train-eval-summary", description="train-eval: what this run produced")
     create_table_artifact(metrics_table(ev), key="train-eval-metrics",
                           description="FID/KID of the samples and the real-vs-real floor")
-    if mlflow and mlflow.get("url"):
+    if mlflow:
+        after = " (after `make mlflow-ui`)" if mlflow.get("local") else ""
         create_link_artifact(mlflow["url"], link_text=f"MLflow run {mlflow['run_id']}", key="train-eval-mlflow",
-                             description="the MLflow run of this pipeline run")
+                             description=f"the MLflow run of this pipeline run: curves, pictures, metrics{after}")
 
 
 def figures_markdown(fig: Optional[dict[str, Any]], table: Optional[dict[str, Any]], paths: dict[str, str]) -> str:
@@ -547,10 +549,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(f"DVC:        dvc.lock updated in {dvc['workspace']}; `dvc status` is clean, `dvc push` "
                      "sends the outputs to the remote")
     if summary["mlflow"]:
-        lines.append(f"MLflow run: {summary['mlflow'].get('url') or summary['mlflow']['run_id']}")
-        if summary["mlflow"].get("compare_url"):
-            local = "" if summary["mlflow"].get("url") else " (after `make mlflow-ui`)"
-            lines.append(f"compare runs: {summary['mlflow']['compare_url']}{local}")
+        local = " (after `make mlflow-ui`)" if summary["mlflow"].get("local") else ""
+        lines.append(f"MLflow run: {summary['mlflow']['url']}{local}")
+        lines.append(f"compare runs: {summary['mlflow']['compare_url']}{local}")
     lines.append(f"Prefect flow run: {summary['flow_run_id']}")
     print("\n".join(lines))
     return 0

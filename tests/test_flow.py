@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import yaml
 from tasks.lib.config import load_config
 from flows import serve as flows_serve
 from flows import train_eval as te
-from conftest import GIT_ENV, clone_project
+from conftest import GIT_ENV, clone_project, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -94,12 +93,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 # -- a real Prefect server on loopback, the deployments served by `python -m flows.serve` ----------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _base_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "RAY_USAGE_STATS_ENABLED": "0",
@@ -128,7 +121,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 def prefect_api(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 with a temporary PREFECT_HOME (its SQLite database), once per module."""
     home = tmp_path_factory.mktemp("prefect_home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = _base_env(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_RUNNER_POLL_FREQUENCY="1")
     log = home / "server.log"
@@ -224,6 +217,27 @@ def _task_runs(client, flow_run_id: str) -> dict[str, list]:
 
 def _states(client, flow_run_id: str) -> dict[str, str]:
     return {stage: runs[-1].state.name for stage, runs in _task_runs(client, flow_run_id).items()}
+
+
+def _flow_run_page(api: dict, flow_run_id: str) -> tuple[dict[str, str], set[str]]:
+    """The flow run's page in the Prefect UI, in headless chromium: {stage: state} as its Task Runs tab lists them,
+    and the artifact keys its Artifacts tab shows."""
+    from tools.browser import Browser, BrowserError, chromium_path
+
+    try:
+        chromium_path()
+    except BrowserError as e:
+        pytest.fail(str(e))
+    with Browser(1600, 1000) as b:
+        b.goto(f"{api['url'].removesuffix('/api')}/runs/flow-run/{flow_run_id}")
+        b.wait_for("!!document.querySelector('li.p-tab#task-runs')", 120, "the flow run page's tabs")
+        b.click("li.p-tab#task-runs")
+        b.wait_for("document.body.innerText.includes('sampler_table-')", 60, "the flow run's task runs")
+        listed = re.findall(r"^([\w-]+?)-[0-9a-f]{3}\n(\w+)$", b.evaluate("document.body.innerText"), re.M)
+        b.click("li.p-tab#artifacts")
+        b.wait_for("document.body.innerText.includes('train-eval-summary')", 60, "the flow run's artifacts")
+        artifacts = set(re.findall(r"^(train-eval-[\w-]+)$", b.evaluate("document.body.innerText"), re.M))
+    return dict(listed), artifacts
 
 
 def _output(r: subprocess.CompletedProcess) -> str:
@@ -350,7 +364,12 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
                                     "sampler_table": "Completed", "dvc-exp-save": "Completed"}
         artifacts = {a.key: a for a in c.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run2])))}
-    assert {"train-eval-summary", "train-eval-metrics"} <= set(artifacts)
+    assert {"train-eval-summary", "train-eval-metrics", "train-eval-mlflow"} <= set(artifacts)
+    # what the Prefect UI shows of it: one task run per stage with its state, and the artifacts
+    shown_states, shown_artifacts = _flow_run_page(served, run2)
+    with _client(served) as c:
+        assert shown_states == _states(c, run2)
+    assert shown_artifacts == set(artifacts), (shown_artifacts, sorted(artifacts))
     summary = artifacts["train-eval-summary"]
     assert summary.type == "markdown"
     assert "| evaluate | ran |" in summary.data and "| train | cached |" in summary.data
@@ -369,7 +388,10 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
     ml = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = ml.get_experiment_by_name("digits")
     tagged = ml.search_runs([exp.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{run2}'")
-    assert tagged and tagged[0].data.metrics["eval/fid"] == pytest.approx(metrics["fid"])
+    assert tagged and tagged[0].data.metrics["trained/fid"] == pytest.approx(metrics["fid"])
+    # the flow run's link artifact opens that run's page in `make mlflow-ui` (a local store)
+    link = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{tagged[0].info.run_id}"
+    assert link in artifacts["train-eval-mlflow"].data and "make mlflow-ui" in artifacts["train-eval-mlflow"].description
 
     # 4. The run is a DVC experiment of the project, carrying both ids; its MLflow run names it.
     rows = [row for row in _exp_rows(work, served["env"]).values() if row.get("prefect_flow_run_id") == run2]
@@ -404,7 +426,7 @@ def test_deployment_runs_with_overrides_are_dvc_experiments(served, tiny_params)
         assert name.startswith("exp-") and float(row["train.lr"]) == lr and float(row["fid"]) > 0, row
         run = ml.get_run(row["mlflow_run_id"])
         assert run.data.tags["prefect_flow_run_id"] == run_id and run.data.tags["dvc_exp_name"] == name
-        assert run.data.metrics["eval/fid"] == pytest.approx(float(row["fid"]))
+        assert run.data.metrics["trained/fid"] == pytest.approx(float(row["fid"]))
         mlflow_ids.add(row["mlflow_run_id"])
     assert len(mlflow_ids) == 2
     assert not (work / "dvc.lock").exists()  # the project's own workspace was not touched by them
@@ -468,7 +490,7 @@ def test_ctrl_c_stops_make_serve_and_the_server_it_started(tmp_path):
     it started are both gone within 15 s, and neither prints a traceback."""
     import psutil
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = tmp_path / "serve.log"
     env = _base_env(PREFECT_HOME=str(tmp_path / "home"))
