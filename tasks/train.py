@@ -69,6 +69,21 @@ FAILURE_FILE = ".train_failure.json"
 PROGRESS_LINE_S = 10.0  # without a terminal, the training progress is one line this often (not one per update)
 
 
+class _Lines:
+    """A stream for tqdm without a terminal: each redraw as one line (tqdm writes "\r" + the bar)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     """The multiple of ``train.lr`` used at 0-based ``step``: linear warm-up over ``warmup_steps`` (the paper: 5,000),
     then constant or cosine decay to 0."""
@@ -235,9 +250,11 @@ def train_loop(
         from tqdm.auto import tqdm
 
         # In a terminal, one bar redrawn in place; in a Ray worker (no terminal: each redraw becomes a forwarded line)
-        # or a log, one line every PROGRESS_LINE_S seconds.
-        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step",
-                   mininterval=2.0 if sys.stderr.isatty() else PROGRESS_LINE_S)
+        # or a log, one whole line every PROGRESS_LINE_S seconds: no carriage returns (Ray forwarded each as an empty
+        # line of its own), and tqdm's monitor thread, which redraws a bar idle for maxinterval, only for a stall.
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", file=None if tty else _Lines(sys.stderr),
+                   mininterval=2.0 if tty else PROGRESS_LINE_S, maxinterval=10.0 if tty else 6 * PROGRESS_LINE_S)
     ddp_model.train()
     epoch, offset = divmod(step, steps_per_epoch)
     t_log, seen = time.perf_counter(), 0
