@@ -13,10 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch_fidelity" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. benchmarks/offline_wheels.sh
+offline_wheels "import torch_fidelity"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 export PYTHONUNBUFFERED=1
 exec timeout "${GPU_BENCH_TIMEOUT:-480}" "$PY" benchmarks/gpu_bench.py --out "${OUT:-benchmarks/results}" \

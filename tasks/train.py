@@ -412,15 +412,17 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     ``callbacks`` (tasks/lib/callbacks.py; ``None``: one per installed tracker) hear about the training, rank 0's
     hooks in the Ray worker.
     """
-    check_local_gpus(cfg, "train")  # before anything is written or Ray starts
+    check_local_gpus(cfg, "train", cfg.train.gpus_per_worker)  # before anything is written or Ray starts
     if metrics_path:
         check_writable(Path(metrics_path).parent)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
 
     loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
     ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
     key, cbs = loop_cfg["run_key"], loop_cfg["callbacks"]
+    start_step = ([0] + [s for s, _ in list_checkpoints(ckpt_dir)])[-1]  # where the workers resume
 
     t0 = time.perf_counter()
     how = ensure_ray(cfg)
@@ -438,12 +440,18 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     if not use_gpu and workers > total_cpus:
         raise StageError(f"train.num_workers: {workers} workers need {workers} CPUs, the Ray cluster has {total_cpus}")
     total_gpus = int(ray.cluster_resources().get("GPU", 0))
-    if use_gpu and workers > total_gpus:
-        raise StageError(f"train.num_workers: {workers} GPU workers need {workers} GPUs, the Ray cluster has "
-                         f"{total_gpus}; lower train.num_workers or set train.use_gpu: auto")
+    gpus_per_worker = cfg.train.gpus_per_worker if use_gpu else 0.0
+    gpus_needed = math.ceil(workers * gpus_per_worker - 1e-9)  # (three workers of 0.3333 fit on one)
+    if use_gpu and gpus_needed > total_gpus:
+        raise StageError(f"train.num_workers: {workers} GPU workers of {gpus_per_worker:g} GPU each need {gpus_needed} "
+                         f"GPUs, the Ray cluster has {total_gpus}; lower train.num_workers or set train.use_gpu: auto")
+    # NCCL refuses two ranks on one GPU: workers that share one (gpus_per_worker < 1) all-reduce over gloo.
+    backend = "nccl" if use_gpu and gpus_per_worker == 1 else "gloo"
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
 
-    print(f"train: {workers} Ray Train worker(s), each {'1 GPU' if use_gpu else f'{cpus_per_worker:g} CPU(s)'}, "
-          f"{cfg.train.steps:,} steps of batch {cfg.train.batch_size}; {how}", flush=True)
+    each = f"{gpus_per_worker:g} GPU" if use_gpu else f"{cpus_per_worker:g} CPU(s)"
+    print(f"train: {workers} Ray Train worker(s), each {each}, DDP over {backend}, {cfg.train.steps:,} steps of "
+          f"batch {cfg.train.batch_size}; {how}", flush=True)
     datasets = {}
     if cfg.train.loader == "ray-data":
         datasets["train"] = ray_dataset(open_dataset(loop_cfg["data"]).train)
@@ -452,8 +460,8 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         train_loop_config={**loop_cfg, "threads_per_worker": max(1, int(cpus_per_worker)),
                            "ray_data": bool(datasets)},
         datasets=datasets or None,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu),
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu), resources_per_worker=resources),
         run_config=RunConfig(
             name=f"train-{key_digest(key)}",
             storage_path=str(absolute(cfg.ray.storage)),
@@ -474,13 +482,18 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         cbs.on_fit_end(False)
         raise
     rows = read_loss_log(log_path, cfg.train.steps)
+    this_run = [r for r in rows if int(r["step"]) > start_step]  # a resumed log holds the earlier runs' rows too
     newest = list_checkpoints(ckpt_dir)[-1:]
     summary = {
         "steps": newest[0][0] if newest else 0,
+        "resumed_from_step": start_step,
         "final_loss": float(rows[-1]["loss"]) if rows else None,
-        "images_per_s": _median([float(r["images_per_s"]) for r in rows[1:]] or [0.0]),
+        # the first interval holds the first step's one-off costs (compilation, cuDNN's autotuning): left out
+        "images_per_s": _median([float(r["images_per_s"]) for r in this_run[1:]] or [0.0]),
         "num_workers": workers,
         "use_gpu": bool(use_gpu),
+        "gpus_per_worker": gpus_per_worker,
+        "backend": backend,
         "ray": how,
         "ray_startup_s": round(t_ray, 2),
         "fit_wall_s": round(t_fit, 2),

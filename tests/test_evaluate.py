@@ -390,25 +390,10 @@ def test_inception_weights_are_pinned_checked_and_read_without_pickle(digits, no
 def test_verified_inception_gives_torch_fidelity_features(digits, tmp_path):
     """A random-weights file of the right shapes (its own hash pinned): read with weights_only=True it gives the
     features torch-fidelity's own loader gives from the same file."""
-    import io
-
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    shapes: dict[str, tuple] = {}
-
-    class Probe(FeatureExtractorInceptionV3):  # records the architecture's state-dict shapes instead of loading
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            shapes.update({k: tuple(v.shape) for k, v in self.state_dict().items()})
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    Probe("probe", ["2048"], feature_extractor_weights_path=empty)
-    g = torch.Generator().manual_seed(0)
-    state = {k: (torch.rand(s, generator=g) + 0.5 if k.endswith("running_var") else
-                 0.05 * torch.randn(s, generator=g)) if s else torch.tensor(1) for k, s in shapes.items()}
     weights = tmp_path / "random-inception.pth"
-    torch.save(state, weights)
+    assert scoring.write_random_inception_weights(weights) == sha256_file(weights)
 
     ours = scoring.VerifiedInceptionV3(scoring.INCEPTION_EXTRACTOR, ["2048"], str(weights),
                                         expected_sha256=sha256_file(weights))

@@ -7,7 +7,6 @@ import hashlib
 
 import gzip
 import os
-import pickle
 import struct
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from tasks import fetch
 from tasks.lib import datasets
 from tasks.lib import shards
 from tasks.lib.shards import load_dataset
-from tasks.lib.common import DataError
+from tasks.lib.common import DataError, Split
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -57,32 +56,20 @@ def make_mnist(root: Path, folder: str = "MNIST", gz: bool = False, n_train: int
     return tr, trl, te, tel
 
 
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_CLASSES = datasets.CIFAR10_CLASSES
 
 
 def make_cifar(root: Path, per_batch: int = 2, n_test: int = 3):
-    """The extracted cifar-10-python.tar.gz layout: 5 train batches, test_batch, batches.meta (python-2 style
-    bytes keys). Returns (train_data [N, 3072], train_labels, test_data, test_labels)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
+    """The extracted cifar-10-python.tar.gz layout (tasks.lib.datasets.write_cifar10): 5 train batches of
+    ``per_batch``, test_batch, batches.meta. Returns (train_data [N, 3072], train_labels, test_data, test_labels)."""
     rng = np.random.default_rng(1)
-    data, labels = [], []
-    for i in range(1, 6):
-        d = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        if i == 1:
-            d[0] = np.arange(3072) % 256  # known image: [c, h, w] = (1024c + 32h + w) mod 256
-        lab = [int(x) for x in rng.integers(0, 10, per_batch)]
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"batch_label": b"training batch", b"data": d, b"labels": lab}, f, protocol=2)
-        data.append(d)
-        labels += lab
+    data = rng.integers(0, 256, (5 * per_batch, 3072), dtype=np.uint8)
+    data[0] = np.arange(3072) % 256  # known image: [c, h, w] = (1024c + 32h + w) mod 256
+    labels = rng.integers(0, 10, 5 * per_batch)
     td = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    tl = [int(x) for x in rng.integers(0, 10, n_test)]
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump({b"data": td, b"labels": tl}, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_vis": 3072}, f, protocol=2)
-    return np.concatenate(data), np.array(labels), td, np.array(tl)
+    tl = rng.integers(0, 10, n_test)
+    datasets.write_cifar10(root, Split(data.reshape(-1, 3, 32, 32), labels), Split(td.reshape(-1, 3, 32, 32), tl))
+    return data, labels, td, tl
 
 
 def rgb_image(h: int, w: int, seed: int) -> np.ndarray:

@@ -261,20 +261,24 @@ def want_gpu(use_gpu: bool | str) -> bool:
     return bool(use_gpu)
 
 
-def check_local_gpus(cfg: Config, section: str) -> None:
+def check_local_gpus(cfg: Config, section: str, gpus_per_worker: float = 1.0) -> None:
     """Before a local Ray starts: ``<section>.use_gpu: true`` with more ``<section>.num_workers`` than this
     machine has GPUs would leave Ray waiting forever for GPUs that do not exist; say so instead.
+    ``gpus_per_worker``: the share of a GPU each worker takes (``train.gpus_per_worker``; 0.5 fits two on one).
 
     A configured cluster (``RAY_ADDRESS`` or ``ray.address``) may have GPUs this machine lacks: not checked here.
     """
+    import math
+
     sec = getattr(cfg, section)
     if sec.use_gpu is not True or os.environ.get("RAY_ADDRESS") or cfg.ray.address:
         return
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if sec.num_workers > have:
-        raise StageError(f"{section}.num_workers: {sec.num_workers} GPU workers asked (use_gpu: true) but this "
+    if math.ceil(sec.num_workers * gpus_per_worker - 1e-9) > have:
+        each = "" if gpus_per_worker == 1 else f" of {gpus_per_worker:g} GPU each"
+        raise StageError(f"{section}.num_workers: {sec.num_workers} GPU workers{each} asked (use_gpu: true) but this "
                          f"machine has {have} CUDA device(s); lower {section}.num_workers or set "
                          f"{section}.use_gpu: auto")
 

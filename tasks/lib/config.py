@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Union, get_args
 
 import yaml
-from pydantic import Field, StrictBool, ValidationError, model_validator
+from pydantic import Field, StrictBool, ValidationError, field_validator, model_validator
 
 from ddpm.config import (  # noqa: F401  (the library's sections, re-exported: one import for the pipeline)
     ConfigError,
@@ -82,6 +82,9 @@ class TrainConfig(_Section):
     log_every: int = Field(default=10, gt=0)
     num_workers: int = Field(default=2, gt=0)
     use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
+    # the share of a GPU each worker takes: 1 (one per GPU, DDP over NCCL); 0.5 puts two workers on one GPU (NCCL
+    # refuses two ranks on one device, so a fraction below 1 runs DDP over gloo): the multi-worker path on one GPU
+    gpus_per_worker: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, on GPU only
     max_failures: int = Field(default=3, ge=0)  # Ray restarts after a worker dies
     # speed switches (ddpm/perf.py; defaults from the records in BENCHMARKS.md "Speed defaults"); none changes
@@ -89,6 +92,14 @@ class TrainConfig(_Section):
     channels_last: StrictBool = True  # NHWC memory layout for the network
     compile: StrictBool = False  # torch.compile the network (minutes of compilation on CPU: pays on GPU)
     adam_impl: Literal["auto", "fused", "foreach", "loop"] = "fused"  # fused: one kernel for all params
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _share_of_one_gpu(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"train.gpus_per_worker: a share of one GPU in (0, 1], e.g. 0.5 for two workers per GPU "
+                             f"(over gloo), got {v:g}")
+        return v
 
 
 class SampleConfig(SamplerConfig):

@@ -34,7 +34,7 @@ import numpy as np
 
 from tasks.lib.config import DataConfig
 
-from .common import DataError, Split
+from .common import DataError, Split, atomic_write_bytes
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") uses.
 LUMA = (0.299, 0.587, 0.114)
@@ -302,6 +302,33 @@ def cifar10_missing(root: str | os.PathLike) -> list[str]:
     """The python-batch files of CIFAR-10 missing from ``<root>/cifar-10-batches-py``."""
     folder = Path(root) / CIFAR10_FOLDER
     return [n for n in (*CIFAR10_TRAIN, CIFAR10_TEST, CIFAR10_META) if not (folder / n).is_file()]
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root: str | os.PathLike, train: Split, test: Split, classes: Sequence[str] = CIFAR10_CLASSES) -> Path:
+    """The inverse of :func:`load_cifar10`, for fixtures and benchmarks (no stage writes it): ``train`` and ``test``
+    (uint8 [N, 3, 32, 32]) as the extracted official archive, ``<root>/cifar-10-batches-py/``: the train split in
+    five batches, ``test_batch`` and ``batches.meta``, pickled dicts with bytes keys as python 2 wrote them
+    (``b'data'`` uint8 [N, 3072] in R, G, B planes, ``b'labels'`` a list of ints). Returns the folder."""
+    folder = Path(root) / CIFAR10_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, obj: dict) -> None:
+        atomic_write_bytes(folder / name, lambda f: pickle.dump(obj, f, protocol=2))
+
+    def batch(label: str, images: np.ndarray, labels: np.ndarray) -> dict:
+        data = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), 3 * 32 * 32)
+        return {b"batch_label": label.encode(), b"labels": [int(x) for x in labels], b"data": data}
+
+    parts = np.array_split(np.arange(len(train.labels)), len(CIFAR10_TRAIN))
+    for i, (name, idx) in enumerate(zip(CIFAR10_TRAIN, parts), 1):
+        put(name, batch(f"training batch {i} of 5", train.images[idx], train.labels[idx]))
+    put(CIFAR10_TEST, batch("testing batch 1 of 1", test.images, test.labels))
+    put(CIFAR10_META, {b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": len(parts[0]),
+                        b"num_vis": 3 * 32 * 32})
+    return folder
 
 
 def load_cifar10(root: str | os.PathLike, download: bool = False) -> Source:

@@ -10,7 +10,7 @@ from tasks.lib.config import Config
 
 # Keys that may change without invalidating checkpoints: how long and how often, not what is learned.
 RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
-                            "channels_last", "compile", "adam_impl",  # speed switches: same numbers
+                            "gpus_per_worker", "channels_last", "compile", "adam_impl",  # speed switches: same numbers
                             "max_failures"})
 
 

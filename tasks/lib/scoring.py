@@ -25,6 +25,7 @@ k * sample.num_samples); each metric is reported per range with its mean (the to
 from __future__ import annotations
 
 import io
+import math
 import os
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ from .common import (
     DatasetArtifact,
     StageError,
     SampleShards,
+    atomic_write_bytes,
     read_json,
     sha256_file,
     write_json,
@@ -159,6 +161,36 @@ class VerifiedInceptionV3(FeatureExtractorInceptionV3):
                 ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []) + wrong[:3]
             raise StageError(f"evaluate.inception_weights: {feature_extractor_weights_path} does not fit "
                              f"torch-fidelity's Inception-v3 ({'; '.join(parts)})") from None
+
+
+def write_random_inception_weights(path: os.PathLike | str, seed: int = 0) -> str:
+    """A weights file for torch-fidelity's Inception-v3 architecture with random values: for throughput runs and
+    tests where the published file is absent. Its features are meaningless (but vary with the image) and cost what
+    the real ones cost. Returns the file's SHA-256, to pin as ``evaluate.inception_sha256``."""
+    shapes: dict[str, tuple] = {}
+
+    class Probe(FeatureExtractorInceptionV3):  # records the architecture's state-dict shapes instead of loading
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            shapes.update({k: tuple(v.shape) for k, v in self.state_dict().items()})
+
+    buf = io.BytesIO()  # an empty state dict: the probe's "weights"
+    torch.save({}, buf)
+    buf.seek(0)
+    Probe(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=buf)
+    g = torch.Generator().manual_seed(seed)
+
+    def value(name: str, shape: tuple) -> torch.Tensor:
+        if not shape:  # num_batches_tracked
+            return torch.tensor(1)
+        if len(shape) > 1:  # convolutions and fc: He et al.'s scale, so activations neither vanish nor blow up
+            return torch.randn(shape, generator=g) * math.sqrt(2 / math.prod(shape[1:]))
+        if name.endswith("running_var"):
+            return torch.rand(shape, generator=g) + 0.5
+        return (1.0 if name.endswith(".weight") else 0.0) + 0.1 * torch.randn(shape, generator=g)
+
+    state = {k: value(k, s) for k, s in shapes.items()}
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    return sha256_file(path)
 
 
 def build_extractor(extractor: str, weights: str, layers: list[str], cuda: bool, expected_sha256: str):
