@@ -143,12 +143,12 @@ def mlflow_shots(b: Browser, ui: str, exp_id: str, run_id: str, out: Path) -> li
 
 def prefect_shots(b: Browser, ui: str, flow_run: str, out: Path) -> list[Path]:
     b.goto(f"{ui}/runs/flow-run/{flow_run}")
-    b.wait_for("document.body && document.body.innerText.includes('train')", 120, "the Prefect flow run page")
-    b.settle(2.0)
+    b.wait_for("!!document.querySelector('li.p-tab#artifacts') && document.body.innerText.includes('Task run')", 120,
+               "the Prefect flow run page")
+    b.settle(3.0)  # the timeline of task runs draws after the page
     shots = [b.screenshot(out / "prefect-flow-run.png")]
-    b.goto(f"{ui}/runs/flow-run/{flow_run}?tab=Artifacts")
-    b.wait_for("document.body && document.body.innerText.includes('train-eval-summary')", 60,
-               "the flow run's artifacts")
+    b.click("li.p-tab#artifacts")
+    b.wait_for("document.body.innerText.includes('train-eval-summary')", 60, "the flow run's artifacts")
     b.settle(2.0)
     shots.append(b.screenshot(out / "prefect-artifacts.png"))
     return shots
