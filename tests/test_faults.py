@@ -386,7 +386,7 @@ def test_two_pipelines_at_once_both_complete_and_share_a_readable_store(two_pipe
     for r in found:
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss")) == list(range(1, 7))
         assert r.data.tags["sample.count"] == "48", r.data.tags
-    assert {r.data.params["train.seed"] for r in found} == {"0", "1"}
+    assert {r.data.tags["config.train.seed"] for r in found} == {"0", "1"}  # a result key kept as a tag
 
 
 @pytest.mark.slow
