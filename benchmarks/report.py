@@ -23,6 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ddpm.config import SAMPLER_TITLES
 from benchmarks.reference import DATASHEET_SOURCE, PAPER_TPU_V3_8, datasheet_tflops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -562,7 +563,7 @@ def block_demo(r: Records) -> str:
             smp = det["sample"]
             if smp.get("sampler"):
                 nfe = 1000 if smp["sampler"] == "ddpm" else smp.get("steps")
-                txt += f", {SOLVER_TITLES.get(smp['sampler'], smp['sampler'])} at {nfe} network evaluations"
+                txt += f", {SAMPLER_TITLES.get(smp['sampler'], smp['sampler'])} at {nfe} network evaluations"
             txt += ")"
         parts.append(txt)
     rest = d["total_wall_s"] - d["sum_of_stages_s"]
@@ -801,12 +802,10 @@ def block_memory(r: Records) -> str:
 
 
 # -- the blocks, per file -----------------------------------------------------------------------------------------------
-SOLVER_TITLES = {"ddpm": "DDPM (Alg. 2)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "dpm++3m": "DPM-Solver++(3M)",
-                 "dpm++2m-sde": "SDE-DPM-Solver++(2M)", "unipc": "UniPC"}
 
 
 def _solver_label(x: dict) -> str:
-    return SOLVER_TITLES.get(x["sampler"], x["sampler"]) + (f", η={x['eta']:g}" if x.get("eta") is not None else "")
+    return SAMPLER_TITLES.get(x["sampler"], x["sampler"]) + (f", η={x['eta']:g}" if x.get("eta") is not None else "")
 
 
 def block_solver_study(r: Records) -> str:
@@ -876,7 +875,7 @@ def block_solvers(r: Records) -> str:
     pipe = names[2]
     med = tm["median"]
     label = {ours: "DDPM-1000, Algorithm 2 (ours)", pipe: "DDPM-1000, diffusers `DDPMPipeline`",
-             fast: f"{SOLVER_TITLES.get(x['solver'], x['solver'])}, {x['nfe']} NFE, {x['spacing']} spacing"}
+             fast: f"{SAMPLER_TITLES.get(x['solver'], x['solver'])}, {x['nfe']} NFE, {x['spacing']} spacing"}
     nfe = {ours: 1000, pipe: 1000, fast: x["nfe"]}
     out = ["| sampler | NFE | FID ± σ | − DDPM (ours) ± σ | images/s | speed-up vs this row |",
            "|---|---|---|---|---|---|"]

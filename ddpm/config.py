@@ -53,6 +53,15 @@ class DiffusionConfig(_Section):
 # The names of :data:`ddpm.samplers.SAMPLERS` and :data:`ddpm.solvers.SPACINGS` (a test keeps them equal).
 SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
+# The samplers by name in tables and reports.
+SAMPLER_TITLES = {"ddpm": "DDPM (Alg. 2)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)",
+                  "dpm++3m": "DPM-Solver++(3M)", "dpm++2m-sde": "SDE-DPM-Solver++(2M)", "unipc": "UniPC"}
+
+
+def setting_key(sampler: str, steps: int) -> str:
+    """``ddpm1000``, ``ddim10``, ``dpmpp2m_sde20``: a sampler setting as a name for files and metric keys (MLflow
+    refuses '+')."""
+    return f"{sampler.replace('+', 'p').replace('-', '_')}{steps}"
 
 
 class SamplerConfig(_Section):

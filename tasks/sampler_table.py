@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ddpm.config import SAMPLER_TITLES, setting_key
 from tasks.lib.config import Config, apply_overrides, from_dict, write_resolved
 
 from .lib.callbacks import after_stage
@@ -46,8 +47,7 @@ from .lib.inputs import stage_config
 METRICS = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
 NOISE_SIGMAS = 2.0  # "within the noise": an excess over DDPM's FID below this many std of the paired difference
 GOAL_NFE, MOONSHOT_NFE = 50, 20  # issue "Sampling at equal quality": >= 20x and >= 50x fewer evaluations than 1000
-TITLES = {"ddpm": "DDPM (Alg. 2)", "ddim": "DDIM, η=0", "dpm++2m": "DPM-Solver++(2M)", "dpm++3m": "DPM-Solver++(3M)",
-          "dpm++2m-sde": "SDE-DPM-Solver++(2M)", "unipc": "UniPC"}
+TITLES = {**SAMPLER_TITLES, "ddim": "DDIM, η=0"}  # the table's DDIM rows are deterministic
 
 
 def settings(cfg: Config) -> list[dict[str, Any]]:
@@ -62,7 +62,7 @@ def settings(cfg: Config) -> list[dict[str, Any]]:
 
 def row_name(row: dict[str, Any]) -> str:
     """``ddpm1000``, ``ddim10``, ``dpmpp2m20``, ``unipc10``: a row's name in files and metric keys (no '+')."""
-    return f"{row['sampler'].replace('+', 'p').replace('-', '_')}{row['steps']}"
+    return setting_key(row["sampler"], row["steps"])
 
 
 def noise(rows: list[dict[str, Any]], boot: dict[str, np.ndarray]) -> None:

@@ -40,6 +40,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from ddpm.config import setting_key
+
 from tasks.lib.config import Config
 from tasks.lib.layout import read_record
 
@@ -206,11 +208,6 @@ def log_figures(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
     return log_into_run(cfg, "of the figures", _dataset_sha(summary.get("checkpoint")), body)
 
 
-def row_key(row: dict[str, Any]) -> str:
-    """``ddpm1000``, ``ddim10``, ``dpmpp2m20``, ...: a sampler row's name in metric keys (MLflow refuses '+')."""
-    return f"{row['sampler'].replace('+', 'p').replace('-', '_')}{row['steps']}"
-
-
 def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLike | str,
                       markdown_path: os.PathLike | str) -> Optional[str]:
     """After the sampler_table stage: per row ``trained/sampler/<metric>_<row>`` (fid, fid_std, kid_mean, kid_std, sampling_s,
@@ -223,7 +220,7 @@ def log_sampler_table(cfg: Config, result: dict[str, Any], json_path: os.PathLik
         for row in result.get("rows", []):
             for k, v in numbers(row).items():
                 if k in ("fid", "fid_std", "kid_mean", "kid_std", "sampling_s", "wall_s", "images_per_s"):
-                    values[f"{SAMPLER}/{k}_{row_key(row)}"] = v
+                    values[f"{SAMPLER}/{k}_{setting_key(row['sampler'], row['steps'])}"] = v
         values.update(numbers({k: v for k, v in (result.get("floor") or {}).items() if k in ("fid", "kid_mean")},
                                f"{SAMPLER}/floor_"))
         client.log_batch(run_id, metrics=metric_list(values, step))

@@ -48,7 +48,6 @@ GIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the UI shows it as th
 PREFECT_TAG = "prefect_flow_run_id"
 DVC_EXP_TAG = "dvc_exp_name"
 PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
-MODEL_NAME = "ema_unet"
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over the project's local store
 COMPARE_QUERY = "workflowType=machine_learning&compareRunsMode=CHART"
 FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
