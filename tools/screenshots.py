@@ -89,27 +89,30 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
 
 
-def newest_mlflow_run(uri: str, experiment: Optional[str]) -> tuple[str, str, int]:
-    """(experiment id, newest run id, number of runs) of ``experiment`` or of the newest run's experiment."""
-    from mlflow import MlflowClient
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
 
-    client = MlflowClient(uri)
-    exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
-    exps = [e for e in exps if e is not None]
-    runs = [r for e in exps for r in client.search_runs([e.experiment_id], order_by=["attributes.start_time DESC"])]
+
+def newest_mlflow_run(uri: str, experiment: Optional[str]) -> tuple[str, str, int]:
+    """(experiment id, newest run id, number of runs) of ``experiment`` or of the newest run's experiment, through
+    the server's REST API (MLflow's client stays the tracking layer's)."""
+    exps = _post(f"{uri}/api/2.0/mlflow/experiments/search", {"max_results": 1000}).get("experiments", [])
+    ids = [e["experiment_id"] for e in exps if experiment is None or e["name"] == experiment]
+    runs = _post(f"{uri}/api/2.0/mlflow/runs/search", {"experiment_ids": ids, "max_results": 1000,
+                                                       "order_by": ["attributes.start_time DESC"]}).get("runs", [])
     if not runs:
         raise ShotError(f"no MLflow runs at {uri}{f' in experiment {experiment!r}' if experiment else ''}; "
                         "run `make demo` first")
-    newest = max(runs, key=lambda r: r.info.start_time)
-    count = sum(r.info.experiment_id == newest.info.experiment_id for r in runs)
-    return newest.info.experiment_id, newest.info.run_id, count
+    newest = runs[0]["info"]
+    count = sum(r["info"]["experiment_id"] == newest["experiment_id"] for r in runs)
+    return newest["experiment_id"], newest["run_id"], count
 
 
 def newest_flow_run(api: str) -> str:
-    body = json.dumps({"flows": {"name": {"any_": ["train-eval"]}}, "sort": "START_TIME_DESC", "limit": 1}).encode()
-    req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        runs = json.load(r)
+    runs = _post(f"{api}/flow_runs/filter",
+                 {"flows": {"name": {"any_": ["train-eval"]}}, "sort": "START_TIME_DESC", "limit": 1})
     if not runs:
         raise ShotError(f"no train-eval flow run in the Prefect database at {api}; run `make demo` first")
     return runs[0]["id"]
