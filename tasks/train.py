@@ -74,6 +74,7 @@ class _Lines:
 
     def __init__(self, stream):
         self.stream = stream
+        self.encoding = getattr(stream, "encoding", None)  # tqdm draws with unicode blocks when it may
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").strip("\n")
