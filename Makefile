@@ -20,6 +20,7 @@ help:
 	@echo "make mlflow-ui - the MLflow UI over this project's runs (mlflow.db, mlruns/) at http://127.0.0.1:5000"
 	@echo "make test   - install (once, with chromium for the browser tests) and run the whole test suite"
 	@echo "make report - rewrite README.md's and BENCHMARKS.md's measured blocks from benchmarks/results/*.json"
+	@echo "make screenshots - README's screenshots (docs/screenshots/) of the MLflow and Prefect pages, in headless chromium"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
