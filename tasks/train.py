@@ -46,6 +46,7 @@ from .lib.common import (
     check_local_gpus,
     check_writable,
     ensure_ray,
+    gpus_needed,
     read_json,
     run_cli,
     stage_parser,
@@ -442,9 +443,9 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         raise StageError(f"train.num_workers: {workers} workers need {workers} CPUs, the Ray cluster has {total_cpus}")
     total_gpus = int(ray.cluster_resources().get("GPU", 0))
     gpus_per_worker = cfg.train.gpus_per_worker if use_gpu else 0.0
-    gpus_needed = math.ceil(workers * gpus_per_worker - 1e-9)  # (three workers of 0.3333 fit on one)
-    if use_gpu and gpus_needed > total_gpus:
-        raise StageError(f"train.num_workers: {workers} GPU workers of {gpus_per_worker:g} GPU each need {gpus_needed} "
+    need = gpus_needed(workers, gpus_per_worker)
+    if use_gpu and need > total_gpus:
+        raise StageError(f"train.num_workers: {workers} GPU workers of {gpus_per_worker:g} GPU each need {need} "
                          f"GPUs, the Ray cluster has {total_gpus}; lower train.num_workers or set train.use_gpu: auto")
     # NCCL refuses two ranks on one GPU: workers that share one (gpus_per_worker < 1) all-reduce over gloo.
     backend = "nccl" if use_gpu and gpus_per_worker == 1 else "gloo"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -147,11 +146,7 @@ def tiny_trained(tmp_path_factory) -> Path:
 
 
 # -- a real MLflow server on loopback (tests/test_tracking.py, tests/test_browser.py) ------------------------------
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tools.screenshots import free_port, stop_group  # noqa: E402  (re-exported: `from conftest import free_port`)
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +181,5 @@ def mlflow_server(tmp_path_factory):
         pytest.fail(f"mlflow server not healthy after {timeout} s:\n{(root / 'server.log').read_text()[-3000:]}")
 
     yield ready
-    from tools.screenshots import stop_group
-
     stop_group(proc)
     log.close()

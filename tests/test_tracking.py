@@ -157,11 +157,6 @@ def test_grid_image_is_an_rgb_grid():
     assert strip.shape == (2 * (128 + 8) + 8, 8 * (128 + 8) + 8, 3) and strip.shape[1] >= tracking.CARD_WIDTH
     assert strip[8:136, 8 + 3 * 136:136 + 3 * 136].min() == 200 and strip[8:136, 8:136].max() == 0
     assert grid_image(images[:4], aspect=4).shape[:2] == (34 + 2, 4 * 34 + 2)  # 4 images: one row
-    from tasks.lib.common import upscale_nearest
-
-    fig = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    up = upscale_nearest(fig, 512)
-    assert up.shape == (512, 768, 3) and np.array_equal(up[::256, ::256], fig)
 
 
 # -- end to end (real Ray, real MLflow server) ---------------------------------------------------------------------

@@ -90,7 +90,7 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
 def _final_strip(cfg: Config, out_dir: Path) -> Optional[np.ndarray]:
     """The samples of the training strips' seeds (``sample.grid_seed`` .. +``tracking.grid_samples``-1; the first
     samples when the shards lack them) as a card strip; None without samples."""
-    from tasks.lib.common import DataError, SampleShards
+    from tasks.lib.common import DataError, SampleShards, seed_positions
 
     try:
         samples = SampleShards(out_dir)
@@ -100,8 +100,8 @@ def _final_strip(cfg: Config, out_dir: Path) -> Optional[np.ndarray]:
     if len(seeds) == 0:
         return None
     want = np.arange(cfg.sample.grid_seed, cfg.sample.grid_seed + cfg.tracking.grid_samples)
-    pos = np.searchsorted(seeds, want)
-    if not ((pos < len(seeds)) & (seeds[np.minimum(pos, len(seeds) - 1)] == want)).all():
+    pos = seed_positions(seeds, want)
+    if pos is None:
         pos = np.arange(min(len(seeds), len(want)))
     return card_image(np.stack([samples[int(i)] for i in pos]))
 
@@ -109,8 +109,9 @@ def _final_strip(cfg: Config, out_dir: Path) -> Optional[np.ndarray]:
 def log_evaluation(cfg: Config, result: dict[str, Any], dataset_sha256: Optional[str],
                    samples_dir: os.PathLike | str, metrics_path: os.PathLike | str) -> Optional[str]:
     """After the evaluate stage: every number of ``eval.json`` (FID, KID mean/std, IS, precision/recall,
-    ``fid_ratio``, ``classifier_accuracy``; the real-vs-real floor as ``floor_*``; with repeats ``<metric>_mean``,
-    ``_std``, ``_min`` and ``<metric>_r<i>`` per seed range) at the training step the samples came from, the
+    ``fid_ratio``, ``classifier_accuracy``, under ``trained/``; the real-vs-real floor under ``trained/floor/``; with
+    repeats ``trained/repeats/<metric>_mean``, ``_std``, ``_min`` and ``_r<i>`` per seed range) at the training step
+    the samples came from, the
     provenance block as tags ``eval.<key>`` (counts, seed ranges, sampler, checkpoint, extractor and weights hash,
     library versions) and ``eval.json`` as artifact ``evaluate/eval.json``."""
     try:

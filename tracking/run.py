@@ -50,7 +50,6 @@ DVC_EXP_TAG = "dvc_exp_name"
 PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over the project's local store
 COMPARE_QUERY = "workflowType=machine_learning&compareRunsMode=CHART"
-FLUSH_SECONDS = 5.0  # training metrics are sent in batches at most this often (and before grids and at the end)
 
 # Sections and keys that change where, how fast or how long, or only what is reported, not what is computed:
 # changing them keeps the run.

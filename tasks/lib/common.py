@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -241,15 +242,6 @@ def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0, aspect
     return grid.permute(1, 2, 0).contiguous().numpy()
 
 
-def upscale_nearest(image: np.ndarray, min_side: int = 512) -> np.ndarray:
-    """uint8 [H, W, C] -> the same picture enlarged by an integer nearest-neighbour factor until its shorter side is
-    at least ``min_side`` px (pixels stay square and sharp)."""
-    import math
-
-    k = max(1, math.ceil(min_side / min(image.shape[:2])))
-    return image.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else image
-
-
 # -- devices and Ray ------------------------------------------------------------------------------------------------
 def want_gpu(use_gpu: bool | str) -> bool:
     import torch
@@ -261,6 +253,11 @@ def want_gpu(use_gpu: bool | str) -> bool:
     return bool(use_gpu)
 
 
+def gpus_needed(workers: int, gpus_per_worker: float) -> int:
+    """Whole GPUs for ``workers`` that each take a share ``gpus_per_worker`` (three of 0.3333 fit on one)."""
+    return math.ceil(workers * gpus_per_worker - 1e-9)
+
+
 def check_local_gpus(cfg: Config, section: str, gpus_per_worker: float = 1.0) -> None:
     """Before a local Ray starts: ``<section>.use_gpu: true`` with more ``<section>.num_workers`` than this
     machine has GPUs would leave Ray waiting forever for GPUs that do not exist; say so instead.
@@ -268,15 +265,13 @@ def check_local_gpus(cfg: Config, section: str, gpus_per_worker: float = 1.0) ->
 
     A configured cluster (``RAY_ADDRESS`` or ``ray.address``) may have GPUs this machine lacks: not checked here.
     """
-    import math
-
     sec = getattr(cfg, section)
     if sec.use_gpu is not True or os.environ.get("RAY_ADDRESS") or cfg.ray.address:
         return
     import torch
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if math.ceil(sec.num_workers * gpus_per_worker - 1e-9) > have:
+    if gpus_needed(sec.num_workers, gpus_per_worker) > have:
         each = "" if gpus_per_worker == 1 else f" of {gpus_per_worker:g} GPU each"
         raise StageError(f"{section}.num_workers: {sec.num_workers} GPU workers{each} asked (use_gpu: true) but this "
                          f"machine has {have} CUDA device(s); lower {section}.num_workers or set "
@@ -341,6 +336,15 @@ def absolute(path: os.PathLike | str) -> Path:
 # -- the samples artifact -------------------------------------------------------------------------------------------
 # A folder of shard_NNNNN.npz files (images: uint8 [n, C, H, W]; seeds: int64 [n], sample i has seed base + i),
 # plus samples.json (count, shape, sampler, checkpoint) and grid.png.
+def seed_positions(seeds: np.ndarray, want: np.ndarray) -> Optional[np.ndarray]:
+    """Where the seeds ``want`` are in the ascending ``seeds`` (a :class:`SampleShards`'s), or None when one is
+    missing."""
+    if len(seeds) == 0:
+        return None
+    pos = np.minimum(np.searchsorted(seeds, want), len(seeds) - 1)
+    return pos if (seeds[pos] == want).all() else None
+
+
 def shard_paths(folder: os.PathLike | str) -> list[Path]:
     return sorted(Path(folder).glob("shard_*.npz"))
 

@@ -45,6 +45,7 @@ from .common import (
     check_writable,
     ensure_ray,
     read_json,
+    seed_positions,
     sha256_arrays,
     sha256_file,
     shard_paths,
@@ -307,8 +308,8 @@ def grid_images(cfg: Config, images, seeds: np.ndarray, ckpt: Path,
     when they hold them all, else sampled here with the same settings."""
     s = cfg.sample
     want = np.arange(s.grid_seed, s.grid_seed + s.grid_size)
-    pos = np.minimum(np.searchsorted(seeds, want), len(seeds) - 1)
-    if (seeds[pos] == want).all():
+    pos = seed_positions(seeds, want)
+    if pos is not None:
         return np.stack([images[int(i)] for i in pos])
     device = "cuda" if s.use_gpu is not False and torch.cuda.is_available() else "cpu"
     sampler = ShardSampler(str(absolute(ckpt)), cfg.to_dict(), device, torch.get_num_threads())
