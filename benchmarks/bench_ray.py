@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
 
     from tasks.lib.config import load_config
     from tasks import fetch
-    from tasks.lib.common import ensure_ray
+    from tasks.lib.cluster import ensure_ray
     from tasks.train import run, run_local
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))

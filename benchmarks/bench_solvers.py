@@ -77,7 +77,7 @@ class Run:
 def draw(run: Run, seeds: list[int], batch: int, **kw) -> np.ndarray:
     """uint8 samples [N, C, H, W] for ``seeds`` with :func:`ddpm.samplers.sample`'s keywords ``kw``."""
     from ddpm.samplers import sample
-    from tasks.lib.common import to_uint8
+    from tasks.lib.images import to_uint8
 
     out = [to_uint8(sample(run.model, run.diffusion, seeds[i:i + batch], run.shape, **kw))
            for i in range(0, len(seeds), batch)]
@@ -189,7 +189,7 @@ def speed(run: Run, solver: str, nfe: int, spacing: str, samples: int, batch: in
         f"{solver}{nfe}_{spacing}": lambda s: draw(run, s, batch, sampler=solver, steps=nfe, timestep_spacing=spacing),
         "ddpm1000_diffusers_pipeline": lambda s: diffusers_ddpm(run, len(s), batch, s[0]),
     }
-    from tasks.lib.scoring import paired_bootstrap
+    from tasks.sampler_table import paired_bootstrap
 
     quality, feats = {}, {}
     for name, fn in sides.items():

@@ -102,7 +102,7 @@ def write_dataset(root: Path, plan: Plan, seed: int = 0) -> None:
     """Random uint8 pixels and labels in the official python batches (throughput does not depend on the pixels)."""
     import numpy as np
 
-    from tasks.lib.common import Split
+    from tasks.lib.shards import Split
     from tasks.lib.datasets import write_cifar10
 
     rng = np.random.default_rng(seed)
@@ -116,7 +116,7 @@ def write_dataset(root: Path, plan: Plan, seed: int = 0) -> None:
 def inception_weights(work: Path, preset: dict) -> tuple[str, str, str]:
     """(path, SHA-256, label): the preset's published file when it is there with its pinned hash, else random weights
     of the same architecture written into ``work``."""
-    from tasks.lib.common import sha256_file
+    from tasks.lib.files import sha256_file
     from tasks.lib.scoring import write_random_inception_weights
 
     ev = preset["evaluate"]

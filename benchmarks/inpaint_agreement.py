@@ -55,7 +55,7 @@ def classifier_fn(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
     from tasks.lib.classifier import load_classifier
-    from tasks.lib.common import to_model_range
+    from tasks.lib.images import to_model_range
 
     net, _ = load_classifier(weights)
 
@@ -78,7 +78,7 @@ def main(argv=None) -> dict[str, Any]:
     from tasks.lib.config import load_config
     from ddpm.samplers import region_mask
     from tasks.lib.shards import load_dataset
-    from tasks.lib.common import load_samples
+    from tasks.lib.samples import load_samples
 
     root = Path(args.root).resolve()
     data, ckpts, weights = root / "data/dataset", root / "checkpoints", root / "models/classifier.pt"

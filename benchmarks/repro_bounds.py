@@ -33,7 +33,7 @@ from benchmarks.common import REPO, write_result
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     """Max abs difference of two [N, C, H, W] batches in [-1, 1], and their uint8 images' differing pixels."""
-    from tasks.lib.common import to_uint8
+    from tasks.lib.images import to_uint8
 
     ua, ub = to_uint8(a).astype(np.int16), to_uint8(b).astype(np.int16)
     levels = np.abs(ua - ub)
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     cfg = load_config(args.params, {"tracking.enabled": False})
     ckpt = newest_checkpoint(Path(args.root) / "checkpoints")
-    sampler = ShardSampler(str(ckpt), cfg.to_dict(), "cpu", 1)
+    sampler = ShardSampler(str(ckpt), cfg.sample, "cpu", 1)
     s = cfg.sample
 
     def run(seeds: list[int], split: list[int], threads: int, eta: float) -> torch.Tensor:

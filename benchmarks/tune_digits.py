@@ -1,6 +1,6 @@
 """Quality/time probe for digits presets: train in-process (no Ray start-up), sample, evaluate vs the floor.
 
-    python benchmarks/tune_digits.py --params configs/digits.yaml --work /tmp/tune/a [--set train.steps=1500 ...]
+    python benchmarks/tune_digits.py --params params.yaml --work /tmp/tune/a [--set train.steps=1500 ...]
     python benchmarks/tune_digits.py ... --work /tmp/tune/a --resample ddim50 --set sample.steps=50   # re-sample only
 
 ``--resample TAG`` skips training (the train params must match the run in ``--work``) and writes samples, eval
@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.lib.config import load_config  # noqa: E402
-from tasks import evaluate, fetch, sampling, train, train_classifier  # noqa: E402
-from tasks.lib.common import write_json, write_npz  # noqa: E402
+from tasks import evaluate, fetch, sample, train, train_classifier  # noqa: E402
+from tasks.lib import sampling  # noqa: E402
+from tasks.lib.files import write_json, write_npz  # noqa: E402
 
 
 def main() -> None:
@@ -65,13 +66,13 @@ def main() -> None:
 
         ckpt = checkpoint_path(w / "ckpt", args.ckpt_step)
     t1 = time.perf_counter()
-    sampler = sampling.ShardSampler(str(ckpt), cfg.to_dict(), "cpu", args.threads)
+    sampler = sampling.ShardSampler(str(ckpt), cfg.sample, "cpu", args.threads)
     seeds = list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_samples))
     images = sampler.sample(seeds)
     t_sample = time.perf_counter() - t1
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     write_npz(out_dir / "samples" / "shard_00000.npz", images=images, seeds=torch.tensor(seeds).numpy())
-    sampling.save_grid(images[:100], out_dir / "samples" / "grid.png")
+    sample.save_grid(images[:100], out_dir / "samples" / "grid.png")
     t2 = time.perf_counter()
     m = evaluate.run(cfg, data, out_dir / "samples", clf, w.parent / "ref_stats", out_dir / "eval.json")
     t_eval = time.perf_counter() - t2

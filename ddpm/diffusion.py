@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# callback(step_index, t, x_t, pred_x0): called by every sampler after each reverse step, e.g. to record the chain.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 class Objective(str, Enum):

@@ -11,15 +11,12 @@ moves the samples' last bits (1e-7 to 1e-5 on an AMD EPYC with AVX-512; README "
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .diffusion import GaussianDiffusion, Model, Variance, _enum
+from .diffusion import GaussianDiffusion, Model, StepCallback, Variance, _enum
 from .solvers import SOLVERS, SPACINGS, check_spacing, drive, make_scheduler, solver_timesteps
-
-# callback(step_index, t, x_t, pred_x0): called after every reverse step, e.g. to record the chain.
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 class SeededNoise:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .diffusion import GaussianDiffusion, Model, Objective
+from .diffusion import GaussianDiffusion, Model, Objective, StepCallback
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -101,10 +101,6 @@ def solver_timesteps(name: str, num_timesteps: int, steps: int, spacing: str = "
 
     d = GaussianDiffusion(make_betas("linear", num_timesteps))
     return [int(t) for t in make_scheduler(name, d, steps, spacing=spacing).timesteps]
-
-
-# callback(step_index, t, x_t, pred_x0), as ddpm.samplers.StepCallback
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def drive(

@@ -52,7 +52,7 @@ from prefect.states import Completed, Failed, State
 
 from flows import workspace as wsp
 from tasks.lib.callbacks import TRACKING_BY_ENV, trackers
-from tasks.lib.common import StageError
+from tasks.lib.errors import StageError
 from tasks.lib.config import Config, ConfigError, load_config, parse_override
 from tasks.lib.inputs import EXTERNAL_PATH_KEYS, dvc_stages
 from tasks.lib.inputs import check as check_inputs
@@ -160,7 +160,7 @@ def shared_ray(cfg: Config) -> Iterator[dict[str, str]]:
         return
     import ray
 
-    from tasks.lib.common import ensure_ray
+    from tasks.lib.cluster import ensure_ray
 
     ensure_ray(cfg)
     try:

@@ -27,17 +27,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tasks.lib.config import Config, write_resolved
+from tasks.lib.config import Config, load_config, write_resolved
 
 from .lib import datasets, shards
-from .lib.common import (
-    DataError,
-    StageError,
-    check_writable,
-    run_cli,
-    stage_parser,
-)
-from .lib.inputs import stage_config
+from .lib.cli import run_cli, stage_parser
+from .lib.errors import DataError, StageError
+from .lib.files import check_writable
+from .lib.inputs import check_for_dvc_stage
 
 WRITE_CHUNK = 4096  # images handed to a shard writer at a time when the source is in memory
 
@@ -97,7 +93,7 @@ def _write_image_folder(cfg: Config, staging: Path) -> dict[str, Any]:
 def run(cfg: Config, out_dir: os.PathLike | str) -> dict[str, Any]:
     """Load ``cfg.data``'s dataset and write the dataset artifact into ``out_dir``; return ``dataset.json``.
 
-    Raises :class:`~tasks.lib.common.DataError` (missing or unreadable source files) with the previous outputs
+    Raises :class:`~tasks.lib.errors.DataError` (missing or unreadable source files) with the previous outputs
     untouched.
     """
     out = Path(out_dir)
@@ -125,7 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = stage_parser("Fetch the configured dataset into train/holdout arrays (the dataset artifact).")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/dataset")
     args = parser.parse_args(argv)
-    cfg = stage_config(args)
+    cfg = load_config(args.params, args.overrides)
+    check_for_dvc_stage(cfg)  # under `dvc repro`: the inputs of this stage and the later ones, before any compute
     meta = run(cfg, args.out)
     c, h, w = meta["shape"]
     classes = f"{meta['num_classes']} classes" if meta["num_classes"] else "unlabeled"

@@ -29,8 +29,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpm.checkpoint import newest_checkpoint
-from tasks.lib.config import Config, write_resolved
+from ddpm.checkpoint import atomic_write_bytes, newest_checkpoint
 from ddpm.perf import prepare_for_sampling
 from ddpm.pretrained import load_model
 from ddpm.samplers import (
@@ -42,21 +41,16 @@ from ddpm.samplers import (
     start_index,
     trace_steps,
 )
+from tasks.lib.config import Config, load_config, write_resolved
 
 from .lib.callbacks import after_stage
-from .lib.common import (
-    DataError,
-    StageError,
-    atomic_write_bytes,
-    run_cli,
-    stage_parser,
-    to_model_range,
-    to_uint8,
-    want_gpu,
-    write_json,
-)
+from .lib.cli import run_cli, stage_parser
+from .lib.errors import DataError, StageError
+from .lib.files import write_json
+from .lib.images import to_model_range, to_uint8
+from .lib.inputs import check_for_dvc_stage
 from .lib.shards import open_dataset
-from .lib.inputs import stage_config
+from .lib.workers import local_device
 
 PAD = 2  # pixels between panels (torchvision make_grid padding)
 MIN_CELL = 32  # small images are upscaled (nearest) to at least this side so that 8x8 digits stay legible
@@ -124,7 +118,7 @@ def load_sampler(cfg: Config, ckpt_dir, threads: int = 1) -> tuple[Loaded, Path]
     """The newest checkpoint's network (EMA or raw weights per ``sample.use_ema``) ready to sample, and its path."""
     s = cfg.sample
     ckpt = newest_checkpoint(ckpt_dir, warn=print)
-    device = torch.device("cuda" if want_gpu(s.use_gpu) else "cpu")
+    device = local_device(s.use_gpu, "sample.use_gpu")
     # One thread: the figures' batches are small, and two threads on a busy 2-core machine run 10-100x slower.
     torch.set_num_threads(max(1, threads))
     model, diffusion, state = load_model(ckpt, use_ema=s.use_ema)
@@ -322,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--loss-log", default="metrics/train_loss.tsv", help="the train stage's loss log")
     p.add_argument("--out", default="figures", help="output folder")
     args = p.parse_args(argv)
-    cfg = stage_config(args)
+    cfg = load_config(args.params, args.overrides)
+    check_for_dvc_stage(cfg)  # under `dvc repro`: the inputs of this stage and the later ones, before any compute
     summary = run(cfg, args.checkpoints, args.data, args.loss_log, args.out)
     after_stage("figures", cfg, figures=args.out, figures_record=Path(args.out) / "figures.json")
     return summary

@@ -25,24 +25,20 @@ instead ("within the noise"). The real-vs-real floor at the same sample count cl
 from __future__ import annotations
 
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import SAMPLER_TITLES, setting_key
-from tasks.lib.config import Config, apply_overrides, from_dict, write_resolved
+from tasks.lib.config import Config, load_config, override, write_resolved
 
 from .lib.callbacks import after_stage
-from .lib.common import (
-    StageError,
-    atomic_write_bytes,
-    run_cli,
-    stage_parser,
-    write_json,
-)
-from .lib.inputs import stage_config
+from .lib.cli import run_cli, stage_parser
+from .lib.errors import StageError
+from .lib.files import write_json
+from .lib.inputs import check_for_dvc_stage
 
 METRICS = ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
 NOISE_SIGMAS = 2.0  # "within the noise": an excess over DDPM's FID below this many std of the paired difference
@@ -207,6 +203,117 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the noise of a FID: a bootstrap over the samples ----------------------------------------------------------------
+class FrechetDistance:
+    """FID of feature sets against one fixed Gaussian (mu, sigma), fast enough to repeat per bootstrap resample.
+
+    tr sqrt(S_g S_r) = tr sqrt(R S_g R) with R = S_r^(1/2) (same eigenvalues), so each call is one symmetric
+    eigendecomposition; R is computed once. Agrees with torch-fidelity's ``fid_statistics_to_metric`` to round-off.
+    """
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        w, v = np.linalg.eigh(np.asarray(sigma, dtype=np.float64))
+        self.root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        self.mu = np.asarray(mu, dtype=np.float64)
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, features: np.ndarray) -> float:
+        f = np.asarray(features, dtype=np.float64)
+        m, c = f.mean(axis=0), np.cov(f, rowvar=False)
+        e = np.linalg.eigvalsh(self.root @ c @ self.root)
+        return float(((m - self.mu) ** 2).sum() + np.trace(c) + self.trace - 2.0 * np.sqrt(np.clip(e, 0, None)).sum())
+
+
+def paired_bootstrap(features: dict[str, np.ndarray], mu: np.ndarray, sigma: np.ndarray, resamples: int,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """FID of every row in ``features`` ({row: [N, D] features, row i of each from the same seed}) on ``resamples``
+    resamplings of the N seeds with replacement, the same seeds for every row in each resample, so that differences
+    between rows keep their pairing. Returns {row: [resamples] FIDs}."""
+    n = {len(f) for f in features.values()}
+    if len(n) != 1:
+        raise ValueError(f"paired rows need the same number of samples, got {sorted(n)}")
+    n_rows = n.pop()
+    fid = FrechetDistance(mu, sigma)
+    rng = np.random.default_rng(seed)
+    out = {name: np.empty(resamples) for name in features}
+    for b in range(resamples):
+        idx = rng.integers(0, n_rows, n_rows)
+        for name, f in features.items():
+            out[name][b] = fid(f[idx])
+    return out
+
+
+# -- sampling and scoring the rows ----------------------------------------------------------------------------------
+def row_config(cfg: Config, spec: dict[str, Any]) -> Config:
+    """The params of one row: the sample section on the row's sampler and the table's seeds, batch and count, in
+    shards of one per actor; one seed range (``evaluate.repeats`` 1): the table's cost is N per row."""
+    st = cfg.sampler_table
+    over = {"sample.sampler": spec["sampler"], "sample.steps": spec["steps"], "sample.mode": "generate",
+            "sample.num_samples": st.num_samples, "sample.seed": st.seed, "sample.batch_size": st.batch_size,
+            "sample.shard_size": -(-st.num_samples // cfg.sample.num_workers),
+            "sample.grid_size": min(cfg.sample.grid_size, st.num_samples), "evaluate.repeats": 1}
+    if spec["eta"] is not None:
+        over["sample.eta"] = spec["eta"]
+    return override(cfg, over)
+
+
+def sample_row(pool, row: Config, ckpt: Path, out_dir: Path) -> dict[str, float]:
+    """Sample the row's seeds into shards in ``out_dir`` with the pool's actors; its times: ``wall_s`` (the shards,
+    scheduling included) and ``sampling_s`` (inside the actors, per actor: no scheduling)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .lib.sampling import plan_shards, sampling_key
+
+    s = row.sample
+    todo = list(enumerate(plan_shards(s.num_samples, s.shard_size, s.seed)))
+    out_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    jobs = pool.write_shards(s, out_dir, todo, sampling_key(s, ckpt))
+    progress = tqdm(jobs, total=len(todo), desc=setting_key(s.sampler, s.steps), unit="shard")
+    seconds = [secs for _, _, secs, _ in progress]
+    wall = round(time.perf_counter() - t0, 2)
+    return {"wall_s": wall, "sampling_s": round(sum(seconds) / pool.workers, 2) or wall}
+
+
+def sample_and_score(cfg: Config, ckpt: Path, extractor, which: dict[str, bool], tmp: Path, data, ref_dir):
+    """Every row sampled by one set of actors (one copy of the network each, started before the first row, so no
+    row's time holds their start-up) and scored against the reference statistics: the rows, each row's features
+    (seed order, for the bootstrap), the reference and the pool's size and start-up."""
+    from .lib.sampling import SamplerPool
+    from .lib.samples import SampleShards
+    from .lib.scoring import compare, reference_statistics
+
+    st, ev = cfg.sampler_table, cfg.evaluate
+    rows, feats, ref = [], {}, None
+    specs = settings(cfg)
+    first = row_config(cfg, specs[0])
+    with SamplerPool(first, ckpt, -(-st.num_samples // first.sample.shard_size)) as pool:
+        print(f"sampler_table: {pool.workers} sampling actor(s) for every row, started in "
+              f"{pool.actors_startup_s:.1f} s")
+        for spec in specs:
+            name = row_name(spec)
+            times = sample_row(pool, row_config(cfg, spec), ckpt, tmp / name)
+            samples = SampleShards(tmp / name)
+            if int(samples.seeds[0]) != st.seed or len(samples) != st.num_samples:
+                raise StageError(f"sampler_table: row {name} sampled {len(samples)} seeds from {samples.seeds[0]}, "
+                                 f"not {st.num_samples} from {st.seed}")
+            gen = extractor.features(samples)
+            if ref is None:
+                ref = reference_statistics(cfg, data, extractor, ref_dir, gen[extractor.layer].shape[1])
+            feats[name] = gen[extractor.layer].numpy()
+            out = compare(gen, ref, extractor.layer, extractor.isc_layer, which, ev.kid_subset_size, ev.seed)
+            scores = {k: out[k] for k in METRICS if isinstance(out.get(k), (int, float))}
+            sampling = times["sampling_s"]
+            spacing = None if spec["sampler"] == "ddpm" else cfg.sample.timestep_spacing
+            rows.append({**spec, "timestep_spacing": spacing, **scores, **times,
+                         "images_per_s": round(len(samples) / sampling, 2) if sampling > 0 else None})
+            print(f"sampler_table: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                  + f", sampling {sampling:.1f} s ({times['wall_s']:.1f} s wall)")
+    return rows, feats, ref, pool
+
+
 def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, markdown_path) -> dict[str, Any]:
     """Sample and score every row; write ``out_path`` (JSON) and ``markdown_path``. Returns the JSON's content::
 
@@ -226,71 +333,39 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
         atomic_write_bytes(markdown_path, lambda f: f.write(b"sampler_table.enabled is false: no table\n"))
         print("sampler_table.enabled is false: no table")
         return result
-    from .lib.sampling import SamplerPool, newest_checkpoint, sample_shards
-    from .lib.scoring import paired_bootstrap, score_samples
+    from .lib.sampling import checkpoint_step, newest_checkpoint
+    from .lib.scoring import check_count, enabled_metrics, floor_metrics, open_extractor
+    from .lib.shards import open_dataset
+    from .lib.workers import check_local_gpus
 
+    check_local_gpus(cfg, "sample")  # before anything is written or Ray starts
+    data = open_dataset(data_dir)
+    which = enabled_metrics(cfg, data)
+    extractor = open_extractor(cfg, data, classifier_path, which["isc"])
+    check_count(cfg, st.num_samples, len(data.train), "sampler_table.num_samples", str(data_dir))
+    ckpt = newest_checkpoint(ckpt_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(st.seed, st.seed + st.num_samples))
-    rows: list[dict[str, Any]] = []
-    feats: dict[str, np.ndarray] = {}  # each row's sample features, in seed order, for the bootstrap
-    ref_stats: dict[str, Any] = {}
-    pool: Optional[SamplerPool] = None  # one set of actors (one copy of the network each) samples every row
-    with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp, ExitStack() as actors:
-        for spec in settings(cfg):
-            # The sample and evaluate stages' own machinery (support modules), on this row's sampler.
-            over = {"sample.sampler": spec["sampler"], "sample.steps": spec["steps"], "sample.mode": "generate",
-                    "sample.num_samples": st.num_samples, "sample.seed": st.seed, "sample.batch_size": st.batch_size,
-                    "sample.shard_size": -(-st.num_samples // cfg.sample.num_workers),
-                    "sample.grid_size": min(cfg.sample.grid_size, st.num_samples)}
-            if spec["eta"] is not None:
-                over["sample.eta"] = spec["eta"]
-            if "repeats" in type(cfg.evaluate).model_fields:  # one seed range per row: the table's cost is N/row
-                over["evaluate.repeats"] = 1
-            row_cfg = from_dict(apply_overrides(cfg.to_dict(), over))
-            name = row_name(spec)
-            if pool is None:
-                shards = -(-st.num_samples // over["sample.shard_size"])
-                pool = actors.enter_context(SamplerPool(row_cfg, newest_checkpoint(ckpt_dir), shards))
-                print(f"sampler_table: {pool.workers} sampling actor(s) for every row, started in "
-                      f"{pool.actors_startup_s:.1f} s")
-            summary = sample_shards(row_cfg, ckpt_dir, Path(tmp) / name, pool=pool)
-            if summary["seeds"][0] != seeds[0]:
-                raise StageError(f"sampler_table: row {name} sampled seeds from {summary['seeds'][0]}, not {seeds[0]}")
-            wall = summary["wall_s"]  # the actors were started before the first row: no start-up in any row
-            sampling = summary.get("sampling_s") or wall  # inside the actors, per actor: no grid, no scheduling
-            got: dict[str, Any] = {}
-            ev = score_samples(row_cfg, data_dir, Path(tmp) / name, classifier_path, ref_dir, Path(tmp) / f"{name}.json",
-                               features=got)
-            feats[name] = got["generated"]
-            ref_stats = {"mu": got["mu"], "sigma": got["sigma"]}
-            scores = {k: ev[k] for k in METRICS if isinstance(ev.get(k), (int, float))}
-            spacing = None if spec["sampler"] == "ddpm" else cfg.sample.timestep_spacing
-            rows.append({**spec, "timestep_spacing": spacing, **scores, "sampling_s": round(sampling, 2),
-                         "wall_s": round(wall, 2),
-                         "images_per_s": round(summary["count"] / sampling, 2) if sampling > 0 else None})
-            print(f"sampler_table: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-                  + f", sampling {sampling:.1f} s ({wall:.1f} s wall)")
+    with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp:
+        rows, feats, ref, pool = sample_and_score(cfg, ckpt, extractor, which, Path(tmp), data, ref_dir)
     if st.bootstrap and cfg.evaluate.fid:
-        noise(rows, paired_bootstrap(feats, ref_stats["mu"], ref_stats["sigma"], st.bootstrap, st.seed))
-    verdict = answer(rows, st.tolerance) if cfg.evaluate.fid else None
-    floor = {k: v for k, v in ev["floor"].items() if k in (*METRICS, "num_holdout", "kid_subset_size")}
-    ckpt = Path(summary["checkpoint"])
+        noise(rows, paired_bootstrap(feats, ref.mu, ref.sigma, st.bootstrap, st.seed))
+    floor = floor_metrics(cfg, data, extractor, ref, st.num_samples, which)
     result = {
         "enabled": True,
         "rows": rows,
-        "answer": verdict,
-        "floor": floor,
+        "answer": answer(rows, st.tolerance) if cfg.evaluate.fid else None,
+        "floor": {k: v for k, v in floor.items() if k in (*METRICS, "num_holdout", "kid_subset_size")},
         "num_samples": st.num_samples,
-        "seeds": [seeds[0], seeds[-1]],
+        "seeds": [st.seed, st.seed + st.num_samples - 1],
         "bootstrap": st.bootstrap,
         "timestep_spacing": cfg.sample.timestep_spacing,
         "checkpoint": str(ckpt),
-        "checkpoint_step": int(ckpt.stem.split("_")[1]),
+        "checkpoint_step": checkpoint_step(ckpt),
         "use_ema": cfg.sample.use_ema,
-        "feature_extractor": ev["feature_extractor"],
-        "reference_key": ev.get("reference_key"),
-        "num_reference": ev.get("num_reference"),
-        "kid_subset_size": ev.get("kid_subset_size"),
+        "feature_extractor": extractor.name,
+        "reference_key": Path(ref.path).stem,
+        "num_reference": ref.provenance.get("num_images"),
+        "kid_subset_size": cfg.evaluate.kid_subset_size if cfg.evaluate.kid else None,
         "device": f"{pool.workers} Ray sampling actor(s) of the sample stage",
         "actors_startup_s": round(pool.actors_startup_s, 2),
     }
@@ -312,7 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="JSON to write, e.g. metrics/sampler_table.json")
     p.add_argument("--markdown", required=True, help="markdown table to write, e.g. metrics/sampler_table.md")
     args = p.parse_args(argv)
-    cfg = stage_config(args)
+    cfg = load_config(args.params, args.overrides)
+    check_for_dvc_stage(cfg)  # under `dvc repro`: the inputs of this stage and the later ones, before any compute
     result = run(cfg, args.checkpoints, args.data, args.classifier, args.ref_dir, args.out, args.markdown)
     after_stage("sampler_table", cfg, sampler_table=args.out, sampler_table_md=args.markdown)
     return result

@@ -17,12 +17,14 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ddpm.checkpoint import (
+    atomic_write_bytes,
     checkpoint_path,
     list_checkpoints,
     load_latest,
@@ -32,29 +34,21 @@ from ddpm.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tasks.lib.config import Config, from_dict, write_resolved
 from ddpm.ema import EMA
 from ddpm.perf import make_adam, prepare_model
 from ddpm.pretrained import build_diffusion
 from ddpm.unet import UNet
+from tasks.lib.config import Config, load_config, write_resolved
 
 from .lib.callbacks import CallbackList, TrainCallback, train_callbacks
-from .lib.common import (
-    StageError,
-    absolute,
-    atomic_write_bytes,
-    check_local_gpus,
-    check_writable,
-    ensure_ray,
-    gpus_needed,
-    read_json,
-    run_cli,
-    stage_parser,
-    write_json,
-)
-from .lib.inputs import stage_config
-from .lib.runkey import run_key
+from .lib.cli import run_cli, stage_parser
+from .lib.cluster import ensure_ray
+from .lib.errors import StageError
+from .lib.files import absolute, check_writable, read_json, write_json
+from .lib.inputs import check_for_dvc_stage
+from .lib.runkey import run_key, run_name
 from .lib.shards import TrainStream, is_url, open_dataset, ray_dataset, ray_epoch
+from .lib.workers import WorkerPlan, check_local_gpus, plan_workers
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -146,23 +140,39 @@ def _set_aside_incompatible(ckpt_dir: Path, key: dict[str, Any], say) -> None:
         p.unlink()
 
 
-def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    """The body each Ray Train worker runs. ``loop_cfg`` carries the resolved params and absolute paths."""
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker's training loop needs, handed to the Ray Train workers as it is (Ray pickles it, the frozen
+    config included): the params, absolute paths (workers change directory) and rank 0's callbacks."""
+
+    cfg: Config
+    data: str  # the dataset folder or URL
+    checkpoints: Path
+    log: Path
+    data_sha256: str
+    run_key: dict[str, Any]
+    callbacks: CallbackList
+    threads: int = 1  # intra-op threads of each worker
+    ray_data: bool = False  # train.loader ray-data: the batches come from Ray Train's dataset shard
+
+
+def train_loop_per_worker(config: dict[str, TrainJob]) -> None:
+    """The body each Ray Train worker runs; ``config["job"]`` is the :class:`TrainJob`."""
     import ray.train
     import ray.train.torch
 
-    ctx = ray.train.get_context()
+    job, ctx = config["job"], ray.train.get_context()
     try:
-        train_loop(loop_cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+        train_loop(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                    wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False), report=ray.train.report)
     except StageError as e:
         print(f"error: {e}")
-        write_json(Path(loop_cfg["checkpoints"]) / FAILURE_FILE,
+        write_json(job.checkpoints / FAILURE_FILE,
                    {"type": type(e).__name__, "message": str(e), "rank": ctx.get_world_rank()})
 
 
 def train_loop(
-    loop_cfg: dict[str, Any],
+    job: TrainJob,
     rank: int = 0,
     world: int = 1,
     device: torch.device | str = "cpu",
@@ -171,10 +181,10 @@ def train_loop(
 ) -> None:
     """One flat training loop (Algorithm 1). Under Ray, ``wrap`` is DDP and ``report`` Ray's; alone (rank 0 of
     1, e.g. for benchmarks) it is the same loop in this process."""
-    cfg = from_dict(loop_cfg["params"])
+    cfg = job.cfg
     tc = cfg.train
-    ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
-    torch.set_num_threads(max(1, int(loop_cfg["threads_per_worker"])))
+    ckpt_dir, log_path = job.checkpoints, job.log
+    torch.set_num_threads(max(1, job.threads))
     device = torch.device(device)
     is_main = rank == 0
 
@@ -184,13 +194,13 @@ def train_loop(
 
     # The training split streams from its shards: this worker's disjoint part of each epoch, shuffled, read ahead
     # by a thread, uint8 until it reaches the device (tasks/lib/shards.py TrainStream).
-    split = open_dataset(loop_cfg["data"]).train
+    split = open_dataset(job.data).train
     if len(split) < tc.batch_size:
         raise StageError(f"train.batch_size: {tc.batch_size} exceeds the {len(split)} training images")
     buffer_rows = (tc.shuffle_buffer_mb << 20) // math.prod(split.shape)
     stream = TrainStream(split, local_batch, rank, world, tc.seed, buffer_rows)
     steps_per_epoch = stream.steps_per_epoch
-    if loop_cfg.get("ray_data"):  # train.loader ray-data: Ray Data reads the shards, Ray Train hands out parts
+    if job.ray_data:  # train.loader ray-data: Ray Data reads the shards, Ray Train hands out parts
         import ray.train
 
         data_shard = ray.train.get_dataset_shard("train")
@@ -229,7 +239,7 @@ def train_loop(
             print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
     ddp_model = prepare_model(wrap(model), compile=tc.compile)
     # Rank 0 reports to the trackers' callbacks (tasks/lib/callbacks.py), which travelled here from the driver.
-    callbacks: CallbackList = (loop_cfg.get("callbacks") if is_main else None) or CallbackList([])
+    callbacks: CallbackList = job.callbacks if is_main else CallbackList([])
     callbacks.on_train_start(cfg, step, rows)
     if step == 0:  # the initial weights, before any update
         callbacks.on_step_end(0, ema.module, diffusion)
@@ -241,7 +251,7 @@ def train_loop(
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "step": at_step, "rng": rng_state(),
             "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
-                       "params": cfg.to_dict(), "data_sha256": loop_cfg["data_sha256"]},
+                       "params": cfg.to_dict(), "data_sha256": job.data_sha256},
         })
         write_loss_log(log_path, rows)
         prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
@@ -316,9 +326,9 @@ def train_loop(
     report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
 
 
-def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
+def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[TrainCallback]] = None) -> TrainJob:
     """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config, start
-    the callbacks (``None``: the installed trackers'); return the loop's config (absolute paths: Ray workers change
+    the callbacks (``None``: the installed trackers'); return the workers' job (absolute paths: Ray workers change
     directory)."""
     # A dataset may be a URL (s3://...: its shards are read in place, tasks/lib/shards.py).
     data_dir = str(data_dir) if is_url(data_dir) else absolute(data_dir)
@@ -341,22 +351,21 @@ def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[
         print(f"already trained: {done[-1][1].name} reaches train.steps={cfg.train.steps}")
     cbs = train_callbacks(cfg) if callbacks is None else CallbackList(callbacks)
     cbs.on_fit_start(cfg, ds_meta["sha256"], not done)
-    return {"params": cfg.to_dict(), "data": str(data_dir), "checkpoints": str(ckpt_dir), "log": str(log_path),
-            "data_sha256": ds_meta["sha256"], "run_key": key, "callbacks": cbs}
+    return TrainJob(cfg, str(data_dir), ckpt_dir, log_path, ds_meta["sha256"], key, cbs)
 
 
 def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] = None,
-              device: str = "cpu", callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
+              device: str = "cpu", callbacks: Optional[list[TrainCallback]] = None) -> TrainJob:
     """The same loop in this process, without Ray (benchmarks, debugging; the shards loader whatever
-    ``train.loader`` says). Returns the loop config."""
-    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
+    ``train.loader`` says). Returns the job it ran."""
+    job = replace(prepare(cfg, data_dir, ckpt_dir, log_path, callbacks), threads=threads or torch.get_num_threads())
     try:
-        train_loop({**loop_cfg, "threads_per_worker": threads or torch.get_num_threads()}, device=device)
+        train_loop(job, device=device)
     except BaseException:
-        loop_cfg["callbacks"].on_fit_end(False)
+        job.callbacks.on_fit_end(False)
         raise
-    loop_cfg["callbacks"].on_fit_end(True)
-    return loop_cfg
+    job.callbacks.on_fit_end(True)
+    return job
 
 
 def _raise_worker_failure(ckpt_dir: Path) -> None:
@@ -406,6 +415,53 @@ def trainer_class(state_api: bool):
     return TrainerWithoutCleaner
 
 
+def make_trainer(job: TrainJob, plan: WorkerPlan):
+    """Ray Train's trainer of ``job`` over the workers of ``plan``, named by the run key (a rerun resumes it), and
+    its DDP backend."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    cfg = job.cfg
+    # NCCL refuses two ranks on one GPU: workers that share one (gpus_per_worker < 1) all-reduce over gloo.
+    backend = "nccl" if plan.use_gpu and plan.gpus == 1 else "gloo"
+    datasets = {"train": ray_dataset(open_dataset(job.data).train)} if cfg.train.loader == "ray-data" else {}
+    trainer = trainer_class(state_api_available())(
+        train_loop_per_worker,
+        train_loop_config={"job": replace(job, threads=plan.threads, ray_data=bool(datasets))},
+        datasets=datasets or None,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker=plan.resources),
+        run_config=RunConfig(
+            name=run_name(job.run_key),
+            storage_path=str(absolute(cfg.ray.storage)),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    return trainer, backend
+
+
+def fit(job: TrainJob, trainer) -> float:
+    """Run the trainer; raise the user error a worker met (not Ray's wrapping of it). Returns the fit's seconds."""
+    t1 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        job.callbacks.on_fit_end(False)
+        _raise_worker_failure(job.checkpoints)
+        raise _user_error_from(e) from None
+    t_fit = time.perf_counter() - t1
+    try:
+        _raise_worker_failure(job.checkpoints)
+        if result.error is not None:
+            raise _user_error_from(result.error)
+    except StageError:
+        job.callbacks.on_fit_end(False)
+        raise
+    job.callbacks.on_fit_end(True)
+    return t_fit
+
+
 def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None,
         callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
@@ -418,103 +474,43 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     if metrics_path:
         check_writable(Path(metrics_path).parent)
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
-    loop_cfg = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
-    ckpt_dir, log_path = Path(loop_cfg["checkpoints"]), Path(loop_cfg["log"])
-    key, cbs = loop_cfg["run_key"], loop_cfg["callbacks"]
-    start_step = ([0] + [s for s, _ in list_checkpoints(ckpt_dir)])[-1]  # where the workers resume
+    job = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
+    start_step = ([0] + [s for s, _ in list_checkpoints(job.checkpoints)])[-1]  # where the workers resume
 
     t0 = time.perf_counter()
     how = ensure_ray(cfg)
     t_ray = time.perf_counter() - t0
-    total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    use_gpu = cfg.train.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    workers = cfg.train.num_workers
-    cpus_per_worker = max(1, total_cpus // workers) if not use_gpu else 1
-    if cfg.train.loader == "ray-data" and not use_gpu:
-        # Ray Data's tasks (listing and reading the shards) need a CPU the training workers do not hold: Ray Train
-        # leaves Ray Data only what the trainer did not reserve, and with every CPU reserved the read never starts.
-        cpus_per_worker = max(1, total_cpus - 1) / workers if total_cpus > 1 else 0.5
-    if not use_gpu and workers > total_cpus:
-        raise StageError(f"train.num_workers: {workers} workers need {workers} CPUs, the Ray cluster has {total_cpus}")
-    total_gpus = int(ray.cluster_resources().get("GPU", 0))
-    gpus_per_worker = cfg.train.gpus_per_worker if use_gpu else 0.0
-    need = gpus_needed(workers, gpus_per_worker)
-    if use_gpu and need > total_gpus:
-        raise StageError(f"train.num_workers: {workers} GPU workers of {gpus_per_worker:g} GPU each need {need} "
-                         f"GPUs, the Ray cluster has {total_gpus}; lower train.num_workers or set train.use_gpu: auto")
-    # NCCL refuses two ranks on one GPU: workers that share one (gpus_per_worker < 1) all-reduce over gloo.
-    backend = "nccl" if use_gpu and gpus_per_worker == 1 else "gloo"
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
-
-    each = f"{gpus_per_worker:g} GPU" if use_gpu else f"{cpus_per_worker:g} CPU(s)"
-    print(f"train: {workers} Ray Train worker(s), each {each}, DDP over {backend}, {cfg.train.steps:,} steps of "
-          f"batch {cfg.train.batch_size}; {how}", flush=True)
-    datasets = {}
-    if cfg.train.loader == "ray-data":
-        datasets["train"] = ray_dataset(open_dataset(loop_cfg["data"]).train)
-    trainer = trainer_class(state_api_available())(
-        train_loop_per_worker,
-        train_loop_config={**loop_cfg, "threads_per_worker": max(1, int(cpus_per_worker)),
-                           "ray_data": bool(datasets)},
-        datasets=datasets or None,
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu), resources_per_worker=resources),
-        run_config=RunConfig(
-            name=f"train-{key_digest(key)}",
-            storage_path=str(absolute(cfg.ray.storage)),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
-    t1 = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        cbs.on_fit_end(False)
-        _raise_worker_failure(ckpt_dir)
-        raise _user_error_from(e) from None
-    t_fit = time.perf_counter() - t1
-    try:
-        _raise_worker_failure(ckpt_dir)
-    except StageError:
-        cbs.on_fit_end(False)
-        raise
-    rows = read_loss_log(log_path, cfg.train.steps)
+    t = cfg.train
+    # Ray Data's tasks (listing and reading the shards) need a CPU the training workers do not hold: Ray Train
+    # leaves Ray Data only what the trainer did not reserve, and with every CPU reserved the read never starts.
+    plan = plan_workers("train", t.num_workers, t.use_gpu, ray.cluster_resources(),
+                        gpus_per_worker=t.gpus_per_worker, spare_cpu=t.loader == "ray-data")
+    trainer, backend = make_trainer(job, plan)
+    print(f"train: {plan.workers} Ray Train worker(s), each {plan.each()}, DDP over {backend}, {t.steps:,} steps of "
+          f"batch {t.batch_size}; {how}", flush=True)
+    t_fit = fit(job, trainer)
+    rows = read_loss_log(job.log, t.steps)
     this_run = [r for r in rows if int(r["step"]) > start_step]  # a resumed log holds the earlier runs' rows too
-    newest = list_checkpoints(ckpt_dir)[-1:]
+    newest = list_checkpoints(job.checkpoints)[-1:]
     summary = {
         "steps": newest[0][0] if newest else 0,
         "resumed_from_step": start_step,
         "final_loss": float(rows[-1]["loss"]) if rows else None,
         # the first interval holds the first step's one-off costs (compilation, cuDNN's autotuning): left out
         "images_per_s": _median([float(r["images_per_s"]) for r in this_run[1:]] or [0.0]),
-        "num_workers": workers,
-        "use_gpu": bool(use_gpu),
-        "gpus_per_worker": gpus_per_worker,
+        "num_workers": plan.workers,
+        "use_gpu": plan.use_gpu,
+        "gpus_per_worker": plan.gpus,
         "backend": backend,
         "ray": how,
         "ray_startup_s": round(t_ray, 2),
         "fit_wall_s": round(t_fit, 2),
         "checkpoint": str(newest[0][1]) if newest else None,
     }
-    if result.error is not None:
-        cbs.on_fit_end(False)
-        raise _user_error_from(result.error)
-    cbs.on_fit_end(True)
     if metrics_path:
         write_json(metrics_path, summary)
     return summary
-
-
-def key_digest(key: dict[str, Any]) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _median(xs: list[float]) -> float:
@@ -550,7 +546,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--log", default="metrics/train_loss.tsv", help="per-step loss log (TSV)")
     p.add_argument("--metrics", default="metrics/train.json", help="training summary (JSON)")
     args = p.parse_args(argv)
-    cfg = stage_config(args)
+    cfg = load_config(args.params, args.overrides)
+    check_for_dvc_stage(cfg)  # under `dvc repro`: the inputs of this stage and the later ones, before any compute
     summary = run(cfg, args.data, args.checkpoints, args.log, args.metrics)
     print(f"trained to step {summary['steps']}: loss {summary['final_loss']}, {summary['images_per_s']} images/s, "
           f"Ray start-up {summary['ray_startup_s']} s, fit {summary['fit_wall_s']} s -> {summary['checkpoint']}")

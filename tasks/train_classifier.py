@@ -20,19 +20,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tasks.lib.config import Config, write_resolved
+from tasks.lib.config import Config, load_config, write_resolved
 
 from .lib.classifier import Classifier, ClassifierArgs, save_classifier, save_skipped
-from .lib.common import (
-    StageError,
-    check_writable,
-    run_cli,
-    stage_parser,
-    to_model_range,
-    write_json,
-)
+from .lib.cli import run_cli, stage_parser
+from .lib.errors import StageError
+from .lib.files import check_writable, write_json
+from .lib.images import to_model_range
+from .lib.inputs import check_for_dvc_stage, classifier_needed, extractor_for
 from .lib.shards import load_dataset
-from .lib.inputs import classifier_needed, extractor_for, stage_config
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -159,7 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="weights file to write, e.g. models/classifier.pt")
     p.add_argument("--metrics", required=True, help="metrics JSON to write, e.g. metrics/classifier.json")
     args = p.parse_args(argv)
-    cfg = stage_config(args)
+    cfg = load_config(args.params, args.overrides)
+    check_for_dvc_stage(cfg)  # under `dvc repro`: the inputs of this stage and the later ones, before any compute
     return run(cfg, args.data, args.out, args.metrics)
 
 

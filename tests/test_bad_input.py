@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from tasks import evaluate, fetch, sample, train, train_classifier
-from tasks.lib.common import run_cli, write_npz
+from tasks.lib.cli import run_cli
+from tasks.lib.files import write_npz
 
 STAGES = {"fetch": fetch, "train": train, "sample": sample, "evaluate": evaluate,
           "train_classifier": train_classifier}

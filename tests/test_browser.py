@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from tasks import train
-from tasks.lib.common import grid_image, write_npz
+from tasks.lib.images import grid_image
+from tasks.lib.files import write_npz
 from tools.browser import Browser, BrowserError, chromium_path
 from tracking import outputs, training
 from tracking import run as tracking

@@ -213,12 +213,31 @@ def test_round_trips_through_json(tiny_config, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]
 
 
-def test_section_hash_depends_on_its_sections_only(tiny_config):
-    a = tiny_config()
-    b = tiny_config({"sample.eta": 0.3})
-    assert a.section_hash("model", "diffusion") == b.section_hash("model", "diffusion")
-    assert a.section_hash("sample") != b.section_hash("sample")
-    assert len(a.section_hash("train")) == 64
+def test_override_validates_and_leaves_the_original_as_it_was(tiny_config):
+    """An in-memory variant of a config (the sampler table's rows): the cross checks run again, errors name the key,
+    the unchanged sections are the same objects."""
+    from tasks.lib.config import override
+
+    cfg = tiny_config()
+    row = override(cfg, {"sample.sampler": "ddpm", "sample.num_samples": 12, "evaluate.repeats": 1})
+    assert (row.sample.sampler, row.sample.num_samples) == ("ddpm", 12) and cfg.sample.sampler == "ddim"
+    assert row.model is cfg.model and row.train is cfg.train
+    assert row == tiny_config({"sample.sampler": "ddpm", "sample.num_samples": 12})
+    with pytest.raises(ConfigError, match=r"^evaluate.kid_subset_size: 10 exceeds sample.num_samples 5"):
+        override(cfg, {"sample.num_samples": 5})
+    with pytest.raises(ConfigError, match=r"^sample.steps: input should be greater than 0, got -1"):
+        override(cfg, ["sample.steps=-1"])
+    with pytest.raises(ConfigError, match="unknown key; known keys of sample"):
+        override(cfg, {"sample.stepz": 3})
+
+
+def test_the_config_crosses_to_workers_as_itself(tiny_config):
+    """Ray pickles the frozen Config to its workers: what arrives equals what was sent, no dict in between."""
+    import pickle
+
+    cfg = tiny_config({"train.lr": 3e-4})
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and type(again.train) is type(cfg.train) and again.train.lr == 3e-4
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,10 @@ from tasks import evaluate, fetch, train_classifier
 from tasks.lib import refstats, scoring
 from tasks.lib.classifier import ClassifierFeatureExtractor, load_classifier
 from tasks.lib.shards import load_dataset, write_dataset
-from tasks.lib.common import Split, StageError, sha256_file, to_model_range, write_json, write_npz
+from tasks.lib.shards import Split
+from tasks.lib.errors import StageError
+from tasks.lib.files import sha256_file, write_json, write_npz
+from tasks.lib.images import to_model_range
 
 
 def write_samples(folder: Path, images: np.ndarray, shard_size: int = 128) -> Path:

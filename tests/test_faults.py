@@ -24,7 +24,9 @@ import yaml
 from ddpm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from tasks.lib.config import from_dict
 from tasks import fetch, train
-from tasks.lib.common import StageError, load_samples, sha256_arrays, sha256_file, shard_paths
+from tasks.lib.errors import StageError
+from tasks.lib.samples import load_samples, shard_paths
+from tasks.lib.files import sha256_arrays, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,7 +249,7 @@ def test_exploding_loss_under_ray_is_one_line_and_not_retried(tmp_path, tiny_par
 # -- 6: every output is written atomically -------------------------------------------------------------------------
 _WRITER = """
 import sys, time
-from tasks.lib.common import write_json, write_npz
+from tasks.lib.files import write_json, write_npz
 from ddpm.checkpoint import atomic_write_bytes
 path = sys.argv[1]
 def slow(f):

@@ -22,7 +22,8 @@ from tasks import fetch
 from tasks.lib import datasets
 from tasks.lib import shards
 from tasks.lib.shards import load_dataset
-from tasks.lib.common import DataError, Split
+from tasks.lib.errors import DataError
+from tasks.lib.shards import Split
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

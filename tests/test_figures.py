@@ -91,7 +91,7 @@ def test_figures_on_the_tiny_config(tiny_config, tiny_trained, tmp_path):
 
 
 def test_figures_bad_inputs_are_one_line(tiny_config, tiny_trained, tmp_path, capsys):
-    from tasks.lib.common import DataError
+    from tasks.lib.errors import DataError
 
     bad = tmp_path / "loss.tsv"
     bad.write_text("step\tloss\n1\tnot-a-number\n")
@@ -103,7 +103,7 @@ def test_figures_bad_inputs_are_one_line(tiny_config, tiny_trained, tmp_path, ca
     params = tmp_path / "params.yaml"
     params.write_text("figures:\n  frames: 1\n")
     with pytest.raises(SystemExit) as e:
-        from tasks.lib.common import run_cli
+        from tasks.lib.cli import run_cli
 
         run_cli(figures.main, ["--params", str(params), "--out", str(tmp_path / "g")])
     assert e.value.code == 2

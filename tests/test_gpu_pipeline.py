@@ -158,7 +158,8 @@ def test_gpus_per_worker_is_a_share_of_one_gpu(tiny_config):
 
 
 def test_workers_sharing_a_gpu_ask_for_their_share_of_it(tiny_config, monkeypatch):
-    from tasks.lib.common import StageError, check_local_gpus
+    from tasks.lib.errors import StageError
+    from tasks.lib.workers import check_local_gpus
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

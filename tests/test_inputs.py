@@ -17,7 +17,7 @@ from conftest import REPO
 from tasks import train_classifier
 from tasks.lib import inputs
 from tasks.lib.classifier import load_classifier
-from tasks.lib.common import DataError
+from tasks.lib.errors import DataError
 from test_fetch import make_cifar
 
 from ddpm.checkpoint import CheckpointError

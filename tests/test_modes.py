@@ -190,7 +190,7 @@ def test_inpainting_the_bottom_half_of_held_out_digits_keeps_their_class(digits_
     (Measured: 60% here; 76% is the ceiling, the label of the training digit with the nearest top half.)"""
     from tasks.lib.classifier import load_classifier
     from tasks.lib.shards import load_dataset
-    from tasks.lib.common import to_model_range
+    from tasks.lib.images import to_model_range
 
     ds = load_dataset(digits_and_classifier["data"])
     net, _ = load_classifier(digits_and_classifier["weights"])
@@ -242,14 +242,14 @@ def _fake_checkpoint(tiny_config, path, tiny_unet) -> None:
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
 def test_shard_sampler_modes(tiny_config, tmp_path, tiny_unet, mode):
-    from tasks.lib.common import to_model_range
+    from tasks.lib.images import to_model_range
     from tasks.lib.sampling import ShardSampler
 
     ckpt = tmp_path / "ckpt_00000006.pt"
     _fake_checkpoint(tiny_config, ckpt, tiny_unet)
     inputs = ((images(5).numpy() + 1) * 127.5).round().astype(np.uint8)
     over = {"sample.mode": mode, "sample.strength": 0.0, "sample.batch_size": 2}
-    s = ShardSampler(str(ckpt), tiny_config(over).to_dict(), "cpu", 1)
+    s = ShardSampler(str(ckpt), tiny_config(over).sample, "cpu", 1)
     out = s.sample([0, 1, 2, 3, 4], inputs)
     assert out.dtype == np.uint8 and out.shape == (5, *SHAPE)
     if mode == "img2img":  # strength 0: the inputs themselves
@@ -266,18 +266,21 @@ def test_sampling_key_depends_on_the_mode_and_its_inputs(tiny_config, tmp_path, 
 
     ckpt = tmp_path / "ckpt_00000006.pt"
     _fake_checkpoint(tiny_config, ckpt, tiny_unet)
-    gen = sampling_key(tiny_config(), ckpt, 6)
+    def key(over, inputs=None):
+        return sampling_key(tiny_config(over).sample, ckpt, inputs)
+
+    gen = key({})
     # generate ignores the other modes' settings: shards of earlier runs stay valid
-    assert sampling_key(tiny_config({"sample.strength": 0.9, "sample.mask": "center"}), ckpt, 6) == gen
-    a = sampling_key(tiny_config({"sample.mode": "img2img"}), ckpt, 6, "sha-a")
-    assert len({gen, a, sampling_key(tiny_config({"sample.mode": "img2img"}), ckpt, 6, "sha-b"),
-                sampling_key(tiny_config({"sample.mode": "img2img", "sample.strength": 0.3}), ckpt, 6, "sha-a"),
-                sampling_key(tiny_config({"sample.mode": "inpaint"}), ckpt, 6, "sha-a")}) == 5
+    assert key({"sample.strength": 0.9, "sample.mask": "center"}) == gen
+    a = key({"sample.mode": "img2img"}, "sha-a")
+    assert len({gen, a, key({"sample.mode": "img2img"}, "sha-b"),
+                key({"sample.mode": "img2img", "sample.strength": 0.3}, "sha-a"),
+                key({"sample.mode": "inpaint"}, "sha-a")}) == 5
 
 
 def test_sample_stage_modes_need_the_dataset(tiny_config, tmp_path):
-    from tasks.lib.common import StageError
-    from tasks.lib.sampling import input_images
+    from tasks.lib.errors import StageError
+    from tasks.sample import input_images
 
     assert input_images(tiny_config(), None) == (None, None)
     with pytest.raises(StageError, match="--data"):

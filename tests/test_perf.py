@@ -135,8 +135,8 @@ def test_train_loop_and_shard_sampler_with_switches_match_the_default(tmp_path, 
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-4)
 
     seeds = list(range(8))
-    a = ShardSampler(str(newest_checkpoint(ckpt_a)), cfg.to_dict(), "cpu", 1).sample(seeds)
-    cl = tiny_config({"sample.channels_last": True}).to_dict()
+    a = ShardSampler(str(newest_checkpoint(ckpt_a)), cfg.sample, "cpu", 1).sample(seeds)
+    cl = tiny_config({"sample.channels_last": True}).sample
     b = ShardSampler(str(newest_checkpoint(ckpt_a)), cl, "cpu", 1).sample(seeds)
     assert a.shape == (8, 1, 8, 8) and a.dtype == np.uint8 and a.std() > 1
     # uint8 images: float round-off may move a pixel across a rounding boundary, by one level at most
@@ -170,11 +170,11 @@ def test_autocast_wrapper_returns_float32_close_to_the_fp32_network():
     assert torch.allclose(also_bf16_weights.float(), want, atol=0.05 * want.abs().max().item())
 
 
-def test_sample_precision_keys_shards_only_when_not_fp32(tmp_path, tiny_config):
+def test_sample_precision_is_part_of_the_shards_key(tmp_path, tiny_config):
     from tasks.lib.sampling import sampling_key
 
     ckpt = tmp_path / "ckpt_00000001.pt"
     ckpt.write_bytes(b"weights")
-    fp32 = sampling_key(tiny_config(), ckpt, 1)
-    assert sampling_key(tiny_config({"sample.precision": "fp32"}), ckpt, 1) == fp32
-    assert sampling_key(tiny_config({"sample.precision": "bf16"}), ckpt, 1) != fp32
+    fp32 = sampling_key(tiny_config().sample, ckpt)
+    assert sampling_key(tiny_config({"sample.precision": "fp32"}).sample, ckpt) == fp32
+    assert sampling_key(tiny_config({"sample.precision": "bf16"}).sample, ckpt) != fp32

@@ -13,7 +13,7 @@ from conftest import ACROSS_BATCHES_UINT8_FRACTION, ACROSS_BATCHES_UINT8_LEVELS
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from tasks import fetch, sample, train
 from tasks.lib import sampling
-from tasks.lib.common import load_samples, shard_paths
+from tasks.lib.samples import load_samples, shard_paths
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_sample_stage_images_do_not_depend_on_the_number_of_actors(tiny_config, 
 def test_one_sampler_pool_samples_several_settings_as_separate_pools_would(tiny_config, tiny_trained, tmp_path,
                                                                             ray_local):
     """The sampler table's rows share one set of actors (tasks.lib.sampling.SamplerPool): each setting's shards are the
-    bytes its own sample_shards call (its own actors) writes, and a pool refuses settings its networks cannot serve."""
+    bytes the sample stage (its own actors) writes for it, and a pool refuses settings its networks cannot serve."""
     ckpts = tiny_trained / "checkpoints"
     settings = {"ddim5": {"sample.sampler": "ddim", "sample.steps": 5, "sample.eta": 0.0},
                 "ddim3": {"sample.sampler": "ddim", "sample.steps": 3, "sample.eta": 1.0},
@@ -129,18 +129,24 @@ def test_one_sampler_pool_samples_several_settings_as_separate_pools_would(tiny_
     cfgs = {k: _cfg(tiny_config, tmp_path, **{**v, "sample.num_workers": 2, "sample.num_samples": 12,
                                               "sample.shard_size": 4}) for k, v in settings.items()}
     ckpt = sampling.newest_checkpoint(ckpts)
+    shared: dict[str, dict[str, str]] = {}
     with sampling.SamplerPool(cfgs["ddim5"], ckpt, jobs=3) as pool:
         assert pool.workers == 2 and pool.actors_startup_s > 0
-        shared = {k: sampling.sample_shards(cfg, ckpts, tmp_path / f"pool_{k}", pool=pool) for k, cfg in cfgs.items()}
+        for k, cfg in cfgs.items():
+            s = cfg.sample
+            todo = list(enumerate(sampling.plan_shards(s.num_samples, s.shard_size, s.seed)))
+            (tmp_path / f"pool_{k}").mkdir()
+            jobs = pool.write_shards(s, tmp_path / f"pool_{k}", todo, sampling.sampling_key(s, ckpt))
+            shared[k] = {name: sha for name, sha, _, _ in jobs}
         with pytest.raises(ValueError, match="sample.use_ema"):
-            sampling.sample_shards(_cfg(tiny_config, tmp_path, **{"sample.use_ema": False}), ckpts, tmp_path / "x",
-                                   pool=pool)
+            pool.write_shards(_cfg(tiny_config, tmp_path, **{"sample.use_ema": False}).sample, tmp_path / "x", todo,
+                              "key")
     assert pool.actors == []  # killed when the block ends
     images = {}
     for k, cfg in cfgs.items():
-        alone = sampling.sample_shards(cfg, ckpts, tmp_path / f"alone_{k}")
-        assert alone["ray_startup_s"] >= 0 and shared[k]["ray_startup_s"] == 0.0  # the pool paid that once
-        assert shared[k]["shards"] == alone["shards"], k  # content hashes of every shard
+        alone = sample.run(cfg, ckpts, tmp_path / f"alone_{k}")
+        assert alone["workers"] == 2  # its own actors
+        assert shared[k] == alone["shards"], k  # content hashes of every shard
         images[k] = load_samples(tmp_path / f"pool_{k}")[0]
         assert np.array_equal(images[k], load_samples(tmp_path / f"alone_{k}")[0]), k
     # three settings, three different sets of images (the actors did switch settings)

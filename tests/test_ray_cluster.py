@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.lib.common import load_samples
+from tasks.lib.samples import load_samples
 from conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tasks.lib import refstats
-from tasks.lib.common import StageError, sha256_file, write_json
+from tasks.lib.errors import StageError
+from tasks.lib.files import sha256_file, write_json
 
 WANT = {"dataset": "digits", "dataset_sha256": "a" * 64, "split": "train", "image_shape": [1, 8, 8],
         "feature_extractor": "ddpm-classifier", "feature_extractor_weights_sha256": "b" * 64,

@@ -1,4 +1,4 @@
-"""The samples are read one shard at a time (tasks.lib.common.SampleShards): the same images in the same seed order
+"""The samples are read one shard at a time (tasks.lib.samples.SampleShards): the same images in the same seed order
 as the whole folder in memory (load_samples), each shard loaded once by a reader in seed order, a broken shard
 named."""
 
@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.lib.common import DataError, SampleShards, load_samples, write_npz
+from tasks.lib.errors import DataError
+from tasks.lib.samples import SampleShards, load_samples
+from tasks.lib.files import write_npz
 from tasks.lib.scoring import UInt8Images
 
 

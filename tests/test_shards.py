@@ -14,7 +14,9 @@ from PIL import Image
 
 from tasks import fetch
 from tasks.lib import refstats, shards
-from tasks.lib.common import DataError, Split, write_json, write_npz
+from tasks.lib.errors import DataError
+from tasks.lib.shards import Split
+from tasks.lib.files import write_json, write_npz
 from tasks.lib.shards import TrainStream, open_dataset, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +204,7 @@ def test_training_reads_a_dataset_url_in_place(tiny_config, tmp_path):
     cfg = tiny_config({**NO_ATTN, "train.steps": 3, "train.batch_size": 16, "train.checkpoint_every": 3})
     fetch.run(cfg, tmp_path / "ds")
     loop = train.run_local(cfg, (tmp_path / "ds").resolve().as_uri(), tmp_path / "ck", tmp_path / "l.tsv", threads=1)
-    assert loop["data"].startswith("file:///") and (tmp_path / "ck" / "ckpt_00000003.pt").is_file()
+    assert loop.data.startswith("file:///") and (tmp_path / "ck" / "ckpt_00000003.pt").is_file()
 
 
 @pytest.mark.slow

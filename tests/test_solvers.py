@@ -1,5 +1,5 @@
 """The multistep solvers (ddpm/solvers.py): the diffusers adapter proven on DDIMScheduler, per-sample seeds, timestep
-spacings, img2img and inpainting with a solver, and the noise of a FID (tasks/lib/scoring.py)."""
+spacings, img2img and inpainting with a solver, and the noise of a FID (tasks/sampler_table.py)."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_inpaint_refuses_a_solver_and_keeps_ddim_spacing(tiny_unet):
 def test_frechet_distance_matches_torch_fidelity_and_the_bootstrap_is_paired():
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
-    from tasks.lib.scoring import FrechetDistance, paired_bootstrap
+    from tasks.sampler_table import FrechetDistance, paired_bootstrap
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))

@@ -90,7 +90,8 @@ def log_samples(cfg: Config, summary: dict[str, Any], out_dir: os.PathLike | str
 def _final_strip(cfg: Config, out_dir: Path) -> Optional[np.ndarray]:
     """The samples of the training strips' seeds (``sample.grid_seed`` .. +``tracking.grid_samples``-1; the first
     samples when the shards lack them) as a card strip; None without samples."""
-    from tasks.lib.common import DataError, SampleShards, seed_positions
+    from tasks.lib.errors import DataError
+    from tasks.lib.samples import SampleShards, seed_positions
 
     try:
         samples = SampleShards(out_dir)

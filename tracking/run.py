@@ -19,9 +19,9 @@ is logged after them (tracking/outputs.py), by the stage's command line or, unde
 **Failures** of tracking (server unreachable, database locked, artifact store full) never fail a stage: they print
 one warning and tracking is off for the rest of that stage.
 
-What a run holds: params (the whole resolved params.yaml, dotted keys, logged when the run is created); tags
-``params_hash``, ``dataset_sha256``, ``mlflow.source.git.commit``, ``prefect_flow_run_id`` (under Prefect),
-``dvc_exp_name`` (under ``dvc exp run`` and the flow), ``latest.<key>`` for a key that changed since the run was
+What a run holds: params (the six fields marked ``shown``, logged when the run is created); tags ``config.<key>``
+(:func:`config_tags`), ``params_hash``, ``dataset_sha256``, ``mlflow.source.git.commit``, ``prefect_flow_run_id``
+(under Prefect), ``dvc_exp_name`` (under ``dvc exp run`` and the flow), ``latest.<key>`` for a key that changed since the run was
 created; the training curves, grids and model (tracking/training.py) and what the stages wrote
 (tracking/outputs.py).
 """
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tasks.lib.config import Config
+from tasks.lib.config import Config, digest
 
 # Offline by design: no usage telemetry (MLflow ignores DO_NOT_TRACK=1, it wants "true").
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -51,34 +51,18 @@ PREFECT_ENV = "DDPM_PREFECT_FLOW_RUN_ID"
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over the project's local store
 COMPARE_QUERY = "workflowType=machine_learning&compareRunsMode=CHART"
 
-# Sections and keys that change where, how fast or how long, or only what is reported, not what is computed:
-# changing them keeps the run.
-_UNHASHED_SECTIONS = ("ray", "tracking", "figures", "sampler_table")
-_SAMPLE_EXECUTION_KEYS = frozenset({"num_workers", "use_gpu", "batch_size"})  # one seed per sample
-_EVALUATE_EXECUTION_KEYS = frozenset({"batch_size"})
 # The rank-0 worker gives up on an unreachable server after a few seconds rather than MLflow's minutes of retries.
 _WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 
 
 # -- identity, place and params ------------------------------------------------------------------------------------
-def _execution_keys(cfg: Config) -> dict[str, frozenset]:
-    from tasks.lib.runkey import resumable_keys
-
-    return {"train": resumable_keys(cfg), "sample": _SAMPLE_EXECUTION_KEYS,
-            "evaluate": _EVALUATE_EXECUTION_KEYS}
-
-
 def params_hash(cfg: Config) -> str:
-    """SHA-256 naming the pipeline run: every section but ``ray`` and ``tracking``, without the keys that only
-    change how long or how fast (``train.steps``, worker counts, batch sizes of sampling and evaluation)."""
-    import hashlib
-
-    d = cfg.to_dict()
-    skip = _execution_keys(cfg)
-    blob = {s: {k: v for k, v in values.items() if k not in skip.get(s, ())}
-            for s, values in d.items() if s not in _UNHASHED_SECTIONS}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    """SHA-256 naming the pipeline run: every result-defining field of the params (their identity marks,
+    :meth:`tasks.lib.config.Config.identity`), so that how long, how many, how fast, where and what the reports show
+    (``train.steps`` under a constant schedule, ``sample.num_samples``, worker counts, batch sizes of sampling and
+    evaluation, the figures) keep the run."""
+    return digest(cfg.identity())
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -90,20 +74,10 @@ def flat_params(cfg: Config) -> dict[str, str]:
 # MLflow 3.17 prints every param of a run, with no cap, on each of its image cards, above the picture; the card's
 # body is 250 px high. Measured in headless chromium (tests/test_browser.py): 23 params (~700 characters) push a
 # training grid out of the card, six short ones leave room for a 4:1 strip (CARD_ASPECT). So the params are the six
-# keys runs are compared by; the other keys that define a result are tags config.<key> (searchable, shown in the
-# run's Overview), like where and on what it ran. The whole resolved config is the artifact config/params.yaml, and
-# a run is found again by its params hash (tag ddpm.params_hash) over every key that changes the result.
-RESULT_PARAMS = ("data.dataset", "model.ch", "train.steps", "train.lr", "sample.sampler", "sample.steps")
-RESULT_TAGS = (
-    "data.image_size", "data.max_train",
-    "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions", "model.dropout",
-    "diffusion.schedule", "diffusion.timesteps", "diffusion.objective",
-    "train.batch_size", "train.lr_schedule", "train.warmup_steps", "train.ema_decay", "train.seed",
-    "sample.eta", "sample.timestep_spacing", "sample.use_ema",
-)
-# Where and on what it ran: tags config.<key>, not params.
-INFRA_TAGS = ("data.root", "train.num_workers", "train.use_gpu", "train.precision", "train.compile", "train.loader",
-              "sample.num_workers", "sample.use_gpu", "sample.precision", "ray.address", "ray.num_cpus")
+# keys runs are compared by (marked ``shown`` where they are declared); the other keys that define a result are tags
+# config.<key> (searchable, shown in the run's Overview), like where and on what it ran (the execution-only fields
+# marked ``tagged``). The whole resolved config is the artifact config/params.yaml, and a run is found again by its
+# params hash (tag ddpm.params_hash) over every key that changes the result.
 # The pictures in image cards: MLflow shows a 256-px-wide thumbnail, and the full picture when the card is clicked.
 CARD_ASPECT = 4.0  # grids logged as strips (16 images: 2 rows of 8), the shape that fits under the params
 CARD_WIDTH = 1024  # px: nearest-neighbour upscaling, so the clicked picture is sharp
@@ -111,21 +85,32 @@ CONFIG_ARTIFACT = "config"  # the artifact folder of params.yaml: the whole reso
 
 
 def result_params(cfg: Config) -> dict[str, str]:
-    """The run's MLflow params: :data:`RESULT_PARAMS` of :func:`flat_params`."""
+    """The run's MLflow params: the fields marked ``shown`` (data.dataset, model.ch, train.steps, train.lr,
+    sample.sampler, sample.steps), as :func:`flat_params` writes them."""
     flat = flat_params(cfg)
-    return {k: flat[k] for k in RESULT_PARAMS if k in flat}
+    return {k: flat[k] for k in _marked(cfg, lambda sec, key: sec.mark(key).get("shown"))}
 
 
 def config_tags(cfg: Config) -> dict[str, str]:
-    """Tags ``config.<key>`` of :data:`RESULT_TAGS` and :data:`INFRA_TAGS`: the rest of what defines the result,
-    and where it ran."""
+    """Tags ``config.<key>``: the rest of what defines the result (result and count fields, under these settings),
+    and where it ran (execution fields marked ``tagged``)."""
     flat = flat_params(cfg)
-    return {f"config.{k}": flat[k] for k in (*RESULT_TAGS, *INFRA_TAGS) if k in flat}
+
+    def tagged(sec, key) -> bool:
+        m = sec.mark(key)
+        return (not m.get("shown") and sec.identity_of(key) in ("result", "count")) or bool(m.get("tagged"))
+
+    return {f"config.{k}": flat[k] for k in _marked(cfg, tagged)}
+
+
+def _marked(cfg: Config, keep) -> list[str]:
+    return [f"{name}.{key}" for name, sec in cfg.sections().items() for key in type(sec).model_fields
+            if keep(sec, key)]
 
 
 def card_image(images) -> Any:
     """uint8 images [N, C, H, W] -> the RGB strip an MLflow image card shows whole (:data:`CARD_ASPECT`)."""
-    from tasks.lib.common import grid_image
+    from tasks.lib.images import grid_image
 
     return grid_image(images, min_side=CARD_WIDTH, aspect=CARD_ASPECT)
 
@@ -336,9 +321,8 @@ def _open_run(cfg: Config, client, uri: str, dataset_sha256: Optional[str], fres
         print(f"tracking: MLflow run {run.info.run_id} ({name}) in experiment "
               f"{cfg.tracking.experiment or cfg.data.dataset!r} at {uri}")
         return run.info.run_id
-    # Params are immutable in MLflow: keys new since the run began are logged, changed values become tags (a run of the
-    # layout before RESULT_PARAMS holds every key as a param: the same subset is compared), and the config artifact
-    # is rewritten.
+    # Params are immutable in MLflow: keys new since the run began are logged, changed values become tags (a run of an
+    # older layout holds every key as a param: the same subset is compared), and the config artifact is rewritten.
     logged = run.data.params
     new = [Param(k, v) for k, v in params.items() if k not in logged]
     changed = [RunTag(f"latest.{k}", v) for k, v in params.items() if k in logged and logged[k] != v]

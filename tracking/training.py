@@ -199,7 +199,7 @@ class MlflowTrainCallback(TrainCallback):
 
         from ddpm.samplers import sample
 
-        from tasks.lib.common import to_uint8
+        from tasks.lib.images import to_uint8
 
         tc = self.cfg.tracking
         seeds = list(range(self.cfg.sample.grid_seed, self.cfg.sample.grid_seed + tc.grid_samples))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Union, get_args
 
 import yaml
-from pydantic import Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator, model_validator
 
 from ddpm.config import (  # noqa: F401  (the library's sections, re-exported: one import for the pipeline)
     ConfigError,
@@ -24,7 +24,11 @@ from ddpm.config import (  # noqa: F401  (the library's sections, re-exported: o
     ModelConfig,
     SamplerConfig,
     SamplerName,
-    _Section,
+    Section,
+    count,
+    execution,
+    report,
+    result,
 )
 from ddpm.unet import UNetConfig, UNetConfigError
 
@@ -35,22 +39,23 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
 NATIVE_SHAPES = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
 
 
-class DataConfig(_Section):
-    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "image-folder"] = "digits"
-    root: str = "data/raw"  # where source files are (or are downloaded to, with download: true)
-    download: StrictBool = False
-    image_size: Optional[int] = Field(default=None, gt=0)  # null: the dataset's native size
-    channels: Optional[Literal[1, 3]] = None  # null: native; image-folder defaults to 3
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)  # for datasets with no official test split
+class DataConfig(Section):
+    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "image-folder"] = result("digits", shown=True)
+    root: str = execution("data/raw", tagged=True)  # where source files are (or are downloaded to, with download: true)
+    download: StrictBool = execution(False)
+    image_size: Optional[int] = result(None, gt=0)  # null: the dataset's native size
+    channels: Optional[Literal[1, 3]] = result(None)  # null: native; image-folder defaults to 3
+    holdout_fraction: float = result(0.2, gt=0, lt=1)  # for datasets with no official test split
     # false: an i.i.d. holdout, so the FID floor carries the class-count noise a sampler's output has
-    stratify_holdout: StrictBool = False
-    max_train: Optional[int] = Field(default=None, gt=0)  # cap the training split (quick experiments)
-    seed: int = 0
+    stratify_holdout: StrictBool = result(False)
+    max_train: Optional[int] = result(None, gt=0)  # cap the training split (quick experiments)
+    seed: int = result(0)
     # image-folder: an unreadable image fails the fetch (error, naming the files) or is left out and counted in
     # dataset.json's "skipped" (skip); never dropped silently
-    bad_images: Literal["error", "skip"] = "error"
-    ingest_workers: Optional[int] = Field(default=None, gt=0)  # image-folder decode processes; null: all cores
-    shard_images: Optional[int] = Field(default=None, gt=0)  # images per Parquet shard; null: about 64 MiB each
+    bad_images: Literal["error", "skip"] = result("error")
+    ingest_workers: Optional[int] = execution(None, gt=0)  # image-folder decode processes; null: all cores
+    # images per Parquet shard (null: about 64 MiB each); the shards' row groups set the order training reads
+    shard_images: Optional[int] = result(None, gt=0)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,37 +66,40 @@ class DataConfig(_Section):
         return (c, s, s)
 
 
-class TrainConfig(_Section):
-    steps: int = Field(default=2000, gt=0)
-    batch_size: int = Field(default=128, gt=0)  # global, split over workers
-    lr: float = Field(default=2e-4, gt=0)
-    warmup_steps: int = Field(default=0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: float = Field(default=1.0, ge=0)  # 0 turns clipping off
-    ema_decay: float = Field(default=0.9999, ge=0, lt=1)
-    random_flip: StrictBool = False
-    seed: int = 0
+class TrainConfig(Section):
+    # A longer run continues a shorter one (its checkpoints resume), except under the cosine schedule, whose decay
+    # is laid over train.steps: there a longer run is another curve from step 0.
+    steps: int = result(2000, gt=0, when={"lr_schedule": "cosine"}, otherwise="count", shown=True)
+    batch_size: int = result(128, gt=0)  # global, split over workers
+    lr: float = result(2e-4, gt=0, shown=True)
+    warmup_steps: int = result(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = result("constant")
+    grad_clip: float = result(1.0, ge=0)  # 0 turns clipping off
+    ema_decay: float = result(0.9999, ge=0, lt=1)
+    random_flip: StrictBool = result(False)
+    seed: int = result(0)
     # rows are shuffled within windows of this many MiB of pixels per worker (the whole part when it fits: a full
     # shuffle); the row groups' order is drawn anew each epoch (tasks/lib/shards.py TrainStream)
-    shuffle_buffer_mb: int = Field(default=64, gt=0)
+    shuffle_buffer_mb: int = result(64, gt=0)
     # shards: each worker reads its part of the shards itself (exact resume); ray-data: Ray Data reads them
     # (read tasks anywhere in the cluster, Ray Train's get_dataset_shard) and a resume skips batches of a new order
-    loader: Literal["shards", "ray-data"] = "shards"
-    checkpoint_every: int = Field(default=500, gt=0)
-    keep_checkpoints: int = Field(default=3, gt=0)
-    log_every: int = Field(default=10, gt=0)
-    num_workers: int = Field(default=2, gt=0)
-    use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
+    loader: Literal["shards", "ray-data"] = result("shards")
+    checkpoint_every: int = execution(500, gt=0)
+    keep_checkpoints: int = execution(3, gt=0)
+    log_every: int = execution(10, gt=0)
+    # how the work is spread (the batch is split over the workers): a checkpoint resumes across it
+    num_workers: int = execution(2, gt=0, tagged=True)
+    use_gpu: Union[StrictBool, Literal["auto"]] = execution("auto", tagged=True)
     # the share of a GPU each worker takes: 1 (one per GPU, DDP over NCCL); 0.5 puts two workers on one GPU (NCCL
     # refuses two ranks on one device, so a fraction below 1 runs DDP over gloo): the multi-worker path on one GPU
-    gpus_per_worker: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, on GPU only
-    max_failures: int = Field(default=3, ge=0)  # Ray restarts after a worker dies
+    gpus_per_worker: float = execution(1.0)
+    precision: Literal["fp32", "bf16"] = result("fp32")  # bf16 autocast, on GPU only
+    max_failures: int = execution(3, ge=0)  # Ray restarts after a worker dies
     # speed switches (ddpm/perf.py; defaults from the records in BENCHMARKS.md "Speed defaults"); none changes
     # what is learned beyond float round-off
-    channels_last: StrictBool = True  # NHWC memory layout for the network
-    compile: StrictBool = False  # torch.compile the network (minutes of compilation on CPU: pays on GPU)
-    adam_impl: Literal["auto", "fused", "foreach", "loop"] = "fused"  # fused: one kernel for all params
+    channels_last: StrictBool = execution(True)  # NHWC memory layout for the network
+    compile: StrictBool = execution(False, tagged=True)  # torch.compile the network (minutes of compilation on CPU)
+    adam_impl: Literal["auto", "fused", "foreach", "loop"] = execution("fused")  # fused: one kernel for all params
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -106,115 +114,132 @@ class SampleConfig(SamplerConfig):
     """The sample stage: the library's sampler settings (:class:`ddpm.config.SamplerConfig`) and how many samples,
     on which workers, from which weights, in which mode."""
 
-    num_samples: int = Field(default=1000, gt=0)
-    shard_size: int = Field(default=250, gt=0)
-    batch_size: int = Field(default=250, gt=0)
-    use_ema: StrictBool = True
-    seed: int = Field(default=0, ge=0)  # sample i uses seed + i
-    num_workers: int = Field(default=2, gt=0)
-    use_gpu: Union[StrictBool, Literal["auto"]] = "auto"
-    channels_last: StrictBool = False  # speed switch (ddpm/perf.py): NHWC memory layout for the network
-    compile: StrictBool = False  # speed switch: torch.compile the network (minutes of compilation on CPU)
+    num_samples: int = count(1000, gt=0)
+    # shards and batches: how the seeds are split (another batch split agrees within float round-off)
+    shard_size: int = execution(250, gt=0)
+    batch_size: int = execution(250, gt=0)
+    use_ema: StrictBool = result(True)
+    seed: int = result(0, ge=0)  # sample i uses seed + i
+    num_workers: int = execution(2, gt=0, tagged=True)
+    use_gpu: Union[StrictBool, Literal["auto"]] = execution("auto", tagged=True)
+    channels_last: StrictBool = execution(False)  # speed switch (ddpm/perf.py): NHWC memory layout for the network
+    compile: StrictBool = execution(False)  # speed switch: torch.compile the network (minutes of compilation on CPU)
     # bf16: the network under bf16 autocast on a GPU (the diffusion arithmetic stays float32); ignored on CPU
-    precision: Literal["fp32", "bf16"] = "fp32"
-    grid_size: int = Field(default=100, gt=0)
+    precision: Literal["fp32", "bf16"] = result("fp32")
+    grid_size: int = report(100, gt=0)
     # the grids (training grids in MLflow and samples/grid.png) use seeds grid_seed .. grid_seed+n-1, every run
-    grid_seed: int = Field(default=0, ge=0)
+    grid_seed: int = report(0, ge=0)
     # generate: from noise; img2img: held-out image i noised to t = strength*T, then denoised (seed + i);
     # inpaint: held-out image i with the `mask` region redrawn, the rest kept exactly
-    mode: Literal["generate", "img2img", "inpaint"] = "generate"
-    strength: float = Field(default=0.5, ge=0, le=1)  # img2img: 0 returns the input, 1 a fresh sample
+    mode: Literal["generate", "img2img", "inpaint"] = result("generate")
+    # img2img: 0 returns the input, 1 a fresh sample
+    strength: float = result(0.5, ge=0, le=1, when={"mode": "img2img"})
     # inpaint: the region to fill (1 = known elsewhere; "center": the middle square of half the side)
-    mask: Literal["bottom-half", "top-half", "left-half", "right-half", "center"] = "bottom-half"
-    jump_length: int = Field(default=1, gt=0)  # inpaint: RePaint resampling, steps per jump back
-    jump_n_sample: int = Field(default=1, gt=0)  # inpaint: RePaint resampling, passes per jump; 1: no resampling
+    mask: Literal["bottom-half", "top-half", "left-half", "right-half", "center"] = result(
+        "bottom-half", when={"mode": "inpaint"})
+    # inpaint: RePaint resampling, steps per jump back and passes per jump (1: no resampling)
+    jump_length: int = result(1, gt=0, when={"mode": "inpaint"})
+    jump_n_sample: int = result(1, gt=0, when={"mode": "inpaint"})
 
 
-class ClassifierConfig(_Section):
+class ClassifierConfig(Section):
+    """The classifier whose features measure grayscale datasets: every setting changes those features."""
+
     # Defaults reach ~98.5% held-out accuracy on digits in ~5 s of CPU time.
-    steps: int = Field(default=250, gt=0)
-    batch_size: int = Field(default=128, gt=0)
-    lr: float = Field(default=3e-3, gt=0)
-    width: int = Field(default=16, gt=0)
-    seed: int = 0
+    steps: int = result(250, gt=0)
+    batch_size: int = result(128, gt=0)
+    lr: float = result(3e-3, gt=0)
+    width: int = result(16, gt=0)
+    seed: int = result(0)
 
 
-class EvaluateConfig(_Section):
-    feature_extractor: Literal["auto", "classifier", "inception-v3-compat"] = "auto"
-    inception_weights: Optional[str] = None  # path to pt_inception-2015-12-05 weights for offline use
+class EvaluateConfig(Section):
+    feature_extractor: Literal["auto", "classifier", "inception-v3-compat"] = result("auto")
+    # path to pt_inception-2015-12-05 weights for offline use; what they are is inception_sha256
+    inception_weights: Optional[str] = execution(None)
     # SHA-256 the inception_weights file must have: the published weights-inception-2015-12-05-6726825d.pth
     # (byte-identical to pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
-    inception_sha256: str = Field(default="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
-                                  pattern=r"^[0-9a-f]{64}$")
+    inception_sha256: str = result("6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+                                   pattern=r"^[0-9a-f]{64}$")
     # k > 1: the sample stage draws k * sample.num_samples images (seeds seed .. seed+k*n-1); each metric is
     # measured on k disjoint seed ranges of n and reported per range with mean, std and min
-    repeats: int = Field(default=1, gt=0)
+    repeats: int = count(1, gt=0)
     # null: statistics of the dataset's train split (cached in --ref-dir); or a published .npz of (mu, sigma),
     # checked against the .json of provenance beside it when there is one (KID and precision/recall need features)
-    reference: Optional[str] = None
-    fid: StrictBool = True
-    kid: StrictBool = True
-    isc: Literal["auto"] | StrictBool = "auto"  # auto: on for RGB datasets
-    prc: StrictBool = False
-    kid_subset_size: int = Field(default=100, gt=1)
-    batch_size: int = Field(default=250, gt=0)
-    seed: int = 0
+    reference: Optional[str] = result(None)
+    fid: StrictBool = result(True)
+    kid: StrictBool = result(True)
+    isc: Literal["auto"] | StrictBool = result("auto")  # auto: on for RGB datasets
+    prc: StrictBool = result(False)
+    kid_subset_size: int = result(100, gt=1)
+    batch_size: int = execution(250, gt=0)
+    seed: int = result(0)
 
 
-class FiguresConfig(_Section):
-    """The figures stage (tasks/figures.py); the chains use the sample section's sampler, steps, eta, variance."""
+class FiguresConfig(Section):
+    """The figures stage (tasks/figures.py): a report of the trained model, whose chains use the sample section's
+    sampler, steps, eta, variance."""
 
-    enabled: StrictBool = False  # false: the stage writes only figures.json saying so
-    seeds: int = Field(default=4, gt=0)  # progressive generation: rows (seeds seed, seed+1, ...)
-    frames: int = Field(default=10, gt=1)  # progressive generation: evenly spaced timesteps T..0 (columns)
-    recon_images: int = Field(default=4, gt=0)  # reconstruction: held-out images (the first ones)
-    recon_seeds: int = Field(default=3, gt=0)  # reconstruction: reverse runs per image and t
-    recon_fractions: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)  # reconstruction: t = fraction*T, one PNG each
-    gif_samples: int = Field(default=16, gt=0)  # animation: samples in the grid
-    gif_frames: int = Field(default=20, gt=1)  # animation: frames from noise to samples (the last one held longer)
-    seed: int = Field(default=0, ge=0)
+    enabled: StrictBool = report(False)  # false: the stage writes only figures.json saying so
+    seeds: int = report(4, gt=0)  # progressive generation: rows (seeds seed, seed+1, ...)
+    frames: int = report(10, gt=1)  # progressive generation: evenly spaced timesteps T..0 (columns)
+    recon_images: int = report(4, gt=0)  # reconstruction: held-out images (the first ones)
+    recon_seeds: int = report(3, gt=0)  # reconstruction: reverse runs per image and t
+    # reconstruction: t = fraction*T, one PNG each
+    recon_fractions: tuple[float, ...] = report((1.0, 0.75, 0.5, 0.25, 0.0))
+    gif_samples: int = report(16, gt=0)  # animation: samples in the grid
+    gif_frames: int = report(20, gt=1)  # animation: frames from noise to samples (the last one held longer)
+    seed: int = report(0, ge=0)
 
 
-class SamplerTableConfig(_Section):
-    """The sampler_table stage (tasks/sampler_table.py): FID/KID and wall time per sampler, same seeds each row."""
+class SamplerTableConfig(Section):
+    """The sampler_table stage (tasks/sampler_table.py): a report of the trained model, FID/KID and wall time per
+    sampler, same seeds each row."""
 
-    enabled: StrictBool = False  # false: the stage writes only sampler_table.json saying so
-    num_samples: int = Field(default=200, gt=1)  # per row; seeds seed .. seed+num_samples-1
-    ddpm: StrictBool = True  # include Algorithm 2 over all diffusion.timesteps: the reference of "equal quality"
-    ddim_steps: tuple[int, ...] = (10, 20, 50, 100)  # one DDIM (eta=0) row per entry
-    solvers: tuple[SamplerName, ...] = ("dpm++2m", "unipc")  # multistep solvers (ddpm/solvers.py) with rows ...
-    solver_steps: tuple[int, ...] = (5, 10, 20, 50)  # ... at each of these network evaluations
-    batch_size: int = Field(default=100, gt=0)
-    seed: int = Field(default=0, ge=0)
+    enabled: StrictBool = report(False)  # false: the stage writes only sampler_table.json saying so
+    num_samples: int = report(200, gt=1)  # per row; seeds seed .. seed+num_samples-1
+    # include Algorithm 2 over all diffusion.timesteps: the reference of "equal quality"
+    ddpm: StrictBool = report(True)
+    ddim_steps: tuple[int, ...] = report((10, 20, 50, 100))  # one DDIM (eta=0) row per entry
+    # multistep solvers (ddpm/solvers.py) with rows at each of solver_steps network evaluations
+    solvers: tuple[SamplerName, ...] = report(("dpm++2m", "unipc"))
+    solver_steps: tuple[int, ...] = report((5, 10, 20, 50))
+    batch_size: int = report(100, gt=0)
+    seed: int = report(0, ge=0)
     # the noise: FID of every row on this many resamplings of the seeds (the same for every row); 0: not stated
-    bootstrap: int = Field(default=200, ge=0)
-    tolerance: float = Field(default=0.1, gt=0)  # equal quality: FID within this fraction of DDPM's (or its noise)
+    bootstrap: int = report(200, ge=0)
+    tolerance: float = report(0.1, gt=0)  # equal quality: FID within this fraction of DDPM's (or its noise)
 
 
-class RayConfig(_Section):
-    address: Optional[str] = None  # RAY_ADDRESS wins; null starts a local Ray sized to this machine
-    num_cpus: Optional[int] = Field(default=None, gt=0)
-    object_store_mb: int = Field(default=512, ge=78)
-    storage: str = ".ray_results"  # made absolute: Ray workers change directory
+class RayConfig(Section):
+    address: Optional[str] = execution(None, tagged=True)  # RAY_ADDRESS wins; null starts a local Ray on this machine
+    num_cpus: Optional[int] = execution(None, gt=0, tagged=True)
+    object_store_mb: int = execution(512, ge=78)
+    storage: str = execution(".ray_results")  # made absolute: Ray workers change directory
 
 
-class TrackingConfig(_Section):
-    """MLflow tracking (the tracking layer, tracking/): one MLflow run per pipeline run, found again by its params hash."""
+class TrackingConfig(Section):
+    """MLflow tracking (the tracking layer, tracking/): one MLflow run per pipeline run, found again by its params
+    hash."""
 
-    enabled: StrictBool = True
-    uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; null: sqlite:///<project>/mlflow.db + <project>/mlruns
-    experiment: Optional[str] = None  # null: the dataset name
-    grid_every: int = Field(default=500, ge=0)  # EMA sample grid every N training steps and at the end; 0: none
-    grid_samples: int = Field(default=16, gt=0)  # the grids use seeds sample.grid_seed .. +grid_samples-1
+    enabled: StrictBool = execution(True)
+    uri: Optional[str] = execution(None)  # MLFLOW_TRACKING_URI wins; null: sqlite:///<project>/mlflow.db + mlruns
+    experiment: Optional[str] = execution(None)  # null: the dataset name
+    grid_every: int = report(500, ge=0)  # EMA sample grid every N training steps and at the end; 0: none
+    grid_samples: int = report(16, gt=0)  # the grids use seeds sample.grid_seed .. +grid_samples-1
     # the training grids' sampler and its network evaluations (sample.timestep_spacing); the cheapest setting
     # that held quality in BENCHMARKS.md "Samplers at equal quality"
-    grid_sampler: SamplerName = "unipc"
-    grid_steps: int = Field(default=10, gt=0)  # at most diffusion.timesteps; ddpm ignores it
-    register_model: Optional[str] = None  # register the final EMA UNet under this model name
-    system_metrics: StrictBool = True  # CPU/GPU/memory/disk metrics while training
+    grid_sampler: SamplerName = report("unipc")
+    grid_steps: int = report(10, gt=0)  # at most diffusion.timesteps; ddpm ignores it
+    register_model: Optional[str] = execution(None)  # register the final EMA UNet under this model name
+    system_metrics: StrictBool = execution(True)  # CPU/GPU/memory/disk metrics while training
 
 
-class Config(_Section):
+class Config(BaseModel):
+    """The whole params tree, one frozen section per key of params.yaml; Ray pickles it to the workers as it is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -286,23 +311,27 @@ class Config(_Section):
         return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups)
 
     def to_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON values: what a run writes beside its outputs and MLflow keeps."""
         return self.model_dump(mode="json")
 
-    def section_hash(self, *sections: str) -> str:
-        """SHA-256 of the named sections' (or dotted keys', ``sample.num_samples``) resolved values.
+    def sections(self) -> dict[str, Section]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
-        What a stage's cache key depends on; the names are those of the stage's ``params`` in dvc.yaml.
-        """
-        d = self.to_dict()
+    def identity(self, *kinds: str) -> dict[str, dict[str, Any]]:
+        """{section: its fields of identity ``kinds`` (default ``result``)} over the sections that have any: what
+        makes two runs the same run (:meth:`ddpm.config.Section.identity`)."""
+        found = {name: sec.identity(*kinds) for name, sec in self.sections().items()}
+        return {name: values for name, values in found.items() if values}
 
-        def value(name: str) -> Any:
-            v: Any = d
-            for part in name.split("."):
-                v = v[part]
-            return v
+    def marked(self, *kinds: str) -> list[str]:
+        """The dotted keys whose identity (resolved under these settings) is one of ``kinds``."""
+        return [f"{name}.{key}" for name, sec in self.sections().items() for key in type(sec).model_fields
+                if sec.identity_of(key) in kinds]
 
-        blob = json.dumps({s: value(s) for s in sections}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+
+def digest(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys): the hash of every key derived from the identity marks."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _error_key(loc: tuple) -> str:
@@ -378,25 +407,47 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
+def _split_key(key: str) -> tuple[str, str]:
+    """``"train.lr"`` -> ``("train", "lr")``, checked against the sections and their keys."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _SECTIONS:
+        raise ConfigError(key, f"overrides take section.key with a section among {', '.join(_SECTIONS)}")
+    section, name = parts
+    if name not in _SECTIONS[section].model_fields:
+        known = ", ".join(_SECTIONS[section].model_fields)
+        raise ConfigError(key, f"unknown key; known keys of {section}: {known}")
+    return section, name
+
+
+def _items(overrides: Mapping[str, Any] | Iterable[str]) -> Iterable[tuple[str, Any]]:
+    return overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
-    """Return a copy of ``raw`` with dotted-key overrides applied (``{"train.steps": 10}`` or ``["train.steps=10"]``)."""
-    out = json.loads(json.dumps(dict(raw or {})))
-    if not overrides:
-        return out
-    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
-    for key, value in items:
-        parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in _SECTIONS:
-            raise ConfigError(key, f"overrides take section.key with a section among {', '.join(_SECTIONS)}")
-        section, name = parts
-        if name not in _SECTIONS[section].model_fields:
-            known = ", ".join(_SECTIONS[section].model_fields)
-            raise ConfigError(key, f"unknown key; known keys of {section}: {known}")
+    """Return a copy of ``raw`` (as read from YAML) with dotted-key overrides applied (``{"train.steps": 10}`` or
+    ``["train.steps=10"]``); ``raw`` itself is left as it was."""
+    out = {name: dict(sec) if isinstance(sec, Mapping) else sec for name, sec in (raw or {}).items()}
+    for key, value in _items(overrides or ()):
+        section, name = _split_key(key)
         sec = out.setdefault(section, {})
         if not isinstance(sec, dict):
             raise ConfigError(section, f"expected a mapping, got {type(sec).__name__}")
         sec[name] = value
     return out
+
+
+def override(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
+    """``cfg`` with dotted-key overrides, validated again with every cross check: a new frozen :class:`Config`. The
+    sections that do not change are carried over as they are. Raises :class:`ConfigError`."""
+    changed: dict[str, dict[str, Any]] = {}
+    for key, value in _items(overrides):
+        section, name = _split_key(key)
+        changed.setdefault(section, dict(getattr(cfg, section)))[name] = value
+    try:
+        return Config.model_validate({**cfg.sections(), **changed})
+    except ValidationError as e:
+        key, msg = _format_errors(e.errors())
+        raise ConfigError(key, msg) from None
 
 
 def read_yaml(path: os.PathLike | str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Layouts read (``root`` = ``data.root``):
   subfolder and there are at least two such subfolders, the subfolder names are the classes (torchvision's
   ``ImageFolder`` convention); otherwise the images are unlabeled (label -1).
 
-Missing files raise :class:`~tasks.lib.common.DataError` naming the files and the folder they belong in; no loader
+Missing files raise :class:`~tasks.lib.errors.DataError` naming the files and the folder they belong in; no loader
 downloads anything unless ``data.download`` is true *and* files are missing.
 """
 
@@ -32,9 +32,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ddpm.checkpoint import atomic_write_bytes
 from tasks.lib.config import DataConfig
 
-from .common import DataError, Split, atomic_write_bytes
+from .errors import DataError
+from .shards import Split
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") uses.
 LUMA = (0.299, 0.587, 0.114)
@@ -219,7 +221,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list
     """Extract a tar (any compression) or zip archive into ``dest``; return the files written.
 
     Every member is checked before anything is written: an absolute path, a ``..`` that climbs out of ``dest``,
-    a link pointing outside it, or a device file refuses the whole archive (:class:`~tasks.lib.common.DataError`
+    a link pointing outside it, or a device file refuses the whole archive (:class:`~tasks.lib.errors.DataError`
     naming the archive and the member), so a crafted archive can neither write outside ``dest`` nor half-extract.
     Tar members go through Python's ``data`` extraction filter (PEP 706), which also drops set-uid bits.
     """

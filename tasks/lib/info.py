@@ -24,7 +24,7 @@ import torch
 
 from tasks.lib.config import Config, ConfigError, load_config
 
-from .common import config_from_args, stage_parser
+from .cli import stage_parser
 
 
 def _meta_model(cfg: Config):
@@ -143,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = stage_parser("Parameter count, FLOPs per image and memory estimates of a config's model.")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = load_config(args.params, args.overrides)
     d = info(cfg)
     print(json.dumps(d, indent=2) if args.json else render(cfg, d))
     return d

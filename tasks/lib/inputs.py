@@ -18,7 +18,6 @@ is read at all under the chosen settings.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Iterable, Optional
 
 from tasks.lib.config import Config
 
-from .common import DataError, StageError, config_from_args
+from .errors import DataError, StageError
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -223,11 +222,3 @@ def check_for_dvc_stage(cfg: Config) -> None:
     if name not in graph:
         return
     check(cfg, downstream(name, dvc_yaml), what=f"dvc repro (from stage {name})")
-
-
-def stage_config(args: argparse.Namespace) -> Config:
-    """A stage's validated config from its command line; under ``dvc repro`` also the check of the external inputs
-    of this stage and every stage after it (:func:`check_for_dvc_stage`), before any compute."""
-    cfg = config_from_args(args)
-    check_for_dvc_stage(cfg)
-    return cfg

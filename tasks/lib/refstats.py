@@ -33,7 +33,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .common import StageError, read_json, run_cli, sha256_file, write_json, write_npz
+from .cli import run_cli
+from .errors import StageError
+from .files import read_json, sha256_file, write_json, write_npz
 
 FORMAT = 1
 # The fields that decide the numbers; a cached entry must match every one of them.

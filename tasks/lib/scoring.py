@@ -1,25 +1,18 @@
-"""FID / KID (and IS, precision/recall when enabled) of samples with torch-fidelity: the machinery of the
-``evaluate`` stage, shared with ``sampler_table``.
+"""FID / KID (and IS, precision/recall when enabled) of samples with torch-fidelity, shared by the ``evaluate``
+stage and the ``sampler_table``: the feature extractor, the training split's reference statistics, the metrics of a
+set of features against them, and the real-vs-real floor.
 
 Following the paper, the generated samples are compared with the TRAINING split. Beside each metric stands its
-real-vs-real floor: the same metric for held-out real images against the same training reference, at the same
-sample count as the generated set (all of the holdout when it is smaller, which the output says). A model
-can only be judged relative to that floor: FID is biased by sample count and feature space.
+real-vs-real floor (:func:`floor_metrics`): the same metric for held-out real images against the same training
+reference, at the same sample count as the generated set (all of the holdout when it is smaller, which the output
+says). A model can only be judged relative to that floor: FID is biased by sample count and feature space.
 
 Features come from the dataset's own classifier (:mod:`tasks.lib.classifier`) on labeled grayscale datasets and
-from torch-fidelity's Inception-v3 otherwise (``evaluate.feature_extractor``); the Inception weights file must
-have the pinned SHA-256 and is read with ``weights_only=True``. FID is "statistics, then distance": the training
-split's statistics are a keyed entry of ``--ref-dir`` (:mod:`tasks.lib.refstats`), used only when the dataset hash,
-split, image shape, extractor (name, weights hash, layer), preprocessing and image count all match; or a published
-``.npz`` of (mu, sigma) given as ``evaluate.reference``.
-
-With ``evaluate.repeats: k`` the samples are k disjoint seed ranges of equal size (the sample stage draws
-k * sample.num_samples); each metric is reported per range with its mean (the top-level value), std and min.
-``eval.json`` carries a ``provenance`` block: counts, seed ranges, sampler, checkpoint, extractor, library versions.
-
-    python -m tasks.evaluate --params params.yaml --data data/dataset --samples samples \
-        --classifier models/classifier.pt --classifier-metrics metrics/classifier.json \
-        --ref-dir ref_stats --out metrics/eval.json
+from torch-fidelity's Inception-v3 otherwise (``evaluate.feature_extractor``, :func:`open_extractor`); the Inception
+weights file must have the pinned SHA-256 and is read with ``weights_only=True``. FID is "statistics, then distance":
+the training split's statistics are a keyed entry of ``--ref-dir`` (:mod:`tasks.lib.refstats`), used only when the
+dataset hash, split, image shape, extractor (name, weights hash, layer), preprocessing and image count all match; or a
+published ``.npz`` of (mu, sigma) given as ``evaluate.reference`` (:func:`reference_statistics`).
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ import io
 import math
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -42,28 +35,23 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from tasks.lib.config import Config, write_resolved
+from ddpm.checkpoint import atomic_write_bytes
+
+from tasks.lib.config import Config
 
 from . import refstats
 from .classifier import FEATURE_EXTRACTOR_NAME as CLASSIFIER_EXTRACTOR
 from .classifier import ClassifierFeatureExtractor, load_classifier
-from .inputs import (  # noqa: F401  (the Inception names are part of this stage's interface)
+from .errors import StageError
+from .files import sha256_file
+from .inputs import (  # noqa: F401  (the Inception names are part of this module's interface)
     INCEPTION_EXTRACTOR,
     INCEPTION_WEIGHTS_FILE,
     INCEPTION_WEIGHTS_URL,
     extractor_for,
     inception_weights_path,
 )
-from .common import (
-    DatasetArtifact,
-    StageError,
-    SampleShards,
-    atomic_write_bytes,
-    read_json,
-    sha256_file,
-    write_json,
-)
-from .shards import open_dataset
+from .shards import DatasetMeta
 
 # What the extractor sees of the uint8 images (samples are rounded to the nearest of 256 levels, see to_uint8).
 PREPROCESSING = {
@@ -88,7 +76,7 @@ METRIC_KEYS = {
 class UInt8Images(Dataset):
     """uint8 images served as torch-fidelity reads them: uint8 [3, H, W] (grayscale repeated). ``images`` is an
     array [N, C, H, W], or anything with ``len()``, ``shape`` (C, H, W) and ``[i]`` -> uint8 [C, H, W] (e.g.
-    :class:`tasks.lib.common.SampleShards`, which reads one shard at a time)."""
+    :class:`tasks.lib.samples.SampleShards`, which reads one shard at a time)."""
 
     def __init__(self, images):
         shape = tuple(images.shape[1:]) if isinstance(images, np.ndarray) else tuple(images.shape)
@@ -106,11 +94,6 @@ class UInt8Images(Dataset):
 
 
 # -- the feature extractors ------------------------------------------------------------------------------------------
-def resolve_extractor(cfg: Config, data: DatasetArtifact) -> str:
-    """``evaluate.feature_extractor`` resolved: auto -> the classifier for labeled grayscale data, else Inception."""
-    return extractor_for(cfg.evaluate.feature_extractor, data.shape[0], data.num_classes > 0)
-
-
 def check_inception_sha256(path: os.PathLike | str, actual: str, expected: str) -> None:
     if actual != expected:
         raise StageError(f"evaluate.inception_weights: {path} has SHA-256 {actual}, expected {expected} "
@@ -268,151 +251,141 @@ def summarize(values: list[float]) -> dict[str, Any]:
             "std": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min())}
 
 
-def _sample_manifest(samples_dir: Path) -> dict[str, Any]:
-    path = samples_dir / "samples.json"
-    if not path.is_file():
-        return {}
-    m = read_json(path)
-    return m if isinstance(m, dict) else {}
-
-
-def score_samples(
-    cfg: Config,
-    data_dir: os.PathLike | str,
-    samples_dir: os.PathLike | str,
-    classifier_path: os.PathLike | str | None,
-    ref_dir: os.PathLike | str,
-    metrics_path: os.PathLike | str,
-    classifier_metrics_path: os.PathLike | str | None = None,
-    features: Optional[dict[str, Any]] = None,
-) -> dict[str, Any]:
-    """Evaluate the samples in ``samples_dir`` against ``data_dir``'s train split; write ``metrics_path``.
-
-    ``features``, when given, is filled with the FID layer's features of the samples (``"generated"``, float [N, D]
-    in seed order) and the reference's ``"mu"`` and ``"sigma"``: what a bootstrap over the samples needs.
-
-    ``classifier_path`` is the weights file of the classifier feature extractor (unused with Inception);
-    ``ref_dir`` holds the keyed training-set statistics; ``classifier_metrics_path`` (optional) supplies the
-    classifier's held-out accuracy. Raises :class:`StageError` (or :class:`~ddpm.checkpoint.CheckpointError`)
-    for anything the user can fix. Returns the metrics written::
-
-        {"feature_extractor": "ddpm-classifier" | "inception-v3-compat", "reference": "train" | <published .npz>,
-         "reference_key": str, "num_generated": int (per repeat), "num_reference": int | None,
-         "fid": float, "kid_mean": float, "kid_std": float, "kid_subset_size": int,   # when enabled; with
-         "isc_mean": float, "isc_std": float,                                        # repeats: their means
-         "precision": float, "recall": float, "f_score": float,
-         "repeats": k, "per_repeat": {metric: {"values": [k floats], "mean", "std" (None for k=1), "min"}},
-         "floor": {"num_holdout": int, "num_reference": int, <the same metric keys>, "note": str (optional)},
-         "fid_ratio": fid / floor fid, "classifier_accuracy": float (with classifier_metrics_path),
-         "provenance": {num_generated, num_generated_total, num_reference, repeats, seed_range, seed_ranges,
-                        sampler, steps, eta, checkpoint: {path, step, ema}, feature_extractor: {name,
-                        weights_sha256, layer, preprocessing}, reference: {...}, libraries: {...}}}
-    """
+# -- what is measured, with what -------------------------------------------------------------------------------------
+def enabled_metrics(cfg: Config, data: DatasetMeta) -> dict[str, bool]:
+    """``{"fid", "kid", "isc", "prc"}``: which metrics the evaluate section turns on (IS ``auto``: on RGB data).
+    Raises :class:`StageError` when none is, or when a published reference (mu, sigma) cannot serve KID or PRC."""
     ev = cfg.evaluate
-    samples_dir = Path(samples_dir)
-    data = open_dataset(data_dir)  # the splits stream from their shards
-    extractor = resolve_extractor(cfg, data)
-    isc = (data.shape[0] == 3) if ev.isc == "auto" else ev.isc
-    if not (ev.fid or ev.kid or isc or ev.prc):
+    which = {"fid": ev.fid, "kid": ev.kid, "isc": (data.shape[0] == 3) if ev.isc == "auto" else ev.isc,
+             "prc": ev.prc}
+    if not any(which.values()):
         raise StageError("evaluate: every metric is off; enable at least one of evaluate.fid, kid, isc, prc")
     if ev.reference and (ev.kid or ev.prc):
         raise StageError(f"evaluate.reference: {ev.reference} holds (mu, sigma) only, KID and precision/recall need "
                          "the reference features; set evaluate.kid: false and evaluate.prc: false (or "
                          "evaluate.reference: null)")
+    return which
 
-    # Resolve the feature extractor before touching the samples: a missing file is the commonest error.
-    if extractor == CLASSIFIER_EXTRACTOR:
-        if classifier_path is None:
-            raise StageError("the classifier feature extractor needs --classifier (the train_classifier output)")
-        net, state = load_classifier(classifier_path)
-        a = net.args
-        if (a.channels, a.image_size, a.image_size) != data.shape:
-            raise StageError(f"{classifier_path}: classifier trained on {a.channels}x{a.image_size}x{a.image_size} "
-                             f"images, the dataset's are {'x'.join(map(str, data.shape))}; rerun train_classifier")
-        if state.get("dataset_sha256") and state["dataset_sha256"] != data.meta.get("sha256"):
-            print(f"warning: {classifier_path} was trained on another version of the dataset; "
-                  "rerun train_classifier for comparable metrics", file=sys.stderr)
-        weights, extractor_cls = str(classifier_path), ClassifierFeatureExtractor
+
+@dataclass
+class Extractor:
+    """The feature extractor the evaluate section selects for a dataset: its name, weights file (and SHA-256), the
+    layers of FID (also KID, PRC) and IS; the network itself is built on the first :meth:`features` call."""
+
+    name: str
+    weights: str
+    weights_sha256: str
+    layer: str
+    isc_layer: str
+    layers: list[str]
+    expected_sha256: str
+    batch_size: int
+    cuda: bool = field(default_factory=torch.cuda.is_available)
+    _fe: Any = None
+
+    def features(self, images) -> dict[str, torch.Tensor]:
+        """Features of uint8 images (an array [N, C, H, W] or a :class:`~tasks.lib.samples.SampleShards`), in
+        order: {layer: float [N, D]}."""
+        if self._fe is None:
+            self._fe = build_extractor(self.name, self.weights, self.layers, self.cuda, self.expected_sha256)
+        return extract(self._fe, images, self.batch_size, self.cuda)
+
+    def reference_features(self, split) -> tuple[np.ndarray, tuple]:
+        """:func:`reference_features` of a streamed split with this extractor."""
+        if self._fe is None:
+            self._fe = build_extractor(self.name, self.weights, self.layers, self.cuda, self.expected_sha256)
+        return reference_features(self._fe, split, self.layer, self.batch_size, self.cuda)
+
+
+def _classifier_weights(classifier_path, data: DatasetMeta) -> str:
+    """The classifier extractor's weights file, checked against the dataset it will measure."""
+    if classifier_path is None:
+        raise StageError("the classifier feature extractor needs --classifier (the train_classifier output)")
+    net, state = load_classifier(classifier_path)
+    a = net.args
+    if (a.channels, a.image_size, a.image_size) != data.shape:
+        raise StageError(f"{classifier_path}: classifier trained on {a.channels}x{a.image_size}x{a.image_size} "
+                         f"images, the dataset's are {'x'.join(map(str, data.shape))}; rerun train_classifier")
+    if state.get("dataset_sha256") and state["dataset_sha256"] != data.meta.get("sha256"):
+        print(f"warning: {classifier_path} was trained on another version of the dataset; "
+              "rerun train_classifier for comparable metrics", file=sys.stderr)
+    return str(classifier_path)
+
+
+def open_extractor(cfg: Config, data: DatasetMeta, classifier_path, isc: bool) -> Extractor:
+    """The feature extractor of ``evaluate.feature_extractor`` for ``data``, its weights found and checked (a missing
+    or wrong file fails here, before any image is read). Raises :class:`StageError`."""
+    ev = cfg.evaluate
+    name = extractor_for(ev.feature_extractor, data.shape[0], data.num_classes > 0)
+    if name == CLASSIFIER_EXTRACTOR:
+        weights, cls = _classifier_weights(classifier_path, data), ClassifierFeatureExtractor
     else:
-        weights, extractor_cls = inception_weights_path(cfg), VerifiedInceptionV3
+        weights, cls = inception_weights_path(cfg), VerifiedInceptionV3
     weights_sha = sha256_file(weights)
-    if extractor == INCEPTION_EXTRACTOR:  # a wrong file fails now, not after the samples are read
+    if name == INCEPTION_EXTRACTOR:
         check_inception_sha256(weights, weights_sha, ev.inception_sha256)
-    accuracy = read_json(classifier_metrics_path).get("accuracy") if classifier_metrics_path is not None else None
+    layer = cls.get_default_feature_layer_for_metric("fid")
+    isc_layer = cls.get_default_feature_layer_for_metric("isc")
+    return Extractor(name, weights, weights_sha, layer, isc_layer, sorted({layer} | ({isc_layer} if isc else set())),
+                     ev.inception_sha256, ev.batch_size)
 
-    # The samples stream from their shards (one shard in memory at a time), in seed order.
-    samples = SampleShards(samples_dir)
-    seeds = samples.seeds
-    k, n_total, n_train, n_hold = ev.repeats, len(samples), len(data.train), len(data.holdout)
-    if tuple(samples.shape) != data.shape:
-        raise StageError(f"{samples_dir}: samples are {'x'.join(map(str, samples.shape))}, the dataset's images "
-                         f"are {'x'.join(map(str, data.shape))}")
-    if len(np.unique(seeds)) != n_total:
-        raise StageError(f"{samples_dir}: some seeds occur twice; rerun the sample stage")
-    if k > 1 and n_total != k * cfg.sample.num_samples:
-        raise StageError(f"{samples_dir}: {n_total} samples; evaluate.repeats={k} needs {k} x sample.num_samples="
-                         f"{cfg.sample.num_samples} = {k * cfg.sample.num_samples} (disjoint seed ranges); rerun the "
-                         "sample stage with these params")
-    if n_total % k:
-        raise StageError(f"{samples_dir}: {n_total} samples do not split into evaluate.repeats={k} equal ranges")
-    n_gen = n_total // k
-    per = "" if k == 1 else " per repeat"
+
+def check_count(cfg: Config, n_gen: int, n_train: int, where: str, data_where: str, per: str = "") -> None:
+    """Enough samples (``n_gen`` per measurement) and training images for the enabled metrics; ``where`` and
+    ``data_where`` name the samples and the dataset in messages, ``per`` how samples are counted (" per repeat").
+    Raises :class:`StageError`."""
+    ev = cfg.evaluate
     if n_gen < 2:
-        raise StageError(f"{samples_dir}: {n_gen} sample(s){per}; the metrics need at least 2")
+        raise StageError(f"{where}: {n_gen} sample(s){per}; the metrics need at least 2")
     if ev.prc and n_gen < 4:
-        raise StageError(f"{samples_dir}: {n_gen} samples{per}; precision/recall (evaluate.prc) need at least 4")
+        raise StageError(f"{where}: {n_gen} samples{per}; precision/recall (evaluate.prc) need at least 4")
     if ev.kid and n_gen < ev.kid_subset_size:
-        raise StageError(f"{samples_dir}: {n_gen} samples{per}, fewer than evaluate.kid_subset_size="
+        raise StageError(f"{where}: {n_gen} samples{per}, fewer than evaluate.kid_subset_size="
                          f"{ev.kid_subset_size} that KID needs; sample more or lower evaluate.kid_subset_size (or set "
                          "evaluate.kid: false)")
     if ev.kid and n_train < ev.kid_subset_size:
-        raise StageError(f"{data_dir}: {n_train} training images, fewer than evaluate.kid_subset_size="
+        raise StageError(f"{data_where}: {n_train} training images, fewer than evaluate.kid_subset_size="
                          f"{ev.kid_subset_size} that KID needs; lower evaluate.kid_subset_size")
 
-    layer = extractor_cls.get_default_feature_layer_for_metric("fid")
-    isc_layer = extractor_cls.get_default_feature_layer_for_metric("isc")
-    layers = sorted({layer} | ({isc_layer} if isc else set()))
-    cuda = torch.cuda.is_available()
-    fe = build_extractor(extractor, weights, layers, cuda, ev.inception_sha256)
-    gen = extract(fe, samples, ev.batch_size, cuda)
-    feature_dim = gen[layer].shape[1]
 
+# -- the reference and the floor ------------------------------------------------------------------------------------
+def reference_statistics(cfg: Config, data, extractor: Extractor, ref_dir, feature_dim: int) -> refstats.Reference:
+    """The training split's statistics in ``extractor``'s features: the published ``evaluate.reference``, else the
+    entry of ``ref_dir`` whose key (dataset hash, split, shape, extractor, weights, layer, preprocessing, count)
+    matches, else computed now (streamed) and cached there."""
     want = {"dataset": str(data.meta.get("dataset", "data")), "split": "train",
             "dataset_sha256": data.meta["sha256"],
-            "image_shape": list(data.shape), "feature_extractor": extractor,
-            "feature_extractor_weights_sha256": weights_sha, "feature_layer": layer,
-            "preprocessing": PREPROCESSING[extractor], "num_images": n_train}
-    if ev.reference:
-        ref = refstats.load_published(ev.reference, want, feature_dim)
+            "image_shape": list(data.shape), "feature_extractor": extractor.name,
+            "feature_extractor_weights_sha256": extractor.weights_sha256, "feature_layer": extractor.layer,
+            "preprocessing": PREPROCESSING[extractor.name], "num_images": len(data.train)}
+    if cfg.evaluate.reference:
+        ref = refstats.load_published(cfg.evaluate.reference, want, feature_dim)
         print(f"reference statistics: the published {ref.path}"
               + (f" ({ref.provenance['num_images']} images)" if "num_images" in ref.provenance else ""))
-    else:
-        ref, why = refstats.lookup(ref_dir, want)
-        if ref is not None:
-            print(f"reference statistics of the train split ({n_train} images) reused from {ref.path}")
-        else:
-            print(f"recomputing the reference statistics of the train split ({n_train} images): {why}")
-            feats, moments = reference_features(fe, data.train, layer, ev.batch_size, cuda)
-            ref = refstats.save(ref_dir, want, feats, moments)
-            print(f"reference statistics cached as {ref.path} (+ {ref.path.with_suffix('.json').name})")
+        return ref
+    ref, why = refstats.lookup(ref_dir, want)
+    if ref is not None:
+        print(f"reference statistics of the train split ({len(data.train)} images) reused from {ref.path}")
+        return ref
+    print(f"recomputing the reference statistics of the train split ({len(data.train)} images): {why}")
+    feats, moments = extractor.reference_features(data.train)
+    ref = refstats.save(ref_dir, want, feats, moments)
+    print(f"reference statistics cached as {ref.path} (+ {ref.path.with_suffix('.json').name})")
+    return ref
 
-    if features is not None:
-        features.update(generated=gen[layer].numpy(), mu=ref.mu, sigma=ref.sigma)
-    which = {"fid": ev.fid, "kid": ev.kid, "isc": isc, "prc": ev.prc}
-    runs = [compare({name: f[i * n_gen:(i + 1) * n_gen] for name, f in gen.items()}, ref, layer, isc_layer, which,
-                    ev.kid_subset_size, ev.seed) for i in range(k)]
-    per_repeat = {m: summarize([r[m] for r in runs]) for m in METRICS if m in runs[0]}
-    metrics = {m: s["mean"] for m, s in per_repeat.items()}
 
-    # The floor: real held-out images against the same reference, at the per-repeat sample count.
+def floor_metrics(cfg: Config, data, extractor: Extractor, ref: refstats.Reference, n_gen: int,
+                  which: dict[str, bool]) -> dict[str, Any]:
+    """The real-vs-real floor: held-out real images against the same reference, at the ``n_gen`` samples of one
+    measurement (a seeded choice of them; all of the holdout when it is smaller, which ``note`` says)."""
+    ev, n_hold = cfg.evaluate, len(data.holdout)
     floor_kid = min(ev.kid_subset_size, n_hold)
     if n_hold > n_gen:
         pick = np.sort(np.random.default_rng(ev.seed).choice(n_hold, n_gen, replace=False))
         holdout = data.holdout.take(pick).images  # only the row groups that hold them are read
     else:
         holdout = data.holdout.read_all().images
-    num_reference = ref.provenance.get("num_images")
-    floor: dict[str, Any] = {"num_holdout": len(holdout), "num_reference": num_reference}
+    floor: dict[str, Any] = {"num_holdout": len(holdout), "num_reference": ref.provenance.get("num_images")}
     notes = []
     if n_hold < n_gen:
         notes.append(f"the holdout has {n_hold} images, fewer than the {n_gen} generated; the floor uses all of them")
@@ -421,101 +394,10 @@ def score_samples(
     # KID needs subsets of 2, precision/recall a 3-nearest-neighbour ball: skip them on a tinier holdout.
     floor_which = dict(which, kid=ev.kid and floor_kid >= 2, prc=ev.prc and len(holdout) > 3)
     if any(floor_which.values()):
-        floor.update(compare(extract(fe, holdout, ev.batch_size, cuda), ref, layer, isc_layer, floor_which,
+        floor.update(compare(extractor.features(holdout), ref, extractor.layer, extractor.isc_layer, floor_which,
                              max(floor_kid, 2), ev.seed))
     if ev.kid:
         floor["kid_subset_size"] = floor_kid
     if notes:
         floor["note"] = "; ".join(notes)
-
-    manifest = _sample_manifest(samples_dir)
-    seed_ranges = [[int(seeds[i * n_gen]), int(seeds[(i + 1) * n_gen - 1])] for i in range(k)]
-    ckpt = manifest.get("checkpoint")
-    provenance = {
-        "num_generated": n_gen,
-        "num_generated_total": n_total,
-        "num_reference": num_reference,
-        "repeats": k,
-        "seed_range": [int(seeds[0]), int(seeds[-1])],
-        "seed_ranges": seed_ranges,
-        "sampler": manifest.get("sampler"),
-        "steps": manifest.get("steps"),
-        "eta": manifest.get("eta"),
-        "checkpoint": {"path": ckpt, "step": manifest.get("checkpoint_step"), "ema": manifest.get("use_ema")},
-        "feature_extractor": {"name": extractor, "weights_sha256": weights_sha, "layer": layer,
-                              "preprocessing": PREPROCESSING[extractor]},
-        "reference": {"split": "train", "path": Path(ref.path).name if ref.source != "published" else str(ref.path),
-                      "key": ref.provenance.get("key"), "dataset_sha256": ref.provenance.get("dataset_sha256"),
-                      "published": ref.source == "published"},
-        "libraries": refstats.library_versions(),
-    }
-    result: dict[str, Any] = {
-        "feature_extractor": extractor,
-        "reference": "train" if ref.source != "published" else str(ref.path),
-        "reference_key": Path(ref.path).stem,
-        "num_generated": n_gen,
-        "num_reference": num_reference,
-        **metrics,
-        "repeats": k,
-        "per_repeat": per_repeat,
-        "floor": floor,
-        "provenance": provenance,
-    }
-    if ev.kid:
-        result["kid_subset_size"] = ev.kid_subset_size
-    if ev.fid:
-        result["fid_ratio"] = metrics["fid"] / floor["fid"] if floor.get("fid", 0) > 0 else None
-    if classifier_metrics_path is not None:
-        result["classifier_accuracy"] = accuracy
-    write_json(metrics_path, result)
-    write_resolved(cfg, Path(metrics_path).parent, f"{Path(metrics_path).stem}.config.json")
-
-    def show(m: str) -> str:
-        s = per_repeat[m]
-        return f"{m} {s['mean']:.4g}" + (f" ± {s['std']:.2g} (min {s['min']:.4g}, {k} repeats)" if k > 1 else "")
-
-    summary = ", ".join(show(m) for m in ("fid", "kid_mean", "isc_mean") if m in per_repeat)
-    floor_s = ", ".join(f"{m} {floor[m]:.4g}" for m in ("fid", "kid_mean", "isc_mean") if m in floor)
-    print(f"{n_gen} samples{per} vs train ({extractor}): {summary}; real-vs-real floor ({len(holdout)} held-out): "
-          f"{floor_s} -> {metrics_path}")
-    return result
-
-
-# -- the noise of a FID: a bootstrap over the samples ----------------------------------------------------------------
-class FrechetDistance:
-    """FID of feature sets against one fixed Gaussian (mu, sigma), fast enough to repeat per bootstrap resample.
-
-    tr sqrt(S_g S_r) = tr sqrt(R S_g R) with R = S_r^(1/2) (same eigenvalues), so each call is one symmetric
-    eigendecomposition; R is computed once. Agrees with torch-fidelity's ``fid_statistics_to_metric`` to round-off.
-    """
-
-    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
-        w, v = np.linalg.eigh(np.asarray(sigma, dtype=np.float64))
-        self.root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-        self.mu = np.asarray(mu, dtype=np.float64)
-        self.trace = float(np.trace(sigma))
-
-    def __call__(self, features: np.ndarray) -> float:
-        f = np.asarray(features, dtype=np.float64)
-        m, c = f.mean(axis=0), np.cov(f, rowvar=False)
-        e = np.linalg.eigvalsh(self.root @ c @ self.root)
-        return float(((m - self.mu) ** 2).sum() + np.trace(c) + self.trace - 2.0 * np.sqrt(np.clip(e, 0, None)).sum())
-
-
-def paired_bootstrap(features: dict[str, np.ndarray], mu: np.ndarray, sigma: np.ndarray, resamples: int,
-                     seed: int = 0) -> dict[str, np.ndarray]:
-    """FID of every row in ``features`` ({row: [N, D] features, row i of each from the same seed}) on ``resamples``
-    resamplings of the N seeds with replacement, the same seeds for every row in each resample, so that differences
-    between rows keep their pairing. Returns {row: [resamples] FIDs}."""
-    n = {len(f) for f in features.values()}
-    if len(n) != 1:
-        raise ValueError(f"paired rows need the same number of samples, got {sorted(n)}")
-    n_rows = n.pop()
-    fid = FrechetDistance(mu, sigma)
-    rng = np.random.default_rng(seed)
-    out = {name: np.empty(resamples) for name in features}
-    for b in range(resamples):
-        idx = rng.integers(0, n_rows, n_rows)
-        for name, f in features.items():
-            out[name][b] = fid(f[idx])
-    return out
+    return floor

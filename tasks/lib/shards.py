@@ -38,7 +38,39 @@ import numpy as np
 
 from ddpm.checkpoint import atomic_write_bytes
 
-from .common import DataError, DatasetArtifact, DatasetMeta, Split, read_json, sha256_file
+from .errors import DataError
+from .files import read_json, sha256_file
+
+
+# The images and labels of a split, and a dataset's manifest, in memory.
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N]; -1 where unknown
+
+
+class DatasetMeta:
+    """What a dataset's manifest (``meta``, its dataset.json) says of its images."""
+
+    meta: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["shape"])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or 0)
+
+
+@dataclass(frozen=True)
+class DatasetArtifact(DatasetMeta):
+    """A dataset read whole into memory: for the consumers that need it so and are small (the classifier)."""
+
+    train: Split
+    holdout: Split
+    meta: dict[str, Any]
+
 
 FORMAT = "ddpm-parquet-shards/1"
 SPLITS = ("train", "holdout")
@@ -142,7 +174,7 @@ def publish(staging: Path, out: Path, manifest: dict[str, Any], extra: Sequence[
     """Move a finished dataset from ``staging`` into ``out``: the old manifest goes first (so that an interruption
     leaves an incomplete folder, never a mix that looks complete), then the old splits, then the new ones, and the
     new manifest last."""
-    from .common import write_json
+    from .files import write_json
 
     (out / "dataset.json").unlink(missing_ok=True)
     for name in (*OLD_LAYOUT, *extra):

@@ -1,0 +1,45 @@
+"""Images between the model's scale and files: [-1, 1] floats <-> uint8, and uint8 images as one picture grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def to_model_range(images_uint8) -> "torch.Tensor":  # noqa: F821
+    """uint8 [N, C, H, W] -> float32 in [-1, 1], the scale the paper trains on (Sec. 4)."""
+    import torch
+
+    return torch.as_tensor(images_uint8).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x) -> np.ndarray:
+    """float [-1, 1] [N, C, H, W] tensor -> uint8 array, rounding to the nearest level."""
+    import torch
+
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8).cpu().numpy()
+
+
+def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0, aspect: float = 1.0) -> np.ndarray:
+    """uint8 images [N, C, H, W] -> one uint8 [H', W', 3] grid (torchvision's make_grid), upscaled by nearest
+    neighbour so that each cell is at least ``min_cell`` px and the grid at least ``min_side`` px wide (8x8 digits
+    stay legible; MLflow shows its images at their size), with a white gutter that grows with the scale.
+
+    ``aspect`` is the grid's width over its height in cells: 1 is square-ish (ceil(sqrt(N)) columns), 4 a strip
+    (16 images: 2 rows of 8), the shape that fits under the run name in MLflow's image cards."""
+    import torch
+    from torchvision.utils import make_grid
+
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if aspect == 1.0:
+        ncol = max(1, math.ceil(math.sqrt(len(x))))
+    else:
+        nrow = max(1, round(math.sqrt(len(x) / aspect)))
+        ncol = max(1, math.ceil(len(x) / nrow))
+    w = x.shape[-1]
+    scale = max(1, math.ceil(min_cell / w), math.ceil(min_side / (ncol * w)) if min_side else 1)
+    x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    pad = max(2, scale // 2) if min_side else 2
+    grid = make_grid(x, nrow=ncol, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).contiguous().numpy()
