@@ -99,16 +99,20 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    ch: int = result(64, gt=0, shown=True)
+    """The UNet's architecture (:class:`ddpm.unet.UNetConfig` without the image shape, which is the data's). Its rules
+    (positive sizes, divisible levels, attention at a resolution that occurs, groups that divide the channels) are
+    checked once, where the UNet config is built from these fields and the shape (``UNetConfig.validate``)."""
+
+    ch: int = result(32, shown=True)
     ch_mult: tuple[int, ...] = result((1, 2, 2))
-    num_res_blocks: int = result(2, gt=0)
-    attn_resolutions: tuple[int, ...] = result((4,))
-    dropout: float = result(0.1, ge=0, lt=1)
-    num_groups: int = result(32, gt=0)
+    num_res_blocks: int = result(1)
+    attn_resolutions: tuple[int, ...] = result(())
+    dropout: float = result(0.0)
+    num_groups: int = result(16)
 
 
 class DiffusionConfig(Section):
-    schedule: Literal["linear", "cosine"] = result("linear")
+    schedule: Literal["linear", "cosine"] = result("cosine")
     timesteps: int = result(1000, gt=0)  # T; at least 2 (checked with the other sections)
     beta_start: float = result(1e-4, gt=0, lt=1)
     beta_end: float = result(0.02, gt=0, lt=1)
@@ -141,9 +145,9 @@ class SamplerConfig(Section):
     evaluations); DDIM and the solvers place their steps by ``timestep_spacing``. :meth:`kwargs` are that function's
     keyword arguments."""
 
-    sampler: SamplerName = result("ddim", shown=True)
+    sampler: SamplerName = result("dpm++2m-sde", shown=True)
     # network evaluations of DDIM and the solvers; DDPM uses diffusion.timesteps
-    steps: int = result(100, gt=0, shown=True)
+    steps: int = result(20, gt=0, shown=True)
     eta: float = result(0.0, ge=0)  # DDIM only
     # where DDIM's and the solvers' steps fall (Lin et al. 2024, Table 2); trailing starts at t = T, where x_T is
     # noise. BENCHMARKS.md "Samplers at equal quality" measured it against leading and linspace.

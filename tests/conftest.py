@@ -73,19 +73,21 @@ TINY = {
     "data": {"dataset": "digits", "holdout_fraction": 0.2},
     "model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
               "num_groups": 8},
-    "diffusion": {"timesteps": 100},
+    "diffusion": {"timesteps": 100, "schedule": "linear"},
     "train": {"steps": 6, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1, "num_workers": 1,
-              "use_gpu": False, "ema_decay": 0.9},
+              "use_gpu": False, "ema_decay": 0.9, "warmup_steps": 0, "lr_schedule": "constant"},
     "sample": {"num_samples": 24, "shard_size": 8, "batch_size": 8, "sampler": "ddim", "steps": 5,
                "num_workers": 1, "use_gpu": False, "grid_size": 16},
     "classifier": {"steps": 150},
     # dvc.yaml's sample stage tracks evaluate.repeats, train_classifier evaluate.feature_extractor
     "evaluate": {"kid_subset_size": 10, "repeats": 1, "feature_extractor": "auto"},
     "ray": {"num_cpus": 2, "object_store_mb": 100},
-    "tracking": {"enabled": False},  # tests of tracking turn it on against their own store
+    # tests of tracking turn it on against their own store
+    "tracking": {"enabled": False, "grid_every": 500, "grid_sampler": "unipc"},
     # dvc.yaml's optional stages track these sections, so a params.yaml must have them (off: only a note is written)
     "figures": {"enabled": False},
-    "sampler_table": {"enabled": False},
+    "sampler_table": {"enabled": False, "num_samples": 200, "ddim_steps": [10, 20, 50, 100],
+                      "solvers": ["dpm++2m", "unipc"], "batch_size": 100},
 }
 
 

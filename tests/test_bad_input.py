@@ -122,7 +122,7 @@ CASES = [
      ["train.ema_decay", "greater than or equal to 0"]),
     ("timesteps-one", "train", ["--set", "diffusion.timesteps=1"], ["diffusion.timesteps", "at least 2"]),
     ("timesteps-zero", "train", ["--set", "diffusion.timesteps=0"], ["diffusion.timesteps", "greater than 0"]),
-    ("dropout-out-of-range", "train", ["--set", "model.dropout=1.5"], ["model.dropout", "less than 1"]),
+    ("dropout-out-of-range", "train", ["--set", "model.dropout=1.5"], ["model.dropout", "must be in [0, 1)"]),
     ("use-gpu-wrong-type", "train", ["--set", "train.use_gpu=maybe"], ["train.use_gpu", "'auto'"]),
     ("unknown-key-override", "train", ["--set", "train.stpes=10"], ["train.stpes", "unknown key", "steps"]),
     ("unknown-key-in-file", "train", ["--params", "{root}/misspelled_key.yaml"],

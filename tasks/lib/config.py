@@ -69,13 +69,13 @@ class DataConfig(Section):
 class TrainConfig(Section):
     # A longer run continues a shorter one (its checkpoints resume), except under the cosine schedule, whose decay
     # is laid over train.steps: there a longer run is another curve from step 0.
-    steps: int = result(2000, gt=0, when={"lr_schedule": "cosine"}, otherwise="count", shown=True)
+    steps: int = result(1500, gt=0, when={"lr_schedule": "cosine"}, otherwise="count", shown=True)
     batch_size: int = result(128, gt=0)  # global, split over workers
-    lr: float = result(2e-4, gt=0, shown=True)
-    warmup_steps: int = result(0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = result("constant")
+    lr: float = result(0.002, gt=0, shown=True)
+    warmup_steps: int = result(100, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = result("cosine")
     grad_clip: float = result(1.0, ge=0)  # 0 turns clipping off
-    ema_decay: float = result(0.9999, ge=0, lt=1)
+    ema_decay: float = result(0.995, ge=0, lt=1)
     random_flip: StrictBool = result(False)
     seed: int = result(0)
     # rows are shuffled within windows of this many MiB of pixels per worker (the whole part when it fits: a full
@@ -88,7 +88,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = execution(3, gt=0)
     log_every: int = execution(10, gt=0)
     # how the work is spread (the batch is split over the workers): a checkpoint resumes across it
-    num_workers: int = execution(2, gt=0, tagged=True)
+    num_workers: int = execution(1, gt=0, tagged=True)
     use_gpu: Union[StrictBool, Literal["auto"]] = execution("auto", tagged=True)
     # the share of a GPU each worker takes: 1 (one per GPU, DDP over NCCL); 0.5 puts two workers on one GPU (NCCL
     # refuses two ranks on one device, so a fraction below 1 runs DDP over gloo): the multi-worker path on one GPU
@@ -114,10 +114,10 @@ class SampleConfig(SamplerConfig):
     """The sample stage: the library's sampler settings (:class:`ddpm.config.SamplerConfig`) and how many samples,
     on which workers, from which weights, in which mode."""
 
-    num_samples: int = count(1000, gt=0)
+    num_samples: int = count(360, gt=0)
     # shards and batches: how the seeds are split (another batch split agrees within float round-off)
-    shard_size: int = execution(250, gt=0)
-    batch_size: int = execution(250, gt=0)
+    shard_size: int = execution(90, gt=0)
+    batch_size: int = execution(90, gt=0)
     use_ema: StrictBool = result(True)
     seed: int = result(0, ge=0)  # sample i uses seed + i
     num_workers: int = execution(2, gt=0, tagged=True)
@@ -163,7 +163,7 @@ class EvaluateConfig(Section):
                                    pattern=r"^[0-9a-f]{64}$")
     # k > 1: the sample stage draws k * sample.num_samples images (seeds seed .. seed+k*n-1); each metric is
     # measured on k disjoint seed ranges of n and reported per range with mean, std and min
-    repeats: int = count(1, gt=0)
+    repeats: int = count(3, gt=0)
     # null: statistics of the dataset's train split (cached in --ref-dir); or a published .npz of (mu, sigma),
     # checked against the .json of provenance beside it when there is one (KID and precision/recall need features)
     reference: Optional[str] = result(None)
@@ -180,7 +180,7 @@ class FiguresConfig(Section):
     """The figures stage (tasks/figures.py): a report of the trained model, whose chains use the sample section's
     sampler, steps, eta, variance."""
 
-    enabled: StrictBool = report(False)  # false: the stage writes only figures.json saying so
+    enabled: StrictBool = report(True)  # false: the stage writes only figures.json saying so
     seeds: int = report(4, gt=0)  # progressive generation: rows (seeds seed, seed+1, ...)
     frames: int = report(10, gt=1)  # progressive generation: evenly spaced timesteps T..0 (columns)
     recon_images: int = report(4, gt=0)  # reconstruction: held-out images (the first ones)
@@ -196,15 +196,15 @@ class SamplerTableConfig(Section):
     """The sampler_table stage (tasks/sampler_table.py): a report of the trained model, FID/KID and wall time per
     sampler, same seeds each row."""
 
-    enabled: StrictBool = report(False)  # false: the stage writes only sampler_table.json saying so
-    num_samples: int = report(200, gt=1)  # per row; seeds seed .. seed+num_samples-1
+    enabled: StrictBool = report(True)  # false: the stage writes only sampler_table.json saying so
+    num_samples: int = report(600, gt=1)  # per row; seeds seed .. seed+num_samples-1
     # include Algorithm 2 over all diffusion.timesteps: the reference of "equal quality"
     ddpm: StrictBool = report(True)
-    ddim_steps: tuple[int, ...] = report((10, 20, 50, 100))  # one DDIM (eta=0) row per entry
+    ddim_steps: tuple[int, ...] = report((10, 20, 50))  # one DDIM (eta=0) row per entry
     # multistep solvers (ddpm/solvers.py) with rows at each of solver_steps network evaluations
-    solvers: tuple[SamplerName, ...] = report(("dpm++2m", "unipc"))
+    solvers: tuple[SamplerName, ...] = report(("dpm++2m", "unipc", "dpm++2m-sde"))
     solver_steps: tuple[int, ...] = report((5, 10, 20, 50))
-    batch_size: int = report(100, gt=0)
+    batch_size: int = report(300, gt=0)
     seed: int = report(0, ge=0)
     # the noise: FID of every row on this many resamplings of the seeds (the same for every row); 0: not stated
     bootstrap: int = report(200, ge=0)
@@ -225,11 +225,11 @@ class TrackingConfig(Section):
     enabled: StrictBool = execution(True)
     uri: Optional[str] = execution(None)  # MLFLOW_TRACKING_URI wins; null: sqlite:///<project>/mlflow.db + mlruns
     experiment: Optional[str] = execution(None)  # null: the dataset name
-    grid_every: int = report(500, ge=0)  # EMA sample grid every N training steps and at the end; 0: none
+    grid_every: int = report(100, ge=0)  # EMA sample grid every N training steps and at the end; 0: none
     grid_samples: int = report(16, gt=0)  # the grids use seeds sample.grid_seed .. +grid_samples-1
     # the training grids' sampler and its network evaluations (sample.timestep_spacing); the cheapest setting
     # that held quality in BENCHMARKS.md "Samplers at equal quality"
-    grid_sampler: SamplerName = report("unipc")
+    grid_sampler: SamplerName = report("dpm++2m-sde")
     grid_steps: int = report(10, gt=0)  # at most diffusion.timesteps; ddpm ignores it
     register_model: Optional[str] = execution(None)  # register the final EMA UNet under this model name
     system_metrics: StrictBool = execution(True)  # CPU/GPU/memory/disk metrics while training
@@ -268,7 +268,7 @@ class Config(BaseModel):
         if t.batch_size % t.num_workers:
             raise ValueError(f"train.batch_size: {t.batch_size} is not divisible by train.num_workers {t.num_workers}; "
                              "use a multiple of the worker count (the batch is split evenly over the workers)")
-        try:
+        try:  # the UNet's rules live in one place, UNetConfig.validate: its field named as the key a user sets
             self.unet_config()
         except UNetConfigError as e:
             key = "data.image_size" if e.field == "image_size" else f"model.{e.field}"
@@ -306,6 +306,7 @@ class Config(BaseModel):
         return self
 
     def unet_config(self) -> UNetConfig:
+        """The UNet of these params: the model section and the data's image shape (validated as it is built)."""
         c, size, _ = self.data.shape
         m = self.model
         return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups)
@@ -463,7 +464,7 @@ def read_yaml(path: os.PathLike | str) -> dict[str, Any]:
     if raw is None or raw == {}:
         # An empty file would silently run every stage on the built-in defaults, which are no preset.
         raise ConfigError(str(path), "the params file is empty; expected a mapping of sections (data, model, "
-                          "diffusion, train, ...), e.g. a copy of configs/digits.yaml")
+                          "diffusion, train, ...), e.g. a copy of params.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(str(path), f"expected a mapping of sections (data, model, diffusion, train, ...), got "
                           f"{type(raw).__name__}")
