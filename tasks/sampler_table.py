@@ -6,10 +6,10 @@ Rows: Algorithm 2 over all T steps (``sampler_table.ddpm``, the reference), DDIM
 of ``sampler_table.ddim_steps``, and each of ``sampler_table.solvers`` (DPM-Solver++, UniPC: ddpm/solvers.py) at each
 of ``sampler_table.solver_steps``; DDIM and the solvers place their steps by ``sample.timestep_spacing``. Every row
 samples the same seeds (``sampler_table.seed`` ...), from the newest checkpoint with the weights ``sample.use_ema``
-names. Each row runs the sample stage's machinery (Ray actors) into a temporary folder and is scored with the
-evaluate stage's (FID/KID against the training split, the same feature extractor and cached reference statistics in
-``--ref-dir``). One set of actors, started before the first row, samples every row, so no row's wall time holds
-Ray's or the actors' start-up (``actors_startup_s``).
+names. Each row is sampled by the sampling actors the sample stage uses (tasks/lib/sampling.py) into a temporary
+folder and scored as the evaluate stage scores (tasks/lib/scoring.py: FID/KID against the training split, the same
+feature extractor and cached reference statistics in ``--ref-dir``). One set of actors, started before the first
+row, samples every row, so no row's wall time holds Ray's or the actors' start-up (``actors_startup_s``).
 
 The noise is stated, not assumed: every row's FID is recomputed on ``sampler_table.bootstrap`` resamplings of the
 seeds, the same resampling for every row, which gives each FID's standard deviation and, paired, the standard

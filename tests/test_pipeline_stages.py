@@ -161,3 +161,28 @@ def test_train_cli_bad_input_is_one_line(tmp_path, repo_root):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: train.lr: input should be greater than 0, got -1"
     assert not (tmp_path / "c").exists()
+
+
+def test_sampler_table_rows_are_what_the_sample_and_evaluate_stages_measure(tiny_config, tiny_trained, tmp_path,
+                                                                            ray_local):
+    """The sampler table samples with the sample stage's actors and scores with the evaluate stage's machinery: a
+    row's FID and KID, and the floor, are exactly what those stages measure for the row's settings."""
+    from tasks import evaluate, sampler_table, train_classifier
+
+    cfg = _cfg(tiny_config, tmp_path, **{
+        "sample.num_workers": 2, "sampler_table.enabled": True, "sampler_table.num_samples": 20,
+        "sampler_table.ddim_steps": [5], "sampler_table.solvers": ["dpm++2m"], "sampler_table.solver_steps": [4],
+        "sampler_table.batch_size": 10, "sampler_table.bootstrap": 10})
+    data, ckpts = tiny_trained / "dataset", tiny_trained / "checkpoints"
+    clf = tmp_path / "classifier.pt"
+    train_classifier.run(cfg, data, clf, tmp_path / "classifier.json")
+    table = sampler_table.run(cfg, ckpts, data, clf, tmp_path / "ref", tmp_path / "t.json", tmp_path / "t.md")
+    assert [(r["sampler"], r["steps"]) for r in table["rows"]] == [("ddpm", 100), ("ddim", 5), ("dpm++2m", 4)]
+    assert all(r["fid"] > 0 and r["fid_std"] > 0 for r in table["rows"]) and table["answer"]["reference"] == "ddpm100"
+    for spec, row in zip(sampler_table.settings(cfg), table["rows"]):
+        settings = sampler_table.row_config(cfg, spec)
+        out = tmp_path / sampler_table.row_name(spec)
+        assert sample.run(settings, ckpts, out)["seeds"] == table["seeds"] == [0, 19]
+        ev = evaluate.run(settings, data, out, clf, tmp_path / "ref", tmp_path / f"{out.name}.json")
+        assert (ev["fid"], ev["kid_mean"]) == (row["fid"], row["kid_mean"]), spec
+    assert ev["floor"]["fid"] == table["floor"]["fid"] and table["floor"]["num_holdout"] == 20
