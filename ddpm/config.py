@@ -1,6 +1,7 @@
 """The library's configuration sections: typed, validated, frozen (pydantic) descriptions of the model
 (:class:`ModelConfig`, turned into :class:`ddpm.unet.UNetConfig`, the one stored in every checkpoint), the
-diffusion process and the sampler.
+diffusion process and the sampler. Their defaults are the project's digits preset (its params.yaml), and every field
+carries its identity mark (below).
 
 Every error names the dotted key and what is accepted (``diffusion.timesteps: must be greater than 0, got 0``).
 The pipeline's sections (data, train, sample, classifier, evaluate, ray, tracking, figures, sampler_table), the

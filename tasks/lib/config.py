@@ -4,7 +4,12 @@ The library's sections (model, diffusion, and the sampler settings the sample se
 :mod:`ddpm.config`; the pipeline's own (data, train, sample, classifier, evaluate, ray, tracking, figures,
 sampler_table) are here, with the tree that holds them all and the reading of params files. Every error names the dotted key and what is accepted
 (``train.lr: must be greater than 0, got -1``) and is raised before any compute starts. Stages receive the whole
-:class:`Config` and read their own section.
+:class:`Config` and read their own section; Ray workers receive it as it is (it pickles).
+
+The classes' defaults are the digits preset, ``params.yaml``, key for key (tests/test_config.py). Every field is marked
+where it is declared as ``result``, ``count``, ``report`` or ``execution`` (:mod:`ddpm.config`): the keys that
+identify a run (tasks/lib/runkey.py, the params hash of tracking/run.py, the sampling key of tasks/lib/sampling.py)
+are derived from those marks by :meth:`Config.identity`.
 """
 
 from __future__ import annotations
@@ -323,11 +328,6 @@ class Config(BaseModel):
         makes two runs the same run (:meth:`ddpm.config.Section.identity`)."""
         found = {name: sec.identity(*kinds) for name, sec in self.sections().items()}
         return {name: values for name, values in found.items() if values}
-
-    def marked(self, *kinds: str) -> list[str]:
-        """The dotted keys whose identity (resolved under these settings) is one of ``kinds``."""
-        return [f"{name}.{key}" for name, sec in self.sections().items() for key in type(sec).model_fields
-                if sec.identity_of(key) in kinds]
 
 
 def digest(obj: Any) -> str:
