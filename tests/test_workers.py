@@ -49,3 +49,17 @@ def test_sampling_actors_are_capped_by_the_work_and_what_fits():
     assert (on_gpus.workers, on_gpus.use_gpu, on_gpus.gpus, on_gpus.threads) == (2, True, 1.0, 1)
     with pytest.raises(StageError, match="^sample.use_gpu: true but the Ray cluster has no GPU"):
         plan_workers("sample", 2, True, {"CPU": 16.0}, threads=1, jobs=10)
+
+
+def test_work_in_this_process_takes_the_same_rule(monkeypatch):
+    import torch
+
+    from tasks.lib.workers import local_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device("auto", "sample.use_gpu") == torch.device("cpu")
+    with pytest.raises(StageError, match=r"^sample.use_gpu: true but this machine has no GPU; set it to auto or false"):
+        local_device(True, "sample.use_gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_device("auto", "sample.use_gpu") == torch.device("cuda")

@@ -34,7 +34,7 @@ def local_device(setting: UseGpu, key: str) -> "torch.device":  # noqa: F821
     """The device of work done in this process (no Ray): ``cuda`` or ``cpu`` by :func:`resolve_gpu`."""
     import torch
 
-    gpu = resolve_gpu(setting, local_gpus(), key, "this machine (no CUDA device is visible)")
+    gpu = resolve_gpu(setting, local_gpus(), key, "this machine")
     return torch.device("cuda" if gpu else "cpu")
 
 
