@@ -2,7 +2,7 @@
 
 Sample ``i`` uses seed ``sample.seed + i``; shards are planned from the seeds and sampled in batches of
 ``sample.batch_size`` with one intra-op thread per CPU actor, so on one machine the images are bitwise identical
-for any ``sample.num_workers`` (README "Reproducibility"). Finished shards whose key (checkpoint, sampler settings,
+for any ``sample.num_workers`` (docs/pipeline.md "Reproducibility"). Finished shards whose key (checkpoint, sampler settings,
 sampling code) and content match are kept on rerun. ``sample.mode`` ``img2img`` and ``inpaint`` start from the
 held-out images of ``--data``. The machinery is :mod:`tasks.lib.sampling`; this stage adds the command line, which
 reports the samples to the trackers (tasks/lib/callbacks.py).
