@@ -435,8 +435,10 @@ def _fid_lines(metrics: Optional[Path], step: int) -> list[str]:
     return lines
 
 
-def model_card(state: Mapping[str, Any], checkpoint: Path, metrics: Optional[Path], variance: str) -> str:
-    """README.md of an exported folder: what the model is (params, dataset), how it samples, and its FID."""
+def model_card(state: Mapping[str, Any], source: str, metrics: Optional[Path], variance: str) -> str:
+    """README.md of an exported folder: what the model is (params, dataset), how it samples, and its FID.
+
+    ``state``: a checkpoint's (its ``config`` and ``step``); ``source``: where the weights come from, in words."""
     cfg, step = state["config"], int(state["step"])
     m, d = cfg["model"], cfg["diffusion"]
     params = cfg.get("params") or {}
@@ -451,7 +453,7 @@ def model_card(state: Mapping[str, Any], checkpoint: Path, metrics: Optional[Pat
         "- diffusers:DDPMPipeline", "---", "",
         f"# DDPM on {dataset} ({shape})", "",
         "A denoising diffusion probabilistic model (Ho, Jain and Abbeel 2020, arXiv:2006.11239) trained with the "
-        f"ddpm-pipeline project and exported from `{checkpoint.name}` (training step {step}, EMA weights).", "",
+        f"ddpm-pipeline project and exported from {source} (training step {step}, EMA weights).", "",
         "```python", "from diffusers import DDPMPipeline", "",
         'pipe = DDPMPipeline.from_pretrained("path/to/this/folder")',
         f"images = pipe(batch_size=16, num_inference_steps={d['timesteps']}).images  # Algorithm 2, all T steps",

@@ -178,6 +178,6 @@ def to_diffusers(checkpoint: os.PathLike | str, folder: os.PathLike | str, *,
         raise ValueError(f"variance: {variance!r}; known: 'fixedlarge', 'fixedsmall'")
     clip = sampler.get("clip_denoised", True)
     metrics = Path(metrics) if metrics is not None else checkpoint.resolve().parent.parent / "metrics" / "eval.json"
-    card = model_card(state, checkpoint, metrics if metrics.is_file() else None, variance)
+    card = model_card(state, f"`{checkpoint.name}`", metrics if metrics.is_file() else None, variance)
     return write_diffusers(model, state["config"]["diffusion"], folder, variance=variance, clip_denoised=clip,
                            card=card)
