@@ -400,7 +400,7 @@ def locate(folder: Path, scheduler: Optional[Path] = None) -> tuple[Path, Path]:
                  if p.is_file()]
         if not found:
             raise DiffusersFormatError(folder, "no scheduler config (scheduler/scheduler_config.json or "
-                                               "scheduler_config.json); pass the scheduler's config of a bare UNet")
+                                               "scheduler_config.json); pass the scheduler's config for a bare UNet (--scheduler)")
         scheduler = found[0]
     scheduler = Path(scheduler)
     if scheduler.is_dir():
@@ -443,17 +443,21 @@ def model_card(state: Mapping[str, Any], source: str, metrics: Optional[Path], v
     m, d = cfg["model"], cfg["diffusion"]
     params = cfg.get("params") or {}
     data, train = params.get("data") or {}, params.get("train") or {}
-    dataset = data.get("dataset", "unknown")
+    dataset = data.get("dataset")
     shape = f"{m['image_channels']}x{m['image_size']}x{m['image_size']}"
+    imported = (cfg.get("diffusers") or {}).get("source")
+    origin = ("trained with the ddpm-pipeline project" if params else
+              f"imported by the ddpm-pipeline project from the diffusers folder `{imported}`" if imported else
+              "written by the ddpm-pipeline project")
     prediction = {v: k for k, v in OBJECTIVES.items()}[d["objective"]]
     schedule = (f"linear, beta {d['beta_start']:g} to {d['beta_end']:g}" if d["schedule"] == "linear"
                 else f"cosine, s = {d['cosine_s']:g}")
     lines = [
         "---", "library_name: diffusers", "tags:", "- unconditional-image-generation", "- ddpm",
         "- diffusers:DDPMPipeline", "---", "",
-        f"# DDPM on {dataset} ({shape})", "",
-        "A denoising diffusion probabilistic model (Ho, Jain and Abbeel 2020, arXiv:2006.11239) trained with the "
-        f"ddpm-pipeline project and exported from {source} (training step {step}, EMA weights).", "",
+        f"# DDPM on {dataset} ({shape})" if dataset else f"# DDPM ({shape})", "",
+        f"A denoising diffusion probabilistic model (Ho, Jain and Abbeel 2020, arXiv:2006.11239) {origin}, exported "
+        f"from {source} (training step {step}, EMA weights).", "",
         "```python", "from diffusers import DDPMPipeline", "",
         'pipe = DDPMPipeline.from_pretrained("path/to/this/folder")',
         f"images = pipe(batch_size=16, num_inference_steps={d['timesteps']}).images  # Algorithm 2, all T steps",
@@ -465,9 +469,9 @@ def model_card(state: Mapping[str, Any], source: str, metrics: Optional[Path], v
         f"- diffusion: T = {d['timesteps']}, {schedule} (the scheduler holds the exact betas as `trained_betas`)",
         f"- prediction_type `{prediction}` (objective `{d['objective']}`), variance_type "
         f"`{'fixed_large' if variance == 'fixedlarge' else 'fixed_small'}`", "",
-        "## Training", "",
-        f"- dataset: `{dataset}`" + (f", images {data['image_size']}px" if data.get("image_size") else ""),
     ]
+    if dataset:
+        lines += ["## Training", "", f"- dataset: `{dataset}`"]
     if train:
         lines.append(f"- {step} of {train.get('steps')} steps, batch {train.get('batch_size')}, lr {train.get('lr')}"
                      f" ({train.get('lr_schedule')}), EMA decay {train.get('ema_decay')}, seed {train.get('seed')}")
