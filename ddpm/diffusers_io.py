@@ -176,7 +176,8 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
 
 # -- the weights ------------------------------------------------------------------------------------------------------
 # Our parameter names -> diffusers', applied in order. The attention's fused 1x1 qkv conv is their three Linear
-# to_q/to_k/to_v (stacked on dim 0, in that order); 1x1 convs and Linears hold the same numbers ([C, C, 1, 1] vs [C, C]).
+# to_q/to_k/to_v (stacked on dim 0, in that order); 1x1 convs and Linears hold the same numbers ([C, C, 1, 1] vs
+# [C, C]).
 _RENAMES = [
     (r"^temb\.0\.", "time_embedding.linear_1."),
     (r"^temb\.2\.", "time_embedding.linear_2."),
@@ -400,7 +401,8 @@ def locate(folder: Path, scheduler: Optional[Path] = None) -> tuple[Path, Path]:
                  if p.is_file()]
         if not found:
             raise DiffusersFormatError(folder, "no scheduler config (scheduler/scheduler_config.json or "
-                                               "scheduler_config.json); pass the scheduler's config for a bare UNet (--scheduler)")
+                                               "scheduler_config.json); pass the scheduler's config for a bare "
+                                               "UNet (--scheduler)")
         scheduler = found[0]
     scheduler = Path(scheduler)
     if scheduler.is_dir():

@@ -75,7 +75,7 @@ def predictions(ours: UNet, theirs, x: torch.Tensor, t: torch.Tensor) -> tuple[t
     return ours(x, t), theirs(x, t).sample
 
 
-# -- import: the published layouts -------------------------------------------------------------------------------------
+# -- import: the published layouts -----------------------------------------------------------------------------------
 def test_cifar10_32_imports_and_predicts_what_diffusers_predicts(tmp_path, repo_root):
     theirs = published(tmp_path / "ddpm-cifar10-32", CIFAR10_32_UNET, CIFAR10_32_SCHEDULER)
     read = read_diffusers(tmp_path / "ddpm-cifar10-32")
@@ -154,7 +154,7 @@ def test_scheduler_configs_map_to_our_diffusion(scheduler, diffusion, hints):
     assert {k: got_hints[k] for k in hints} == hints
 
 
-# -- export ------------------------------------------------------------------------------------------------------------
+# -- export ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exported(tiny_trained, tmp_path_factory):
     """The tiny trained checkpoint in a project layout with an eval.json, exported with `ddpm export-diffusers`."""
@@ -282,7 +282,7 @@ def test_ddpm_console_script_imports_and_refuses_in_one_line(tmp_path, capsys):
     assert "  import-diffusers  ddpm import-diffusers FOLDER" in usage and "  export-diffusers  ddpm export" in usage
 
 
-# -- old checkpoints --------------------------------------------------------------------------------------------------
+# -- old checkpoints -------------------------------------------------------------------------------------------------
 def test_checkpoints_without_norm_eps_load_as_1e_5_bitwise(tiny_trained, tmp_path):
     ckpt = list_checkpoints(tiny_trained / "checkpoints")[-1][1]
     state = load_checkpoint(ckpt)
@@ -300,7 +300,7 @@ def test_checkpoints_without_norm_eps_load_as_1e_5_bitwise(tiny_trained, tmp_pat
         assert torch.equal(a(x, t), b(x, t))
 
 
-# -- refused layouts ----------------------------------------------------------------------------------------------------
+# -- refused layouts -------------------------------------------------------------------------------------------------
 UNET_REFUSALS = [  # (change to google/ddpm-cifar10-32's config, key named, words of the message)
     ({"attention_head_dim": 64}, "attention_head_dim", "4 heads"),
     ({"flip_sin_to_cos": True}, "flip_sin_to_cos", "[sin, cos]"),
@@ -367,7 +367,7 @@ def test_our_layout_maps_to_diffusers_and_back(repo_root):
             assert count_parameters(UNet2DModel(**kwargs)) == count_parameters(UNet.from_config(cfg)), name
 
 
-# -- a published-layout model through the pipeline's stages --------------------------------------------------------
+# -- a published-layout model through the pipeline's stages ----------------------------------------------------------
 def test_imported_model_samples_in_the_library(tmp_path):
     from ddpm.samplers import sample
 

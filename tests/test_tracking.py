@@ -275,6 +275,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     local = download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model"),
                                tracking_uri=uri)
     assert not list(Path(local).rglob("*.pkl")) and (Path(local) / "artifacts" / "weights.pt").is_file()  # no pickle
+    assert (Path(local) / "artifacts" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pyfunc = mlflow.pyfunc.load_model(local)
     loaded = pyfunc.unwrap_python_model().unet
     state = load_checkpoint(ckpts / "ckpt_00000006.pt")

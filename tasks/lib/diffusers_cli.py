@@ -1,6 +1,6 @@
 """``ddpm import-diffusers`` and ``ddpm export-diffusers``: models in and out of diffusers' format (docs/diffusers.md).
 
-    ddpm import-diffusers ddpm-cifar10-32 --out checkpoints/      # a DDPMPipeline folder -> checkpoints/ckpt_00000000.pt
+    ddpm import-diffusers ddpm-cifar10-32 --out checkpoints/     # a DDPMPipeline folder -> checkpoints/ckpt_00000000.pt
     ddpm export-diffusers --checkpoint checkpoints --out digits-ddpm   # DDPMPipeline.from_pretrained("digits-ddpm")
 
 The work is :mod:`ddpm.pretrained`'s; this layer turns its exceptions into one line and exit status 2.
