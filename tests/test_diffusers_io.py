@@ -97,7 +97,7 @@ def test_cifar10_32_imports_and_predicts_what_diffusers_predicts(tmp_path, repo_
 
 
 def test_256_six_level_layout_imports_and_predicts_what_diffusers_predicts(tmp_path, repo_root):
-    """The exact published 256x256 config (no smaller stand-in): about 10 s per forward of one image on one core."""
+    """The exact published 256x256 config, not a smaller stand-in, at batch 2."""
     theirs = published(tmp_path / "ddpm-ema-church-256", CHURCH_256_UNET, CHURCH_256_SCHEDULER)
     model, diffusion = from_diffusers(tmp_path / "ddpm-ema-church-256")
     assert model.config == load_config(repo_root / "configs" / "lsun256.yaml").unet_config()
