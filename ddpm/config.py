@@ -34,6 +34,9 @@ class ModelConfig(_Section):
     attn_resolutions: tuple[int, ...] = (4,)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     num_groups: int = Field(default=32, gt=0)
+    # GroupNorm's epsilon: 1e-6 in the paper's code (the cifar10/lsun256/celebahq256 presets), 1e-5 (torch's default)
+    # in the digits demo and in every checkpoint stored before the key existed (ddpm/unet.py UNetConfig.norm_eps).
+    norm_eps: float = Field(default=1e-5, gt=0, lt=1)
 
 
 class DiffusionConfig(_Section):

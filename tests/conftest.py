@@ -145,6 +145,30 @@ def tiny_trained(tmp_path_factory) -> Path:
     return work
 
 
+# -- diffusers folders (tests/test_diffusers_io.py, tests/test_bad_input.py) -----------------------------------------
+# The published google/ddpm-* layout (ddpm/diffusers_io.py), tiny: 1x8x8, two levels, attention at 4x4.
+TINY_DIFFUSERS_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=4,
+                           downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6)
+
+
+def save_diffusers_pipeline(dest: Path, unet: dict | None = None, scheduler: dict | None = None, seed: int = 0,
+                            std: float = 0.02):
+    """A real ``DDPMPipeline`` folder at ``dest``: a ``UNet2DModel`` of ``unet``'s config (the tiny published layout by
+    default; a dict may be a published config.json) with N(0, std) weights, and a ``DDPMScheduler`` of ``scheduler``
+    (diffusers' defaults by default). Returns the UNet (eval mode)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    model = UNet2DModel.from_config(dict(TINY_DIFFUSERS_UNET) if unet is None else unet).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random, not the zero-initialised outputs, so every weight shows in the prediction
+        for p in model.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g))
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(scheduler or {})).save_pretrained(dest)
+    return model
+
+
 # -- a real MLflow server on loopback (tests/test_tracking.py, tests/test_browser.py) ------------------------------
 from tools.screenshots import free_port, stop_group  # noqa: E402  (re-exported: `from conftest import free_port`)
 

@@ -283,7 +283,8 @@ class Config(_Section):
     def unet_config(self) -> UNetConfig:
         c, size, _ = self.data.shape
         m = self.model
-        return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups)
+        return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups,
+                          m.norm_eps)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
