@@ -18,8 +18,10 @@ help:
 	@echo "make demo   - install (once) and run the train-eval flow on the embedded digits dataset (no server)"
 	@echo "make serve  - a local Prefect server on 127.0.0.1:4200 + the train-eval deployments (Ctrl-C stops both)"
 	@echo "make mlflow-ui - the MLflow UI over this project's runs (mlflow.db, mlruns/) at http://127.0.0.1:5000"
-	@echo "make test   - install (once, with chromium for the browser tests) and run the whole test suite"
-	@echo "make report - rewrite README.md's and BENCHMARKS.md's measured blocks from benchmarks/results/*.json"
+	@echo "make test   - install (once, with chromium for the browser tests) and run the whole test suite (4 workers)"
+	@echo "make test-fast - the unit tests alone (no servers, no Ray cluster, no pipeline run), a few minutes"
+	@echo "make bench  - the maintained CPU benchmarks (benchmarks/run_all.py lists them), then make report"
+	@echo "make report - rewrite the measured blocks of README.md, BENCHMARKS.md and docs/ from benchmarks/results/*.json"
 	@echo "make screenshots - README's screenshots (docs/screenshots/) of the MLflow and Prefect pages, in headless chromium"
 
 $(PY):
@@ -60,19 +62,25 @@ mlflow-ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--workers 1 --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db --default-artifact-root $(MLFLOW_STORE)/mlruns
 
+# The suite on TEST_WORKERS processes (pytest-xdist): most end-to-end tests wait on servers and subprocesses, so more
+# workers than cores pays. Tests sharing an expensive fixture stay on one worker (tests/conftest.py SHARED_FIXTURES).
+TEST_WORKERS ?= 4
+
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
+# The unit tests alone: no servers, no Ray cluster, no pipeline run (`-m "not slow"`); a few minutes.
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadgroup
 
-# Benchmarks 1-4 vs diffusers (~10 min on 2 cores), then `make report`'s rewrite of the measured blocks; BENCH_DEMO=1
-# adds the whole demo (benchmark 5). diffusers is a runtime dependency (ddpm/solvers.py).
+# The maintained CPU benchmarks (benchmarks/run_all.py lists them: training and sampling vs diffusers, Ray Train's
+# overhead; ~10 min on 2 cores), then `make report`; BENCH_DEMO=1 adds the whole demo (benchmark 5). diffusers is a
+# runtime dependency (ddpm/solvers.py).
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.run_all
 
-# Every measured number of README.md and BENCHMARKS.md, rewritten from the committed records in benchmarks/results/
+# Every measured block of README.md, BENCHMARKS.md and docs/*.md, rewritten from the records in benchmarks/results/
 # (a second run changes nothing; `python -m benchmarks.report --check` names stale blocks without writing).
 report: install
 	$(PY) -m benchmarks.report

@@ -1,20 +1,17 @@
 """Benchmark 5: `make demo` end to end (after install), its stages and what it measured: benchmarks/results/demo.json.
 
 Runs the demo's command (``python -m flows.train_eval`` with params.yaml) once in a fresh clone of the repository
-(its HEAD), so every stage runs rather than being up to date, then measures the inpainting label agreement on the same outputs
-(``benchmarks.inpaint_agreement``, benchmarks/results/inpaint.json) and the reproducibility bounds of its
-checkpoint (``benchmarks.repro_bounds``, benchmarks/results/repro.json). The record holds the total wall, each stage's
-wall and status (the flow's ``stages:`` line), FID/KID mean ± std with the per-repeat values, the real-vs-real
-floor, fid_ratio, the classifier's held-out accuracy, the sampler table's rows and the machine; README.md's demo
-paragraph and sampler table are generated from it (``make report``).
+(its HEAD), so every stage runs rather than being up to date. The record holds the total wall, each stage's wall and
+status (the flow's ``stages:`` line), FID/KID mean ± std with the per-repeat values, the real-vs-real floor,
+fid_ratio, the classifier's held-out accuracy, the sampler table's rows and the machine; README.md's demo table and
+docs/sampling.md's sampler table are generated from it (``make report``).
 
-    python -m benchmarks.bench_demo                 # runs the demo once (~10 min on 2 cores), then inpainting
-    python -m benchmarks.bench_demo --records ROOT  # the same record from a finished demo's outputs, no rerun
-    python -m benchmarks.bench_demo --records ROOT --log FILE  # ... with the stage walls of its saved output
+    python -m benchmarks.bench_demo                 # runs the demo once (~10 min on 2 cores)
+    python -m benchmarks.bench_demo --records ROOT  # the same record from a demo this command ran into ROOT
 
-A demo run by this command leaves ``demo_stdout.log`` and ``demo_wall.json`` in its output folder, so
-``--records`` on that folder rebuilds the identical record. Without them (a plain ``make demo``), the stages
-are what the train and sample stages record themselves, and the total wall is unknown.
+A demo run by this command leaves ``demo_stdout.log`` and ``demo_wall.json`` in its output folder, so ``--records``
+on that folder rebuilds the identical record (a ``make demo`` whose output was saved as ROOT/demo_stdout.log gives
+the record without the total wall).
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ def parse_stages(text: str) -> dict[str, dict]:
     """``stages: fetch ran (1.2 s), train ran (300.0 s), ...`` -> {stage: {status, wall_s}}."""
     lines = [ln for ln in text.splitlines() if ln.strip().startswith("stages:")]
     if not lines:
-        raise ValueError("no 'stages:' line in the demo output; did the flow finish?")
+        raise SystemExit("error: no 'stages:' line in the demo's output: did the flow finish?")
     return {m.group(1): {"status": m.group(2), "wall_s": float(m.group(3))} for m in STAGE_RE.finditer(lines[-1])}
 
 
@@ -61,7 +58,7 @@ def _summary(ev: dict, metric: str) -> Optional[dict]:
 
 
 def evaluation(ev: dict) -> dict[str, Any]:
-    """What README's demo paragraph quotes from metrics/eval.json."""
+    """What README's demo table quotes from metrics/eval.json."""
     out: dict[str, Any] = {k: ev.get(k) for k in ("feature_extractor", "num_generated", "num_reference")}
     out["repeats"] = ev.get("repeats", 1)
     for m in ("fid", "kid_mean", "isc_mean"):
@@ -83,35 +80,22 @@ SAMPLE_KEYS = ("count", "sampler", "steps", "eta", "use_ema", "checkpoint_step",
 TRAIN_KEYS = ("steps", "final_loss", "fit_wall_s", "ray_startup_s", "images_per_s", "num_workers")
 
 
-def collect(root: Path, log_text: Optional[str] = None, total_wall_s: Optional[float] = None) -> dict[str, Any]:
-    """The demo record from a finished demo's output root (``metrics/``, ``samples/``) and, when known, its printed
-    output (the stage walls) and total wall. Raises SystemExit when the root holds no demo outputs."""
+def collect(root: Path, log_text: str, total_wall_s: Optional[float]) -> dict[str, Any]:
+    """The demo record from a finished demo's output root (``metrics/``, ``samples/``), its printed output (the
+    stage walls) and its total wall. Raises SystemExit when the root holds no demo outputs."""
     root = Path(root)
     train = _read(root / "metrics/train.json")
     if train is None:
         raise SystemExit(f"error: {root / 'metrics/train.json'} missing; run `make demo` first (or pass another "
                          "--records root)")
-    samples = _read(root / "samples/samples.json")
-    details: dict[str, dict] = {"train": {k: train[k] for k in TRAIN_KEYS if train.get(k) is not None}}
-    if samples:
-        details["sample"] = {k: samples[k] for k in SAMPLE_KEYS if samples.get(k) is not None}
-    if log_text is not None:
-        stages = parse_stages(log_text)
-        source = "the flow's own stage walls (its `stages:` line)"
-    else:
-        # Without the printed output only the stages that store their walls are known.
-        stages = {"train": {"status": "recorded",
-                            "wall_s": round(float(train["fit_wall_s"]) + float(train.get("ray_startup_s") or 0), 1)}}
-        if samples:
-            stages["sample"] = {"status": "recorded", "wall_s": round(float(samples["wall_s"]), 1)}
-        source = ("the walls the train stage (Ray start-up + fit) and the sample stage record; the other stages' "
-                  "walls are printed by the flow, not stored")
+    samples = _read(root / "samples/samples.json") or {}
+    stages = parse_stages(log_text)
     result: dict[str, Any] = {
-        "source": source,
         "total_wall_s": total_wall_s,
         "stages": stages,
         "sum_of_stages_s": round(sum(s["wall_s"] for s in stages.values()), 1),
-        "stage_details": details,
+        "stage_details": {"train": {k: train[k] for k in TRAIN_KEYS if train.get(k) is not None},
+                          "sample": {k: samples[k] for k in SAMPLE_KEYS if samples.get(k) is not None}},
     }
     ev = _read(root / "metrics/eval.json")
     if ev:
@@ -158,24 +142,18 @@ def run_demo(out: Path) -> tuple[str, float]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", help="a finished demo's output root: build the record from its outputs (no rerun)")
-    p.add_argument("--log", help="with --records: the demo's saved output, for the stage walls")
     p.add_argument("--keep", help="run the demo into this folder (default: a new temporary one)")
-    p.add_argument("--no-inpaint", action="store_true", help="skip the inpainting measurement after the demo")
-    p.add_argument("--no-repro", action="store_true",
-                   help="skip the reproducibility bounds (benchmarks.repro_bounds) after the demo")
-    p.add_argument("--results", help="write demo.json (and inpaint.json) here instead of benchmarks/results/")
+    p.add_argument("--results", help="write demo.json here instead of benchmarks/results/")
     args = p.parse_args(argv)
-    results = Path(args.results) if args.results else None
     if args.records:
         root = Path(args.records).resolve()
-        log = Path(args.log) if args.log else root / "demo_stdout.log"
-        text = log.read_text() if log.is_file() else None
+        if not (root / "demo_stdout.log").is_file():
+            raise SystemExit(f"error: {root / 'demo_stdout.log'} missing: --records reads the stage walls from the "
+                             "demo's output (a folder that `python -m benchmarks.bench_demo --keep DIR` ran into)")
         wall = _read(root / "demo_wall.json") or {}
-        result = collect(root, text, wall.get("total_wall_s"))
+        result = collect(root, (root / "demo_stdout.log").read_text(), wall.get("total_wall_s"))
         commit = wall.get("git_commit")
-        command = f"python -m benchmarks.bench_demo --records {args.records}" + (f" --log {args.log}" if args.log else "")
-        if wall and not args.log:
-            command = RUN_COMMAND  # the record of a demo this command ran, rebuilt from its folder
+        command = RUN_COMMAND if wall else f"python -m benchmarks.bench_demo --records {args.records}"
     else:
         root = Path(args.keep or tempfile.mkdtemp(prefix="bench_demo_")).resolve()
         print(f"running the demo into {root} (~10 min)", flush=True)
@@ -185,18 +163,10 @@ def main(argv=None) -> dict:
         commit = (_read(root / "demo_wall.json") or {}).get("git_commit")
     result["output_root"] = str(root)
     result["git_commit"] = commit or _git_commit()
-    write_result("demo", result, command, results)
+    write_result("demo", result, command, Path(args.results) if args.results else None)
     for name, s in result["stages"].items():
         print(f"{name:16s} {s['status']:8s} {s['wall_s']:8.1f} s")
     print(f"total wall {result['total_wall_s']} s (stages {result['sum_of_stages_s']} s)")
-    if not args.records and not args.no_inpaint:
-        from benchmarks import inpaint_agreement
-
-        inpaint_agreement.main(["--root", str(root), *(["--results", str(results)] if results else [])])
-    if not args.records and not args.no_repro:
-        from benchmarks import repro_bounds
-
-        repro_bounds.main(["--root", str(root), *(["--results", str(results)] if results else [])])
     return result
 
 

@@ -10,8 +10,8 @@
 #   bash benchmarks/gpu_pipeline.sh           # a machine with CUDA and this checkout
 #   bash benchmarks/gpu_pipeline.sh --smoke   # the same stages on the CPU at a tiny size (well under 90 s)
 #
-# Needs the project's dependencies (pyproject.toml): a wheel folder .whl/ beside the checkout is installed into
-# /tmp/site first when one of them is missing (the offline GPU machines of this project's sessions).
+# Needs the project's dependencies (pyproject.toml): the bundle .whl/ beside the checkout (benchmarks/device_packages.sh
+# builds it) is installed into /tmp/site first when one of them is missing (this project's offline GPU machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

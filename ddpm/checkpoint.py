@@ -56,6 +56,58 @@ def atomic_write_bytes(path: os.PathLike | str, write) -> None:
         pass
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_folder(path: os.PathLike | str, fill, replace=lambda old: False) -> Path:
+    """Call ``fill(tmp)`` on a new temporary folder beside ``path``, fsync its files, then rename it to ``path``.
+
+    A reader sees no folder or the whole new one, never a partial one. An existing ``path`` is replaced only when
+    ``replace(path)`` says so (it is moved aside, the new folder renamed in, the old one deleted); otherwise
+    :class:`FileExistsError`. A failure removes the temporary folder and leaves ``path`` as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not replace(path):
+        raise FileExistsError(17, "exists; choose a new folder", str(path))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        fill(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the mode a plain mkdir would
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():  # put the old folder back
+            os.replace(old / path.name, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
     """Delete the temporary files (``.<name>.<random>.tmp``) that a writer killed mid-write left in ``folder``;
     return them. Call it only when no other process writes into ``folder``."""

@@ -98,7 +98,6 @@ class Section(BaseModel):
         return self.model_dump(mode="json", include=names)
 
 
-
 class ModelConfig(Section):
     """The UNet's architecture (:class:`ddpm.unet.UNetConfig` without the image shape, which is the data's). Its rules
     (positive sizes, divisible levels, attention at a resolution that occurs, groups that divide the channels) are
@@ -110,6 +109,9 @@ class ModelConfig(Section):
     attn_resolutions: tuple[int, ...] = result(())
     dropout: float = result(0.0)
     num_groups: int = result(16)
+    # GroupNorm's epsilon: 1e-6 in the paper's code (the cifar10/lsun256/celebahq256 presets), 1e-5 (torch's default)
+    # in the digits demo and in every checkpoint stored before the key existed (ddpm/unet.py UNetConfig.norm_eps).
+    norm_eps: float = result(1e-5)
 
 
 class DiffusionConfig(Section):

@@ -5,7 +5,7 @@ does not depend on how a set of seeds is split into batches, shards or workers (
 its images beyond float round-off. Noise is per device type: CPU and CUDA generators give different streams for the
 same seed. Bit for bit, the same seeds are guaranteed the same images only in one batch composition with one torch
 build and thread count: oneDNN/MKL pick kernels by batch size, thread count and CPU, so another split of the seeds
-moves the samples' last bits (1e-7 to 1e-5 on an AMD EPYC with AVX-512; README "Reproducibility").
+moves the samples' last bits (1e-7 to 1e-5 on an AMD EPYC with AVX-512; docs/pipeline.md "Reproducibility").
 """
 
 from __future__ import annotations

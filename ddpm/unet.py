@@ -33,6 +33,10 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     num_groups: int = 32
+    # GroupNorm's epsilon. The paper's TensorFlow code (and every published diffusers config of it) uses 1e-6; 1e-5 is
+    # torch's default, what every checkpoint written before this field existed was trained with, so a stored config
+    # without the key reads as 1e-5 and loads bit for bit as before.
+    norm_eps: float = 1e-5
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -72,6 +76,9 @@ class UNetConfig:
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise UNetConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
+            raise UNetConfigError("norm_eps", f"must be a number in (0, 1), got {eps!r}")
         for m in {1, *self.ch_mult}:
             if (self.ch * m) % self.num_groups:
                 raise UNetConfigError(
@@ -119,12 +126,12 @@ def _init(module: nn.Module, zero: bool = False) -> nn.Module:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, plus the projected time embedding, then GroupNorm-SiLU-dropout-conv, residual."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = _init(nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.temb_proj = _init(nn.Linear(temb_ch, out_ch))
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _init(nn.Conv2d(out_ch, out_ch, 3, padding=1), zero=True)
         self.skip = _init(nn.Conv2d(in_ch, out_ch, 1)) if in_ch != out_ch else nn.Identity()
@@ -139,9 +146,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with 1x1 q/k/v/out projections (Appendix B)."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
         self.qkv = _init(nn.Conv2d(ch, 3 * ch, 1))
         self.proj_out = _init(nn.Conv2d(ch, ch, 1), zero=True)
 
@@ -181,7 +188,8 @@ class UNet(nn.Module):
 
     Args mirror :class:`UNetConfig`: ``image_channels``, ``image_size``, ``ch`` (base channels), ``ch_mult``
     (multiplier per level; a level is halved after each but the last), ``num_res_blocks`` per level,
-    ``attn_resolutions`` (side lengths that get self-attention), ``dropout`` and ``num_groups`` of GroupNorm.
+    ``attn_resolutions`` (side lengths that get self-attention), ``dropout``, and ``num_groups`` and ``norm_eps``
+    of every GroupNorm.
     """
 
     def __init__(
@@ -194,13 +202,14 @@ class UNet(nn.Module):
         attn_resolutions=(16,),
         dropout: float = 0.1,
         num_groups: int = 32,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         cfg = UNetConfig(image_channels, image_size, ch, tuple(ch_mult), num_res_blocks, tuple(attn_resolutions),
-                         dropout, num_groups)
+                         dropout, num_groups, norm_eps)
         self.config = cfg
         temb_ch = 4 * ch
-        g = num_groups
+        g, eps = num_groups, norm_eps
         self.temb = nn.Sequential(_init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch)))
         self.conv_in = _init(nn.Conv2d(image_channels, ch, 3, padding=1))
 
@@ -213,17 +222,17 @@ class UNet(nn.Module):
             stage = nn.Module()
             stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.res.append(ResBlock(cur, ch * mult, temb_ch, dropout, g))
+                stage.res.append(ResBlock(cur, ch * mult, temb_ch, dropout, g, eps))
                 cur = ch * mult
-                stage.attn.append(AttnBlock(cur, g) if res in cfg.attn_resolutions else nn.Identity())
+                stage.attn.append(AttnBlock(cur, g, eps) if res in cfg.attn_resolutions else nn.Identity())
                 skips.append(cur)
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(cur)
                 skips.append(cur)
             self.down.append(stage)
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, dropout, g), AttnBlock(cur, g),
-                                  ResBlock(cur, cur, temb_ch, dropout, g)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, dropout, g, eps), AttnBlock(cur, g, eps),
+                                  ResBlock(cur, cur, temb_ch, dropout, g, eps)])
 
         # Up path: num_res_blocks + 1 blocks per level, each taking one skip by concatenation.
         self.up = nn.ModuleList()
@@ -232,15 +241,15 @@ class UNet(nn.Module):
             stage = nn.Module()
             stage.res, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.res.append(ResBlock(cur + skips.pop(), ch * cfg.ch_mult[level], temb_ch, dropout, g))
+                stage.res.append(ResBlock(cur + skips.pop(), ch * cfg.ch_mult[level], temb_ch, dropout, g, eps))
                 cur = ch * cfg.ch_mult[level]
-                stage.attn.append(AttnBlock(cur, g) if res in cfg.attn_resolutions else nn.Identity())
+                stage.attn.append(AttnBlock(cur, g, eps) if res in cfg.attn_resolutions else nn.Identity())
             if level != 0:
                 stage.upsample = Upsample(cur)
             self.up.append(stage)
         assert not skips
 
-        self.norm_out = nn.GroupNorm(g, cur)
+        self.norm_out = nn.GroupNorm(g, cur, eps=eps)
         self.conv_out = _init(nn.Conv2d(cur, image_channels, 3, padding=1), zero=True)
 
     def _channels_last(self) -> bool:

@@ -2,7 +2,7 @@
 
 Sample ``i`` uses seed ``sample.seed + i``; shards are planned from the seeds and sampled in batches of
 ``sample.batch_size`` with one intra-op thread per CPU actor, so on one machine the images are bitwise identical
-for any ``sample.num_workers`` (README "Reproducibility"; the actors are :mod:`tasks.lib.sampling`'s, shared with the
+for any ``sample.num_workers`` (docs/pipeline.md "Reproducibility"; the actors are :mod:`tasks.lib.sampling`'s, shared with the
 sampler table). A rerun keeps every finished shard whose key (checkpoint, sampling code, result-defining sample
 settings) and content match and samples only the missing ones.
 

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from tasks.lib.config import Config, load_config  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
+from process_leaks import pytest_sessionfinish  # noqa: E402,F401  (the hook: no process outlives the session)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,6 +146,52 @@ def tiny_trained(tmp_path_factory) -> Path:
     fetch.run(cfg, work / "dataset")
     run_local(cfg, work / "dataset", work / "checkpoints", work / "train_loss.tsv", threads=1)
     return work
+
+
+# -- diffusers folders (tests/test_diffusers_io.py, tests/test_bad_input.py) -----------------------------------------
+# The published google/ddpm-* layout (ddpm/diffusers_io.py), tiny: 1x8x8, two levels, attention at 4x4.
+TINY_DIFFUSERS_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=4,
+                           downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6)
+
+
+def save_diffusers_pipeline(dest: Path, unet: dict | None = None, scheduler: dict | None = None, seed: int = 0,
+                            std: float = 0.02):
+    """A real ``DDPMPipeline`` folder at ``dest``: a ``UNet2DModel`` of ``unet``'s config (the tiny published layout by
+    default; a dict may be a published config.json) with N(0, std) weights, and a ``DDPMScheduler`` of ``scheduler``
+    (diffusers' defaults by default). Returns the UNet (eval mode)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    model = UNet2DModel.from_config(dict(TINY_DIFFUSERS_UNET) if unet is None else unet).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random, not the zero-initialised outputs, so every weight shows in the prediction
+        for p in model.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g))
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(scheduler or {})).save_pretrained(dest)
+    return model
+
+
+# -- the suite on several workers (`make test`: pytest-xdist, --dist loadgroup) -----------------------------------
+# Tests that share an expensive module- or session-scoped fixture run on one worker, which sets it up once: every test
+# that uses one of these fixtures joins its group.
+SHARED_FIXTURES = {
+    "served": "prefect-deployments",  # tests/test_flow.py: a Prefect server + `flows.serve` in one project clone
+    "mlflow_server": "mlflow-server",  # tests/test_tracking.py, tests/test_browser.py
+    "two_pipelines": "two-pipelines",  # tests/test_faults.py: two train -> sample pipelines run together
+    "measured": "memory-flat",  # tests/test_memory_flat.py: the stages measured at N and 4 N images
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Join the groups above, and start the slow (end-to-end) tests first: the workers then end together instead of
+    one of them finishing a long test alone. The order is the same on every worker, as xdist requires."""
+    for item in items:
+        for fixture, group in SHARED_FIXTURES.items():
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # -- a real MLflow server on loopback (tests/test_tracking.py, tests/test_browser.py) ------------------------------

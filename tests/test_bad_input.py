@@ -21,12 +21,18 @@ import pytest
 import torch
 import yaml
 
+from types import SimpleNamespace
+
 from tasks import evaluate, fetch, sample, train, train_classifier
+from tasks.lib import diffusers_cli
 from tasks.lib.cli import run_cli
 from tasks.lib.files import write_npz
 
 STAGES = {"fetch": fetch, "train": train, "sample": sample, "evaluate": evaluate,
-          "train_classifier": train_classifier}
+          "train_classifier": train_classifier,
+          # `ddpm import-diffusers` / `ddpm export-diffusers` (tasks/lib/info.py's cli runs them through run_cli too)
+          "import-diffusers": SimpleNamespace(main=diffusers_cli.import_main),
+          "export-diffusers": SimpleNamespace(main=diffusers_cli.export_main)}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,34 @@ def project(tmp_path_factory):
     (cifar / "data_batch_1").write_bytes(pickle.dumps(_RunsCode(str(root / "pwned")), protocol=2))
     for name in ("data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"):
         (cifar / name).write_bytes(b"")
+    _diffusers_inputs(root)
     return root
+
+
+def _diffusers_inputs(root: Path) -> None:
+    """Real diffusers folders in the tiny published layout, one per refusal; a valid checkpoint to export."""
+    from conftest import TINY_DIFFUSERS_UNET as U, save_diffusers_pipeline
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.unet import UNet
+
+    save_diffusers_pipeline(root / "hf_ok")
+    for name, unet, scheduler in [
+        ("hf_heads", {"attention_head_dim": 8}, None),
+        ("hf_flip", {"flip_sin_to_cos": True}, None),
+        ("hf_block", {"down_block_types": ("ResnetDownsampleBlock2D", "AttnDownBlock2D")}, None),
+        ("hf_attn_up", {"up_block_types": ("UpBlock2D", "AttnUpBlock2D")}, None),
+        ("hf_scaled", {}, {"beta_schedule": "scaled_linear"}),
+        ("hf_learned", {}, {"variance_type": "learned_range"}),
+    ]:
+        save_diffusers_pipeline(root / name, {**U, **unet}, scheduler)
+    save_diffusers_pipeline(root / "hf_noweights")
+    for f in (root / "hf_noweights" / "unet").glob("diffusion_pytorch_model.*"):
+        f.unlink()
+    model = UNet(1, 8, 8, (1, 2), 1, (4,), 0.0, 4)
+    weights = model.state_dict()
+    save_checkpoint(root / "good_ckpt" / "ckpt_00000001.pt", {
+        "model": weights, "ema": {f"module.{k}": v for k, v in weights.items()}, "optimizer": {}, "step": 1,
+        "config": {"model": model.config.to_dict(), "diffusion": {"timesteps": 10}}})
 
 
 class _RunsCode:
@@ -207,6 +240,39 @@ CASES = [
     ("params-scalar", "evaluate", ["--params", "{root}/scalar.yaml"], ["scalar.yaml", "expected a mapping", "int"]),
     ("params-missing", "train", ["--params", "{root}/absent.yaml"], ["absent.yaml", "params file not found"]),
     ("unknown-command-line-option", "train", ["--stepz", "10"], ["unrecognized arguments: --stepz 10", "--help"]),
+    # diffusers' format in and out (docs/diffusers.md): a layout our UNet or diffusion cannot express names its key
+    ("diffusers-several-heads", "import-diffusers", ["{root}/hf_heads"],
+     ["hf_heads/unet/config.json", "attention_head_dim", "2 heads", "one head"]),
+    ("diffusers-flip-sin-to-cos", "import-diffusers", ["{root}/hf_flip"],
+     ["flip_sin_to_cos: True is not expressible", "[sin, cos]"]),
+    ("diffusers-other-block-type", "import-diffusers", ["{root}/hf_block"],
+     ["down_block_types[0]", "'ResnetDownsampleBlock2D'", "DownBlock2D and AttnDownBlock2D"]),
+    ("diffusers-attention-differs-up-and-down", "import-diffusers", ["{root}/hf_attn_up"],
+     ["up_block_types", "levels [0] on the way up but [1] on the way down"]),
+    ("diffusers-scaled-linear-betas", "import-diffusers", ["{root}/hf_scaled"],
+     ["scheduler_config.json", "beta_schedule: 'scaled_linear' is not among this project's schedules"]),
+    ("diffusers-learned-variance", "import-diffusers", ["{root}/hf_learned"],
+     ["variance_type: 'learned_range'", "fixed_small"]),
+    ("diffusers-folder-missing", "import-diffusers", ["{root}/nowhere"], ["nowhere: not a folder", "DDPMPipeline"]),
+    ("diffusers-no-weights", "import-diffusers", ["{root}/hf_noweights"],
+     ["hf_noweights/unet", "weights not loadable by diffusers"]),
+    ("diffusers-bare-unet-without-scheduler", "import-diffusers", ["{root}/hf_ok/unet"],
+     ["no scheduler config", "scheduler_config.json"]),
+    ("import-into-a-checkpoint-folder", "import-diffusers", ["{root}/hf_ok", "--out", "{root}/ckpt"],
+     ["ckpt: holds checkpoints already"]),
+    ("import-negative-step", "import-diffusers", ["{root}/hf_ok", "--step", "-1"], ["--step: -1"]),
+    ("export-corrupt-checkpoint", "export-diffusers", ["--checkpoint", "{root}/corrupt_ckpt"],
+     ["corrupt_ckpt", "no readable checkpoint"]),
+    ("export-missing-checkpoint", "export-diffusers", ["--checkpoint", "{root}/nowhere/ckpt_00000001.pt"],
+     ["ckpt_00000001.pt: no such checkpoint file"]),
+    ("export-onto-another-folder", "export-diffusers",
+     ["--checkpoint", "{root}/good_ckpt", "--out", "{root}/bad_images"],
+     ["bad_images: exists and is not a diffusers pipeline folder"]),
+    ("export-metrics-missing", "export-diffusers",
+     ["--checkpoint", "{root}/good_ckpt", "--metrics", "{root}/none.json"],
+     ["none.json: no such metrics file"]),
+    ("export-unknown-variance", "export-diffusers", ["--checkpoint", "{root}/good_ckpt", "--variance", "learned"],
+     ["--variance", "invalid choice: 'learned'"]),
 ]
 
 
@@ -220,8 +286,12 @@ def _argv(stage: str, root: Path, extra: list[str]) -> list[str]:
                      "--out", f"{root}/metrics/eval.json"],
         "train_classifier": ["--data", f"{root}/data", "--out", f"{root}/models/clf.pt",
                              "--metrics", f"{root}/metrics/clf.json"],
+        "import-diffusers": ["--out", f"{root}/imported"],
+        "export-diffusers": ["--out", f"{root}/hub"],
     }[stage]
     extra = [a.replace("{root}", str(root)) for a in extra]
+    if stage.endswith("-diffusers"):  # `ddpm` subcommands: no params file
+        return [*paths, *extra]
     # A later --out/--checkpoints/--params wins in argparse, so a case can point a path elsewhere.
     return ["--params", f"{root}/params.yaml", *paths, *extra]
 

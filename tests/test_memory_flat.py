@@ -1,26 +1,110 @@
 """Memory is flat in dataset size: the peak RSS of fetch (an image folder), of train (a few steps of the loop) and of
 evaluate's reference statistics grows less than 15% from N to 4 N images.
 
-The issue's check at a test's size; benchmarks/bench_memory.py makes it at 20,000 and 200,000 images. Each stage
-runs as a child process whose peak RSS is read when it exits (``os.wait4``), nothing under Ray. The stages' bounded
-buffers (a shard of pixels in fetch, the shuffle window in train, the chunk of images handed to the feature
-extractor) are made small here, so that they are full at N already: what grows from N to 4 N is then whatever holds
-something per image.
+The issue's check at a test's size; the memory study (BENCHMARKS.md, "Memory in dataset size") made it at 20,000 and
+200,000 images. Each stage runs as a child process whose peak RSS is read when it exits (``os.wait4``), nothing
+under Ray. The stages' bounded buffers (a shard of pixels in fetch, the shuffle window in train, the chunk of images
+handed to the feature extractor) are made small here, so that they are full at N already: what grows from N to 4 N
+is then whatever holds something per image.
 """
 
 from __future__ import annotations
 
-import pytest
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from benchmarks.bench_memory import (
-    GOAL_RATIO,
-    REFERENCE_CHILD,
-    TRAIN_CHILD,
-    make_image_folder,
-    params,
-    run_measured,
-    write_params,
-)
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL_RATIO = 1.15  # peak RSS at the larger N / at the smaller
+
+# The training loop in the child process, without Ray: argv = params, dataset, checkpoints, loss log.
+TRAIN_CHILD = """\
+import sys
+from tasks.lib.config import load_config
+from tasks.train import run_local
+run_local(load_config(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+"""
+
+# The evaluate stage's reference statistics alone (tasks.lib.scoring.reference_features, the classifier extractor):
+# argv = dataset, classifier weights, REFERENCE_CHUNK_BYTES, batch size.
+REFERENCE_CHILD = """\
+import sys
+from tasks.lib import scoring
+from tasks.lib.classifier import FEATURE_EXTRACTOR_NAME, ClassifierFeatureExtractor
+from tasks.lib.shards import open_dataset
+data, weights, chunk, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+scoring.REFERENCE_CHUNK_BYTES = chunk
+layer = ClassifierFeatureExtractor.get_default_feature_layer_for_metric("fid")
+fe = scoring.build_extractor(FEATURE_EXTRACTOR_NAME, weights, [layer], False, "")
+split = open_dataset(data).train
+feats, (mu, sigma) = scoring.reference_features(fe, split, layer, batch, False)
+assert mu.shape == (feats.shape[1],) and len(feats) == min(len(split), 50_000), (feats.shape, len(split))
+"""
+
+
+def make_image_folder(root: Path, n: int, size: int) -> None:
+    """``n`` grayscale PNGs in 10 class folders (image i in class i % 10): a per-class stripe pattern plus seeded
+    noise, so that a classifier has something to learn."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    angle = np.pi * np.arange(10) / 10
+    patterns = [127.5 + 100 * np.sin(2 * np.pi * (1 + k % 5) * (x * np.cos(angle[k]) + y * np.sin(angle[k])))
+                for k in range(10)]
+    for k in range(10):
+        (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
+    for start in range(0, n, 1000):  # the noise a chunk at a time: 6,000 images of float64 would be ~200 MiB
+        noise = np.random.default_rng([0xB17, start]).normal(0, 40, size=(min(n, start + 1000) - start, size, size))
+        for j, i in enumerate(range(start, start + len(noise))):
+            img = np.clip(patterns[i % 10] + noise[j], 0, 255).astype(np.uint8)
+            Image.fromarray(img, mode="L").save(root / f"class_{i % 10}" / f"{i:07d}.png", compress_level=1)
+
+
+def write_params(path: Path, images: Path) -> Path:
+    """A grayscale labelled image folder, a tiny UNet, MLflow off, the stages' buffers small (the constants above)."""
+    p = {
+        "data": {"dataset": "image-folder", "root": str(images), "image_size": SIZE, "channels": 1,
+                 "holdout_fraction": 0.2, "seed": 0, "shard_images": SHARD_IMAGES, "ingest_workers": 2},
+        "model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+                  "num_groups": 8},
+        "diffusion": {"timesteps": 100},
+        "train": {"steps": 3, "batch_size": TRAIN_BATCH, "lr": 1e-3, "checkpoint_every": 3, "log_every": 10,
+                  "num_workers": 1, "use_gpu": False, "ema_decay": 0.9, "shuffle_buffer_mb": SHUFFLE_MB},
+        "sample": {"num_samples": 200, "shard_size": 100, "batch_size": 100, "sampler": "ddim", "steps": 5,
+                   "num_workers": 1, "use_gpu": False, "grid_size": 16},
+        "classifier": {"steps": 50},
+        "evaluate": {"feature_extractor": "classifier", "kid_subset_size": 100, "repeats": 1},
+        "ray": {"num_cpus": 2, "object_store_mb": 100},
+        "tracking": {"enabled": False}, "figures": {"enabled": False}, "sampler_table": {"enabled": False},
+    }
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    return path
+
+
+def run_measured(cmd: list[str], log: Path, cwd: Path) -> dict:
+    """Run ``cmd`` as a child in its own session; its exit code, wall time and peak RSS (MiB, from ``os.wait4``'s
+    ``ru_maxrss``, KiB on Linux)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"}
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # anything the stage left in its session (none expected)
+    except ProcessLookupError:
+        pass
+    return {"rc": proc.returncode, "wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
 
 # ~60-90 s on 2 cores (nine child processes that each import torch, three of them twice).
 pytestmark = pytest.mark.slow
@@ -44,7 +128,6 @@ STAGES = ("fetch", "train", "reference")
 def measured(tmp_path_factory):
     """{stage: {n: the child's result}} for N and 4 N images, and each dataset's manifest."""
     import json
-    import sys
 
     from tasks.lib.classifier import Classifier, ClassifierArgs, save_classifier
 
@@ -56,11 +139,8 @@ def measured(tmp_path_factory):
     out["manifest"] = {}
     for n in (SMALL, LARGE):
         d = work / f"n{n}"
-        make_image_folder(d / "images", n, SIZE, workers=2)
-        prm = write_params(d / "params.yaml", params(
-            d / "images", SIZE, train_steps=3,
-            extra={"data": {"shard_images": SHARD_IMAGES, "ingest_workers": 2},
-                   "train": {"shuffle_buffer_mb": SHUFFLE_MB, "batch_size": TRAIN_BATCH}}))
+        make_image_folder(d / "images", n, SIZE)
+        prm = write_params(d / "params.yaml", d / "images")
         ds = d / "dataset"
         cmds = {
             "fetch": [sys.executable, "-m", "tasks.fetch", "--params", prm, "--out", ds],
@@ -69,7 +149,7 @@ def measured(tmp_path_factory):
         }
         for stage, cmd in cmds.items():
             log = d / f"{stage}.log"
-            r = run_measured([str(c) for c in cmd], log, cwd=d, tree=False)
+            r = run_measured([str(c) for c in cmd], log, cwd=d)
             assert r["rc"] == 0, f"{stage} at N={n} failed:\n{log.read_text()[-3000:]}"
             out[stage][n] = r
         out["manifest"][n] = json.loads((ds / "dataset.json").read_text())

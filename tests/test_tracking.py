@@ -273,6 +273,7 @@ def test_pipeline_run_tracked_on_a_server(mlflow_server, tiny_config, tmp_path, 
     local = download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model"),
                                tracking_uri=uri)
     assert not list(Path(local).rglob("*.pkl")) and (Path(local) / "artifacts" / "weights.pt").is_file()  # no pickle
+    assert (Path(local) / "artifacts" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pyfunc = mlflow.pyfunc.load_model(local)
     loaded = pyfunc.unwrap_python_model().unet
     state = load_checkpoint(ckpts / "ckpt_00000006.pt")
@@ -355,6 +356,45 @@ def _step0_grid(tiny_config, experiment: str, grid_seed: int, tmp_path: Path) ->
     # the grids' sampler (tracking.grid_sampler, default unipc) on the sample section's timestep spacing
     want = sample(ema.module, diffusion, seeds, (1, 8, 8), sampler="unipc", steps=3, timestep_spacing="trailing")
     return png.read_bytes(), tracking.card_image(to_uint8(want))
+
+
+def test_logged_model_carries_a_diffusers_folder(tiny_config, tmp_path, monkeypatch):
+    """The logged EMA UNet's artifacts hold the same network as a diffusers folder (``artifacts/diffusers/``):
+    DDPMPipeline loads it from a download of the model and predicts what the EMA network does."""
+    from diffusers import DDPMPipeline
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    from ddpm.ema import EMA
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", tracking.PREFECT_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config({**ON, "tracking.experiment": "hub", "tracking.system_metrics": False,
+                       "tracking.grid_every": 0})
+    torch.manual_seed(0)
+    ema = EMA(UNet.from_config(cfg.unet_config()), cfg.train.ema_decay)
+    with torch.no_grad():  # as if trained: the zero-initialised output layers too
+        for p in ema.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cb = training.MlflowTrainCallback()
+    cb.on_fit_start(cfg, "sha", True)
+    cb.on_train_start(cfg, 0, [])
+    cb.on_train_end(2, ema.module)  # two steps trained: the model is logged
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hub")
+    (model,) = client.search_logged_models([exp.experiment_id])
+    local = Path(download_artifacts(artifact_uri=model.artifact_location, dst_path=str(tmp_path / "model")))
+    hub = local / "artifacts" / "diffusers"
+    assert {p.name for p in hub.iterdir()} == {"model_index.json", "unet", "scheduler", "README.md"}
+    pipe = DDPMPipeline.from_pretrained(hub)
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 50, 99])
+    with torch.no_grad():
+        ours, theirs = ema.module.eval()(x, t), pipe.unet.eval()(x, t).sample
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
+    assert torch.equal(pipe.scheduler.betas, train.build_diffusion(cfg.diffusion.model_dump()).betas.float())
+    assert pipe.scheduler.config.variance_type == "fixed_large"  # the run's sample.variance
+    assert "training step 2" in (hub / "README.md").read_text()
 
 
 def test_same_grid_seed_logs_identical_step0_grids(tiny_config, tmp_path, monkeypatch):

@@ -207,8 +207,10 @@ def test_config_round_trips_through_a_dict():
     cfg = UNetConfig(1, 8, 16, [1, 2], 1, [4], 0.0, 8)
     d = cfg.to_dict()
     assert d == {"image_channels": 1, "image_size": 8, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-                 "attn_resolutions": [4], "dropout": 0.0, "num_groups": 8}
+                 "attn_resolutions": [4], "dropout": 0.0, "num_groups": 8, "norm_eps": 1e-5}
     assert UNetConfig.from_dict(d) == cfg
+    # a config stored before norm_eps existed reads as torch's GroupNorm default, what it was trained with
+    assert UNetConfig.from_dict({k: v for k, v in d.items() if k != "norm_eps"}) == cfg
     model = UNet.from_config(d)
     assert model.config == cfg
     assert UNet.from_config(cfg).config == cfg

@@ -219,7 +219,9 @@ class MlflowTrainCallback(TrainCallback):
 
     def _log_model(self, step: int, model) -> None:
         """The EMA UNet as an MLflow model without pickle (tracking/unet_model.py: a "model from code" that rebuilds
-        it from its config and a weights-only state dict); the library's code travels with it."""
+        it from its config and a weights-only state dict); the library's code travels with it. The same network as
+        a diffusers folder is the model's artifact ``diffusers`` (``artifacts/diffusers/`` in the model:
+        ``DDPMPipeline.from_pretrained`` loads it, docs/diffusers.md)."""
         import json
         import tempfile
 
@@ -230,6 +232,8 @@ class MlflowTrainCallback(TrainCallback):
         from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
         import ddpm
+        from ddpm.diffusers_io import model_card
+        from ddpm.pretrained import write_diffusers
 
         unet, diffusion = self.cfg.unet_config().to_dict(), self.cfg.diffusion.model_dump()
         state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -240,6 +244,11 @@ class MlflowTrainCallback(TrainCallback):
             weights, config = Path(tmp) / "weights.pt", Path(tmp) / "unet.json"
             torch.save(state, weights)
             config.write_text(json.dumps(meta, indent=2))
+            s = self.cfg.sample
+            card = model_card({"config": {"model": unet, "diffusion": diffusion, "params": self.cfg.to_dict()},
+                               "step": step}, "the MLflow run's final EMA weights", None, s.variance)
+            hub = write_diffusers(model, diffusion, Path(tmp) / "diffusers", variance=s.variance,
+                                  clip_denoised=s.clip_denoised, card=card)
             c, h = unet["image_channels"], unet["image_size"]
             signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, h))]),
                                        params=ParamSchema([ParamSpec("t", "long", [0], (-1,))]))
@@ -248,7 +257,7 @@ class MlflowTrainCallback(TrainCallback):
                 signature=signature,
                 input_example=(np.zeros((1, c, h, h), np.float32), {"t": [0]}),
                 python_model=str(Path(__file__).with_name("unet_model.py")),
-                artifacts={"weights": str(weights), "config": str(config)},
+                artifacts={"weights": str(weights), "config": str(config), "diffusers": str(hub)},
                 code_paths=[str(Path(ddpm.__file__).parent)],  # loadable without this project installed
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
                 params={**{f"unet.{k}": v for k, v in unet.items()},

@@ -314,7 +314,8 @@ class Config(BaseModel):
         """The UNet of these params: the model section and the data's image shape (validated as it is built)."""
         c, size, _ = self.data.shape
         m = self.model
-        return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups)
+        return UNetConfig(c, size, m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout, m.num_groups,
+                          m.norm_eps)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as JSON values: what a run writes beside its outputs and MLflow keeps."""

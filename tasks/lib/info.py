@@ -12,6 +12,9 @@ inspected in seconds without allocating its memory:
 
     ddpm info --params configs/cifar10.yaml          # or: python -m tasks.lib.info --params ...
     ddpm info --params params.yaml --json
+
+:func:`cli` is the ``ddpm`` console script; it also runs ``ddpm import-diffusers`` and ``ddpm export-diffusers``
+(tasks/lib/diffusers_cli.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tasks.lib.config import Config, ConfigError, load_config
+from tasks.lib.config import Config
 
 from .cli import stage_parser
 
@@ -149,22 +152,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     return d
 
 
+USAGE = """usage: ddpm COMMAND [options]   (ddpm COMMAND --help for its options)
+  info              ddpm info --params configs/X.yaml [--set section.key=value] [--json]
+  import-diffusers  ddpm import-diffusers FOLDER --out checkpoints/ [--scheduler scheduler_config.json]
+  export-diffusers  ddpm export-diffusers --checkpoint checkpoints/ --out FOLDER [--metrics metrics/eval.json]"""
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``ddpm`` console script: ``ddpm info --params X.yaml [--set k=v] [--json]``."""
+    """The ``ddpm`` console script: ``ddpm info``, ``ddpm import-diffusers``, ``ddpm export-diffusers``. A bad
+    input is one line on stderr and exit status 2 (:func:`tasks.lib.cli.run_cli`)."""
+    from .cli import run_cli
+    from .diffusers_cli import export_main, import_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"info": main}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}; known: {', '.join(commands)}", file=sys.stderr)
-            print("usage: ddpm info --params configs/X.yaml [--set section.key=value] [--json]", file=sys.stderr)
-            return 2
-        print("usage: ddpm info --params configs/X.yaml [--set section.key=value] [--json]")
+    commands = {"info": main, "import-diffusers": import_main, "export-diffusers": export_main}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
         return 0
-    try:
-        commands[argv[0]](argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if argv[0] not in commands:
+        print(f"error: unknown command {argv[0]!r}; known: {', '.join(commands)}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
+    try:
+        run_cli(commands[argv[0]], argv[1:])
+    except SystemExit as e:  # run_cli's exit 2 on a bad input, argparse's on --help or a bad option
+        return e.code if isinstance(e.code, int) else 2
     return 0
 
 

@@ -3,7 +3,7 @@
 Sample ``i`` uses seed ``sample.seed + i`` (see ddpm.samplers). Shards are planned from the seeds
 (``sample.shard_size``) and each is sampled in batches of ``sample.batch_size``, with ``CPU_THREADS_PER_ACTOR``
 intra-op threads on CPU, so the computation of every image is the same whatever the number of actors, and on one
-machine the images are bitwise identical for any ``sample.num_workers`` (README "Reproducibility"). Another
+machine the images are bitwise identical for any ``sample.num_workers`` (docs/pipeline.md "Reproducibility"). Another
 ``batch_size`` agrees within float round-off only: oneDNN picks kernels per batch size and thread count. A shard is
 written atomically with its seeds and a key (:func:`sampling_key`) naming the checkpoint, the sampling code and the
 sample section's result-defining settings.

@@ -13,7 +13,7 @@ A row group is the unit a reader decodes, so it bounds what one read holds. The 
 :data:`FORMAT`) has the counts, shape and labels of the dataset, and for each split its shards with their row
 counts, row-group sizes and SHA-256 (of the file); ``sha256`` is the content hash of the pixels and labels, computed while writing.
 
-Why Parquet (``benchmarks/bench_loader.py``, BENCHMARKS.md "Loader"): raw pixels in a fixed-size binary column
+Why Parquet (BENCHMARKS.md "Loader", the loader study): raw pixels in a fixed-size binary column
 decode with one ``np.frombuffer`` (no image codec), the files carry their own row counts and row groups (random
 access to a group without reading the rest), Ray Data and every dataframe tool read them, and pyarrow reads them
 from object storage (``s3://``) as it reads them from disk.
@@ -140,7 +140,7 @@ class SplitWriter:
                                                    [None, pa.py_buffer(np.ascontiguousarray(images))])
         table = pa.table({"image": col, "label": pa.array(labels, type=pa.int64())})
         name = f"part-{len(self._shards):05d}.parquet"
-        # No compression: decoding then costs nothing (measured in benchmarks/bench_loader.py). Written through a
+        # No compression: decoding then costs nothing (measured: BENCHMARKS.md "Loader"). Written through a
         # temporary file and a rename, like every output.
         atomic_write_bytes(self.folder / name, lambda f: pq.write_table(
             table, f, row_group_size=self.row_group, compression="none", write_statistics=False))
