@@ -24,7 +24,7 @@ OTHER_VALUE: dict[str, Any] = {
     "data.holdout_fraction": 0.25,
     "data.max_train": 100, "data.ingest_workers": 2, "data.shard_images": 64,
     "model.ch": 24, "model.ch_mult": [1, 1], "model.attn_resolutions": [4], "model.num_groups": 4,
-    "model.dropout": 0.1,
+    "model.dropout": 0.1, "model.norm_eps": 1e-6,
     "diffusion.timesteps": 50, "diffusion.beta_start": 2e-4, "diffusion.beta_end": 0.03, "diffusion.cosine_s": 0.01,
     "train.batch_size": 32, "train.lr": 5e-4, "train.grad_clip": 0.5, "train.ema_decay": 0.8,
     "train.gpus_per_worker": 0.5, "train.num_workers": 2,

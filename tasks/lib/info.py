@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tasks.lib.config import Config
+from tasks.lib.config import Config, load_config
 
 from .cli import stage_parser
 
