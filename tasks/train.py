@@ -55,6 +55,7 @@ from .lib.common import (
 from .lib.inputs import stage_config
 from .lib.runkey import run_key
 from .lib.shards import TrainStream, is_url, open_dataset, ray_dataset, ray_epoch
+from .lib.storage import check as check_storage, storage_path
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
 
@@ -415,6 +416,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     hooks in the Ray worker.
     """
     check_local_gpus(cfg, "train", cfg.train.gpus_per_worker)  # before anything is written or Ray starts
+    check_storage(cfg.ray.storage)  # Ray Train's storage answers and takes writes (tasks/lib/storage.py)
     if metrics_path:
         check_writable(Path(metrics_path).parent)
     import ray
@@ -466,7 +468,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(use_gpu), resources_per_worker=resources),
         run_config=RunConfig(
             name=f"train-{key_digest(key)}",
-            storage_path=str(absolute(cfg.ray.storage)),
+            storage_path=storage_path(cfg.ray.storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )

@@ -207,3 +207,33 @@ def mlflow_server(tmp_path_factory):
     yield ready
     stop_group(proc)
     log.close()
+
+
+# -- object storage: an S3-compatible server on loopback (tests/s3.py) ---------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, one per session, always stopped. Yields a :class:`s3.S3Server`: ``endpoint``
+    (``http://127.0.0.1:<port>``), ``env()`` / ``subprocess_env()`` (what a client needs), ``client()`` (boto3),
+    ``bucket()`` (a new bucket)."""
+    from s3 import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh, empty bucket of :func:`s3_server` (a :class:`s3.Bucket`: ``url`` is ``s3://<name>``, ``upload``,
+    ``keys``, ``read``), with this process's AWS variables pointed at the server for the test (pyarrow, botocore
+    and DVC read them); a subprocess gets the same from ``s3_server.subprocess_env()``."""
+    from s3 import AWS_VARIABLES
+
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.bucket()
+
