@@ -237,3 +237,21 @@ def s3_bucket(s3_server, monkeypatch):
         monkeypatch.setenv(name, value)
     return s3_server.bucket()
 
+
+# -- a two-node Ray cluster whose second node shares no output folder with the driver (tests/raycluster.py) ---------
+@pytest.fixture
+def isolated_ray_cluster(tmp_path):
+    """Factory: ``isolated_ray_cluster(masked, extra_env=None, node_cpus=2)`` starts a head with no CPUs and a second
+    node with every CPU that sees each folder of ``masked`` as an empty tmpfs (its own mount namespace), and
+    returns a :class:`raycluster.TwoNodes` (``env`` joins it: ``RAY_ADDRESS`` and the token; ``node_id``,
+    ``head_id``). ``extra_env`` (e.g. ``s3_server.env()``) reaches both nodes' processes, Ray's workers included.
+    Both nodes are stopped at the end of the test, and a surviving process fails it. Needs root (mount)."""
+    from contextlib import ExitStack
+
+    from raycluster import two_node_cluster
+
+    with ExitStack() as stack:
+        def start(masked, extra_env: dict | None = None, node_cpus: int = 2):
+            return stack.enter_context(two_node_cluster(tmp_path, masked, node_cpus, extra_env, cwd=REPO))
+
+        yield start
