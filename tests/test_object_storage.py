@@ -3,7 +3,8 @@
 - pyarrow and boto3 read each other's objects (the server speaks S3, not a mock of one client).
 - A dataset folder uploaded to a bucket reads back, by its ``s3://`` URL, exactly as from disk: the manifest, every
   row, each training worker's batches, and a training run from it (the same loss log and weights).
-- ``ray.storage: s3://…`` passes the check before compute, which leaves nothing behind in the bucket.
+- ``ray.storage: s3://…`` passes the check before compute (its probe object deleted again), and the train stage
+  keeps Ray Train's run folder in the bucket.
 - ``dvc push`` to an S3 remote on the same server from a temporary git clone, and ``dvc pull`` into a fresh clone,
   give back the same files.
 """
@@ -150,3 +151,30 @@ def test_dvc_push_to_an_s3_remote_and_pull_into_a_fresh_clone(s3_bucket, s3_serv
     assert tree_hashes(second / "data" / "dataset") == dataset
     config = yaml.safe_load((second / "dvc.lock").read_text())
     assert "fetch" in config["stages"]
+
+
+@pytest.mark.slow
+def test_the_train_stage_keeps_ray_trains_run_state_in_an_s3_bucket(s3_bucket, s3_server, tmp_path, tiny_params):
+    """``ray.storage: s3://…`` reaches Ray Train: the stage (a subprocess with a local Ray, which inherits its AWS
+    variables) checks the bucket, trains, and Ray Train's run folder (``train-<run key digest>``) is in the bucket,
+    not on disk. The checkpoints themselves still go to ``--checkpoints`` by path (issue 29, part 1, moves them)."""
+    import json
+    import re
+
+    tiny_params["train"]["steps"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    env = {**s3_server.subprocess_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    p = ["--params", str(tmp_path / "params.yaml")]
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=600)
+    r = run("tasks.fetch", *p, "--out", "data")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run("tasks.train", *p, "--data", "data", "--checkpoints", "checkpoints", "--log", "loss.tsv",
+            "--metrics", "train.json", "--set", f"ray.storage={s3_bucket.url}/ray")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
+    runs = {k.split("/")[1] for k in s3_bucket.keys("ray/") if k.count("/") >= 2}
+    assert len(runs) == 1 and re.fullmatch(r"train-[0-9a-f]{12}", runs.pop()), s3_bucket.keys()
+    assert not (tmp_path / ".ray_results").exists()  # the default local folder was not used
