@@ -18,7 +18,8 @@ help:
 	@echo "make demo   - install (once) and run the train-eval flow on the embedded digits dataset (no server)"
 	@echo "make serve  - a local Prefect server on 127.0.0.1:4200 + the train-eval deployments (Ctrl-C stops both)"
 	@echo "make mlflow-ui - the MLflow UI over this project's runs (mlflow.db, mlruns/) at http://127.0.0.1:5000"
-	@echo "make test   - install (once, with chromium for the browser tests) and run the whole test suite"
+	@echo "make test   - install (once, with chromium for the browser tests) and run the whole test suite (4 workers)"
+	@echo "make test-fast - the unit tests alone (no servers, no Ray cluster, no pipeline run), a few minutes"
 	@echo "make bench  - the maintained CPU benchmarks (benchmarks/run_all.py lists them), then make report"
 	@echo "make report - rewrite the measured blocks of README.md, BENCHMARKS.md and docs/ from benchmarks/results/*.json"
 	@echo "make screenshots - README's screenshots (docs/screenshots/) of the MLflow and Prefect pages, in headless chromium"
@@ -61,11 +62,16 @@ mlflow-ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--workers 1 --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db --default-artifact-root $(MLFLOW_STORE)/mlruns
 
-test: install browser
-	$(PY) -m pytest
+# The suite on TEST_WORKERS processes (pytest-xdist): most end-to-end tests wait on servers and subprocesses, so more
+# workers than cores pays. Tests sharing an expensive fixture stay on one worker (tests/conftest.py SHARED_FIXTURES).
+TEST_WORKERS ?= 4
 
+test: install browser
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The unit tests alone: no servers, no Ray cluster, no pipeline run (`-m "not slow"`); a few minutes.
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadgroup
 
 # The maintained CPU benchmarks (benchmarks/run_all.py lists them: training and sampling vs diffusers, Ray Train's
 # overhead; ~10 min on 2 cores), then `make report`; BENCH_DEMO=1 adds the whole demo (benchmark 5). diffusers is a

@@ -429,7 +429,8 @@ def test_deployment_runs_with_overrides_are_dvc_experiments(served, tiny_params)
         assert run.data.metrics["trained/fid"] == pytest.approx(float(row["fid"]))
         mlflow_ids.add(row["mlflow_run_id"])
     assert len(mlflow_ids) == 2
-    assert not (work / "dvc.lock").exists()  # the project's own workspace was not touched by them
+    lock = work / "dvc.lock"  # the project's own workspace was not touched by them
+    assert not lock.exists(), f"{lock} ({time.ctime(lock.stat().st_mtime)}):\n{lock.read_text()}\n{_tail(served['log'])}"
 
 
 
