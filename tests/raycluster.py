@@ -36,6 +36,7 @@ import pytest
 
 from conftest import free_port
 
+RAY_CLUSTERS = "ray-clusters"  # the xdist group of the tests that start clusters (fixed worker-port ranges)
 HEAD_START_TIMEOUT_S = 150  # `ray start` on this busy 2-core machine: 10-30 s
 STAGE_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 60

@@ -15,7 +15,11 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from raycluster import RAY_CLUSTERS
+
+# One xdist worker runs every test that starts a `ray start` cluster (tests/raycluster.py), one after another: their
+# nodes take fixed, disjoint worker-port ranges, which two clusters at once would share.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(RAY_CLUSTERS)]
 
 # Runs as a driver of the cluster (RAY_ADDRESS in its environment): one task pinned to the node argv[1] lists the
 # folders argv[2:] and writes a file into the first, then prints what it saw as JSON.

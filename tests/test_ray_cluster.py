@@ -21,9 +21,11 @@ import pytest
 import yaml
 
 from tasks.lib.common import load_samples
-from raycluster import RayHead, RayWorkerNode, Stage, gcs_tables, wait_nodes
+from raycluster import RAY_CLUSTERS, RayHead, RayWorkerNode, Stage, gcs_tables, wait_nodes
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs every test that starts a `ray start` cluster (tests/raycluster.py), one after another: their
+# nodes take fixed, disjoint worker-port ranges, which two clusters at once would share.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(RAY_CLUSTERS)]
 
 
 @pytest.fixture
