@@ -48,6 +48,7 @@ from .lib.files import absolute, check_writable, read_json, write_json
 from .lib.inputs import check_for_dvc_stage
 from .lib.runkey import run_key, run_name
 from .lib.shards import TrainStream, is_url, open_dataset, ray_dataset, ray_epoch
+from .lib.storage import check as check_storage, storage_path
 from .lib.workers import WorkerPlan, check_local_gpus, plan_workers
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
@@ -434,7 +435,7 @@ def make_trainer(job: TrainJob, plan: WorkerPlan):
                                      resources_per_worker=plan.resources),
         run_config=RunConfig(
             name=run_name(job.run_key),
-            storage_path=str(absolute(cfg.ray.storage)),
+            storage_path=storage_path(cfg.ray.storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
@@ -471,6 +472,7 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     hooks in the Ray worker.
     """
     check_local_gpus(cfg, "train", cfg.train.gpus_per_worker)  # before anything is written or Ray starts
+    check_storage(cfg.ray.storage)  # Ray Train's storage answers and takes writes (tasks/lib/storage.py)
     if metrics_path:
         check_writable(Path(metrics_path).parent)
     import ray

@@ -232,3 +232,51 @@ def mlflow_server(tmp_path_factory):
     yield ready
     stop_group(proc)
     log.close()
+
+
+# -- object storage: an S3-compatible server on loopback (tests/s3.py) ---------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, one per session, always stopped. Yields a :class:`s3.S3Server`: ``endpoint``
+    (``http://127.0.0.1:<port>``), ``env()`` / ``subprocess_env()`` (what a client needs), ``client()`` (boto3),
+    ``bucket()`` (a new bucket)."""
+    from s3 import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh, empty bucket of :func:`s3_server` (a :class:`s3.Bucket`: ``url`` is ``s3://<name>``, ``upload``,
+    ``keys``, ``read``), with this process's AWS variables pointed at the server for the test (pyarrow, botocore
+    and DVC read them); a subprocess gets the same from ``s3_server.subprocess_env()``."""
+    from s3 import AWS_VARIABLES
+
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.bucket()
+
+
+# -- a two-node Ray cluster whose second node shares no output folder with the driver (tests/raycluster.py) ---------
+@pytest.fixture
+def isolated_ray_cluster(tmp_path):
+    """Factory: ``isolated_ray_cluster(masked, extra_env=None, node_cpus=2)`` starts a head with no CPUs and a second
+    node with every CPU that sees each folder of ``masked`` as an empty tmpfs (its own mount namespace), and
+    returns a :class:`raycluster.TwoNodes` (``env`` joins it: ``RAY_ADDRESS`` and the token; ``node_id``,
+    ``head_id``). ``extra_env`` (e.g. ``s3_server.env()``) reaches both nodes' processes, Ray's workers included.
+    Both nodes are stopped at the end of the test, and a surviving process fails it. Needs root (mount)."""
+    from contextlib import ExitStack
+
+    from raycluster import two_node_cluster
+
+    with ExitStack() as stack:
+        def start(masked, extra_env: dict | None = None, node_cpus: int = 2):
+            return stack.enter_context(two_node_cluster(tmp_path, masked, node_cpus, extra_env, cwd=REPO))
+
+        yield start

@@ -239,6 +239,11 @@ CASES = [
      ["empty_mapping.yaml", "params file is empty"]),
     ("params-scalar", "evaluate", ["--params", "{root}/scalar.yaml"], ["scalar.yaml", "expected a mapping", "int"]),
     ("params-missing", "train", ["--params", "{root}/absent.yaml"], ["absent.yaml", "params file not found"]),
+    ("storage-unknown-scheme", "train", ["--set", "ray.storage=ftp://host/ray"],
+     ["ray.storage", "unknown scheme 'ftp://'", "a local or NFS path", "s3://bucket/prefix"]),
+    ("storage-uri-without-bucket", "train", ["--set", "ray.storage=s3://"], ["ray.storage", "no bucket named"]),
+    ("storage-under-a-file", "train", ["--set", "ray.storage={root}/not_a_folder/ray"],
+     ["ray.storage", "not_a_folder is a file, not a folder"]),
     ("unknown-command-line-option", "train", ["--stepz", "10"], ["unrecognized arguments: --stepz 10", "--help"]),
     # diffusers' format in and out (docs/diffusers.md): a layout our UNet or diffusion cannot express names its key
     ("diffusers-several-heads", "import-diffusers", ["{root}/hf_heads"],
@@ -319,6 +324,48 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, project, capfd):
     assert tree_hashes(project) == before  # no output (nor input) touched
     assert not (project.parent / "escaped.txt").exists()
     assert not (project / "pwned").exists()
+
+
+# ray.storage on object storage, against the S3 server of tests/s3.py: checked before any compute (tasks/lib/storage.py)
+# with bounded timeouts. (id, what the environment and URI get wrong, fragments of the one line)
+STORAGE_CASES = [
+    ("storage-unreachable", "endpoint-down", ["ray.storage", "storage unreachable at http://127.0.0.1:",
+                                              "Could not connect", "a local or NFS path"]),
+    ("storage-no-credentials", "no-credentials", ["ray.storage", "no AWS credentials found", "AWS_ACCESS_KEY_ID",
+                                                  "a local or NFS path"]),
+    ("storage-bucket-missing", "no-bucket", ["ray.storage", "s3://absent-bucket/ray", "bucket 'absent-bucket' does "
+                                             "not exist at http://127.0.0.1:", "a local or NFS path"]),
+]
+
+
+@pytest.mark.parametrize("case", STORAGE_CASES, ids=[c[0] for c in STORAGE_CASES])
+def test_bad_storage_is_one_line_exit_2_and_changes_nothing(case, project, s3_server, monkeypatch, capfd):
+    from conftest import free_port
+    from s3 import AWS_VARIABLES
+
+    name, fault, fragments = case
+    bucket = s3_server.bucket("ray")
+    env = s3_server.env(credentials=fault != "no-credentials")
+    if fault == "endpoint-down":  # a port nothing listens on
+        env["AWS_ENDPOINT_URL_S3"] = env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    for key in AWS_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    uri = "s3://absent-bucket/ray" if fault == "no-bucket" else f"{bucket.url}/ray"
+    before = tree_hashes(project)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(train.main, _argv("train", project, ["--set", f"ray.storage={uri}"]))
+    err = capfd.readouterr().err
+    assert exc.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ray.storage: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert tree_hashes(project) == before
+    assert bucket.keys() == []  # nothing written to the storage either
 
 
 def test_real_cli_one_line_and_debug_shows_the_traceback(project, repo_root):

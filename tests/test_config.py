@@ -286,3 +286,28 @@ def test_read_yaml_errors_name_the_file(tmp_path):
             read_yaml(empty)
         assert exc.value.key == str(empty)
     assert load_config(None) == from_dict({})  # no file at all: the defaults, on purpose
+
+
+@pytest.mark.parametrize("value", ["s3://bucket/ddpm/ray", "gs://bucket/ray", "gcs://bucket", "abfs://c@acct/ray",
+                                   "hdfs://namenode:8020/ray", "file:///mnt/nfs/ray", "/mnt/nfs/ddpm/.ray_results",
+                                   ".ray_results", "~/ray"])
+def test_ray_storage_takes_a_path_or_a_uri_pyarrow_opens(value):
+    assert from_dict({"ray": {"storage": value}}).ray.storage == value  # kept as written; no I/O at validation
+
+
+@pytest.mark.parametrize("value, says", [("ftp://host/ray", "unknown scheme 'ftp://'"),
+                                         ("mock://ray", "unknown scheme 'mock://'"),
+                                         ("s3://", "no bucket named"), ("gs:///ray", "no bucket named"),
+                                         ("", "empty"), ("   ", "empty")])
+def test_ray_storage_refuses_what_pyarrow_cannot_open(value, says):
+    e = error_of({"ray": {"storage": value}})
+    assert e.key == "ray.storage"
+    assert says in str(e) and "a local or NFS path, or a URI of a file system pyarrow opens" in str(e), str(e)
+
+
+def test_ray_storage_goes_to_ray_as_a_uri_or_an_absolute_path(tmp_path, monkeypatch):
+    from tasks.lib.storage import storage_path
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_path("s3://bucket/ray") == "s3://bucket/ray"
+    assert storage_path(".ray_results") == str(tmp_path / ".ray_results")  # Ray workers change directory

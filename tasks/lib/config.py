@@ -40,6 +40,12 @@ from ddpm.unet import UNetConfig, UNetConfigError
 
 SOLVER_NAMES = tuple(n for n in get_args(SamplerName) if n not in ("ddpm", "ddim"))
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
+# ray.storage: the schemes pyarrow 25's FileSystem.from_uri opens (its "mock" and "local" left out: not for a cluster);
+# a URI of the bucketed ones names its bucket (container) first. tasks/lib/storage.py reaches the storage.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+STORAGE_BUCKETED = ("s3", "gs", "gcs", "abfs", "abfss")
+STORAGE_ACCEPTED = ("a local or NFS path, or a URI of a file system pyarrow opens "
+                    "(s3://bucket/prefix, gs://, abfs://, hdfs://, file://)")
 # Native (channels, side) of the built-in datasets; image-folder takes both from data.*.
 NATIVE_SHAPES = {"digits": (1, 8), "mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
 
@@ -220,7 +226,24 @@ class RayConfig(Section):
     address: Optional[str] = execution(None, tagged=True)  # RAY_ADDRESS wins; null starts a local Ray on this machine
     num_cpus: Optional[int] = execution(None, gt=0, tagged=True)
     object_store_mb: int = execution(512, ge=78)
-    storage: str = execution(".ray_results")  # made absolute: Ray workers change directory
+    # Ray Train's run state and checkpoints: a local/NFS path (made absolute: Ray workers change directory) or a URI
+    # pyarrow opens (s3://bucket/prefix, gs://...): tasks/lib/storage.py, docs/scaling.md
+    storage: str = execution(".ray_results")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_form(cls, v: str) -> str:
+        """The value's form only (no I/O): a non-empty path, or a URI of a known scheme naming its bucket."""
+        if not v.strip():
+            raise ValueError(f"ray.storage: empty; accepted: {STORAGE_ACCEPTED}")
+        if "://" not in v:
+            return v
+        scheme, _, rest = v.partition("://")
+        if scheme.lower() not in STORAGE_SCHEMES:
+            raise ValueError(f"ray.storage: {v}: unknown scheme '{scheme}://'; accepted: {STORAGE_ACCEPTED}")
+        if scheme.lower() in STORAGE_BUCKETED and not rest.split("/", 1)[0]:
+            raise ValueError(f"ray.storage: {v}: no bucket named; accepted: {STORAGE_ACCEPTED}")
+        return v
 
 
 class TrackingConfig(Section):
