@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tasks.lib.config import load_config
+from tasks.lib.dvcfile import check_order, read_stages
 from flows import serve as flows_serve
 from flows import train_eval as te
 from conftest import GIT_ENV, clone_project, free_port
@@ -72,7 +73,7 @@ def test_stage_order_must_follow_the_data(tmp_path):
     spec["stages"] = {"train": stages["train"], **{k: v for k, v in stages.items() if k != "train"}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(ValueError, match="stage train reads data/dataset, an output of fetch, which comes after it"):
-        te.stages_from_dvc_yaml(tmp_path / "dvc.yaml")
+        check_order(read_stages(tmp_path / "dvc.yaml"), tmp_path / "dvc.yaml")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
