@@ -32,7 +32,12 @@ class Row:
 
 
 # -- one row per stage, from the record it wrote ----------------------------------------------------------------------
-def dataset_row(ds: dict[str, Any]) -> Optional[Row]:
+def _under(root: Path, path: Any) -> Optional[str]:
+    """A path from a record (relative to the workspace the stage ran in, or absolute) as an absolute path."""
+    return str(path if Path(str(path)).is_absolute() else root / str(path)) if path else None
+
+
+def dataset_row(ds: dict[str, Any], root: Path) -> Optional[Row]:
     if not ds:
         return None
     c, h, w = ds["shape"]
@@ -42,7 +47,7 @@ def dataset_row(ds: dict[str, Any]) -> Optional[Row]:
     return Row("fetch", "dataset", text)
 
 
-def classifier_row(clf: dict[str, Any]) -> Optional[Row]:
+def classifier_row(clf: dict[str, Any], root: Path) -> Optional[Row]:
     if not clf:
         return None
     if clf.get("skipped"):
@@ -51,26 +56,28 @@ def classifier_row(clf: dict[str, Any]) -> Optional[Row]:
                                                  f"({clf.get('num_classes')} classes, {clf.get('steps')} steps)")
 
 
-def train_row(tr: dict[str, Any]) -> Optional[Row]:
+def train_row(tr: dict[str, Any], root: Path) -> Optional[Row]:
     if not tr:
         return None
     resumed = f", resumed from step {tr['resumed_from_step']}" if tr.get("resumed_from_step") else ""
+    ckpt = _under(root, tr.get("checkpoint"))
     return Row("train", "training", f"{tr.get('steps')} steps{resumed}, final loss {fmt(tr.get('final_loss'))}, "
                                     f"{fmt(tr.get('images_per_s'))} images/s on {tr.get('num_workers')} Ray worker(s); "
-                                    f"Ray start-up {fmt(tr.get('ray_startup_s'))} s, fit {fmt(tr.get('fit_wall_s'))} s",
-               tr.get("checkpoint"))
+                                    f"Ray start-up {fmt(tr.get('ray_startup_s'))} s, fit {fmt(tr.get('fit_wall_s'))} s; "
+                                    f"checkpoint {ckpt}", ckpt)
 
 
-def samples_row(sm: dict[str, Any]) -> Optional[Row]:
+def samples_row(sm: dict[str, Any], root: Path) -> Optional[Row]:
     if not sm:
         return None
     ckpt = Path(str(sm.get("checkpoint"))).name
+    grid = _under(root, sm.get("grid"))
     return Row("sample", "samples", f"{sm.get('count')} images, {sm.get('sampler')}-{sm.get('steps')} from "
                                     f"{'EMA' if sm.get('use_ema') else 'raw'} weights of {ckpt}, in "
-                                    f"{fmt(sm.get('wall_s'))} s; grid {sm.get('grid')}", sm.get("grid"))
+                                    f"{fmt(sm.get('wall_s'))} s; grid {grid}", grid)
 
 
-def evaluation_row(ev: dict[str, Any]) -> Optional[Row]:
+def evaluation_row(ev: dict[str, Any], root: Optional[Path] = None) -> Optional[Row]:
     """FID and KID against the real-vs-real floor: the headline of a run."""
     if not ev:
         return None
@@ -84,16 +91,17 @@ def evaluation_row(ev: dict[str, Any]) -> Optional[Row]:
                                          f"against {ev.get('num_reference')} training images")
 
 
-def figures_row(fig: dict[str, Any], folder: Path) -> Optional[Row]:
+def figures_row(fig: dict[str, Any], root: Path) -> Optional[Row]:
     if not fig:
         return None
     if not fig.get("enabled"):
         return Row("figures", "figures", "off (figures.enabled: false)")
+    folder = root / LAYOUT["figures"]
     return Row("figures", "figures", f"progressive generation, reconstructions, denoising animation and the loss "
                                      f"curve in {folder}", str(folder))
 
 
-def sampler_table_row(table: dict[str, Any]) -> Optional[Row]:
+def sampler_table_row(table: dict[str, Any], root: Optional[Path] = None) -> Optional[Row]:
     """The sampler table's answer: the cheapest sampler that holds DDPM-1000's quality."""
     if not table:
         return None
@@ -111,10 +119,7 @@ def sampler_table_row(table: dict[str, Any]) -> Optional[Row]:
 
 def stage_row(stage: str, root: Path) -> Optional[Row]:
     """What ``stage`` produced, from its record under the workspace ``root``; None when it wrote none (yet)."""
-    record = read_output(root, RECORDS[stage])
-    if stage == "figures":
-        return figures_row(record, root / LAYOUT["figures"])
-    return ROW_OF[stage](record)
+    return ROW_OF[stage](read_output(root, RECORDS[stage]), root)
 
 
 # The record each stage writes (tasks/lib/layout.py), and its row.
@@ -122,7 +127,7 @@ RECORDS = {"fetch": "dataset_record", "train_classifier": "classifier_metrics", 
            "sample": "samples_record", "evaluate": "eval_metrics", "figures": "figures_record",
            "sampler_table": "sampler_table"}
 ROW_OF = {"fetch": dataset_row, "train_classifier": classifier_row, "train": train_row, "sample": samples_row,
-          "evaluate": evaluation_row, "sampler_table": sampler_table_row}
+          "evaluate": evaluation_row, "figures": figures_row, "sampler_table": sampler_table_row}
 
 
 def run_rows(root: Path) -> list[Row]:
