@@ -39,79 +39,38 @@ import argparse
 import os
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
+from flows import artifacts
 from flows import workspace as wsp
 from tasks.lib.callbacks import TRACKING_BY_ENV, trackers
 from tasks.lib.errors import StageError
 from tasks.lib.config import Config, ConfigError, load_config, parse_override
-from tasks.lib.inputs import EXTERNAL_PATH_KEYS, dvc_stages
+from tasks.lib.dvcfile import check_order, downstream, producers, read_stages
+from tasks.lib.inputs import EXTERNAL_PATH_KEYS
 from tasks.lib.inputs import check as check_inputs
 from tasks.lib.layout import LAYOUT, layout_paths, read_output
+from tasks.lib.summary import Row, console, fmt, run_rows, stage_row
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOW_RUN_ENV = "DDPM_PREFECT_FLOW_RUN_ID"  # read by the MLflow tracking module to tag its run
 RETRIES = {"fetch": (2, [2, 10])}  # (retries, delays in s): I/O-bound stages only
 
-# What each stage reports, read after it ran or was found up to date.
-RECORDS = {"fetch": "dataset_record", "train_classifier": "classifier_metrics", "train": "train_metrics",
-           "sample": "samples_record", "evaluate": "eval_metrics", "figures": "figures_record",
-           "sampler_table": "sampler_table"}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage as dvc.yaml declares it."""
-
-    deps: tuple[str, ...]
-    outs: tuple[str, ...]  # outs, metrics and plots
-
-
-def _producer(dep: str, made: dict[str, str]) -> Optional[str]:
-    """The stage whose output ``dep`` is, lies under or contains, if any (``made``: output -> stage)."""
-    dep = dep.rstrip("/")
-    return next((made[o] for o in made if dep == o or dep.startswith(o + "/") or o.startswith(dep + "/")), None)
-
-
-def producers_of(stages: dict[str, Stage]) -> dict[str, tuple[str, ...]]:
-    """For each stage, the stages whose outputs it reads: the DAG of dvc.yaml's deps and outs."""
-    made = {o.rstrip("/"): name for name, st in stages.items() for o in st.outs}
-    found: dict[str, tuple[str, ...]] = {}
-    for name, st in stages.items():
-        producers = [_producer(d, made) for d in st.deps]
-        found[name] = tuple(dict.fromkeys(p for p in producers if p is not None and p != name))
-    return found
-
-
-def stages_from_dvc_yaml(path: Path = PROJECT / "dvc.yaml") -> dict[str, Stage]:
-    """``{stage: Stage}`` in dvc.yaml's order, which must run each stage after every stage whose outputs it reads."""
-    stages = {name: Stage(tuple(deps), tuple(outs)) for name, (deps, outs) in dvc_stages(path).items()}
-    made = {o.rstrip("/"): name for name, st in stages.items() for o in st.outs}
-    seen: set[str] = set()
-    for name, st in stages.items():
-        for d in st.deps:
-            producer = _producer(d, made)
-            if producer is not None and producer != name and producer not in seen:
-                raise ValueError(f"{path}: stage {name} reads {d}, an output of {producer}, which comes after it")
-        seen.add(name)
-    return stages
-
-
-STAGES = stages_from_dvc_yaml()
-PRODUCERS = producers_of(STAGES)  # the DAG: a stage starts once these are done (fetch -> train -> sample ...)
-
-
-def read_record(root: Path, stage: str) -> dict[str, Any]:
-    return read_output(root, RECORDS[stage])
+STAGES = read_stages(PROJECT / "dvc.yaml")
+check_order(STAGES, PROJECT / "dvc.yaml")
+PRODUCERS = producers(STAGES)  # the DAG: a stage starts once these are done (fetch -> train -> sample ...)
+NUMBER = {name: i for i, name in enumerate(STAGES, 1)}
+# The stages that join a Ray cluster: those whose code deps hold the module that connects to one. The flow starts a
+# shared local Ray only when one of them will run.
+RAY_MODULE = "tasks/lib/cluster.py"
+RAY_STAGES = frozenset(name for name, st in STAGES.items() if RAY_MODULE in st.deps)
 
 
 # -- the stages as tasks --------------------------------------------------------------------------------------------
@@ -119,18 +78,26 @@ class StageCrashed(RuntimeError):
     """A stage that failed without its one-line message (a bug, a killed process): the output's tail."""
 
 
-def run_stage(stage: str, workspace: str, env: dict[str, str]) -> Any:
-    """``dvc repro --single-item <stage>`` in the workspace; its output goes to the run's log line by line."""
+WHY = {"up to date": "DVC: up to date", "restored": "DVC: restored from its run-cache"}
+
+
+def run_stage(stage: str, workspace: str, env: dict[str, str], stale: bool,
+              upstream: Sequence[dict[str, Any]]) -> Any:
+    """One stage, once the stages whose outputs it reads are done (``upstream``: what they did). DVC is asked
+    (``dvc repro --single-item``) when the stage was stale when the run began, or when a stage it reads ran or was
+    restored; otherwise it is up to date without asking. Its output goes to the run's log line by line."""
+    t0 = time.perf_counter()
+    if not stale and all(u["dvc"] == "up to date" for u in upstream):
+        return Completed(name="Cached", message=WHY["up to date"], data={"dvc": "up to date", "wall_s": 0.0})
     logger = get_run_logger()
+    logger.info(f"[{NUMBER[stage]}/{len(STAGES)}] {stage} ...")
     result = wsp.repro(Path(workspace), stage, env, logger.info)
     if result.status == "failed":
         if result.error:  # the stage's own message: something the user can fix
             return Failed(message=f"{stage}: {result.error}")
         raise StageCrashed(f"{stage}: dvc repro exited with {result.returncode}:\n{result.tail}")
-    if result.status in ("up to date", "restored"):
-        why = "DVC: up to date" if result.status == "up to date" else "DVC: restored from its run-cache"
-        return Completed(name="Cached", message=why)
-    return "ran"
+    done = {"dvc": result.status, "wall_s": round(time.perf_counter() - t0, 2)}
+    return done if result.status == "ran" else Completed(name="Cached", message=WHY[result.status], data=done)
 
 
 STAGE_TASKS = {
@@ -195,7 +162,6 @@ def tracking_env(cfg: Config, project: Path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": resolve_uri(cfg, root=project)}
 
 
-# -- MLflow ---------------------------------------------------------------------------------------------------------
 def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
     """The MLflow run the stages logged into for these params: {"run_id", "url", "compare_url", "local"?} or None.
 
@@ -218,117 +184,6 @@ def mlflow_run(cfg: Config, project: Path) -> Optional[dict[str, str]]:
             **({"local": "true"} if info.get("local") else {})}
 
 
-# -- artifacts ------------------------------------------------------------------------------------------------------
-METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "IS", "isc_std": "IS std",
-                "precision": "precision", "recall": "recall", "f_score": "F-score"}
-
-
-def metrics_table(ev: dict[str, Any]) -> list[dict[str, Any]]:
-    floor = ev.get("floor", {})
-    return [{"metric": label, "samples": ev[k], "real-vs-real floor": floor.get(k),
-             "n": ev.get("num_generated"), "features": ev.get("feature_extractor")}
-            for k, label in METRIC_NAMES.items() if isinstance(ev.get(k), (int, float))]
-
-
-def _g(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, (int, float)) else "–"
-
-
-def summary_markdown(cfg: Config, results: dict[str, Any], runs: dict[str, dict[str, Any]],
-                     paths: dict[str, str], mlflow: Optional[dict[str, str]], flow_run_id: str,
-                     dvc: dict[str, Any]) -> str:
-    ds, tr, sm, ev = results["fetch"], results["train"], results["sample"], results["evaluate"]
-    clf = results["train_classifier"]
-    c, h, w = ds["shape"]
-    lines = [f"# train-eval: {ds['dataset']}, {tr['steps']} steps", "",
-             "| stage | status | wall time |", "|---|---|---|"]
-    lines += [f"| {name} | {r['status']} | {r['wall_s']:.1f} s |" for name, r in runs.items()]
-    lines += ["", f"- **Dataset**: {ds['dataset']} ({ds['source']}), {ds['count']['train']} train + "
-                  f"{ds['count']['holdout']} held-out images [{c}, {h}, {w}], sha256 `{ds['sha256'][:12]}`",
-              f"- **Training**: {tr['steps']} steps, final loss {_g(tr.get('final_loss'))}, "
-              f"{tr.get('num_workers')} Ray worker(s), fit {_g(tr.get('fit_wall_s'))} s",
-              f"- **Samples**: {sm['count']} ({sm['sampler']}-{sm['steps']}, "
-              f"{'EMA' if sm.get('use_ema') else 'raw'} weights) from `{Path(sm['checkpoint']).name}`",
-              f"- **Evaluation**: {ev.get('num_generated')} samples vs {ev.get('num_reference')} training images, "
-              f"{ev.get('feature_extractor')} features; " + (f"classifier {clf['reason']}" if clf.get("skipped") else
-                                                 f"classifier held-out accuracy {_g(clf.get('accuracy'))}"), "",
-              "| metric | samples | real-vs-real floor |", "|---|---|---|"]
-    lines += [f"| {r['metric']} | {_g(r['samples'])} | {_g(r['real-vs-real floor'])} |" for r in metrics_table(ev)]
-    if ev.get("fid_ratio") is not None:
-        lines += ["", f"FID / floor = {ev['fid_ratio']:.2f}"]
-    if mlflow:
-        ml = (f"run [{mlflow['run_id']}]({mlflow['url']}), [compare runs]({mlflow['compare_url']})"
-              + (" (after `make mlflow-ui`)" if mlflow.get("local") else ""))
-    else:
-        exp = cfg.tracking.experiment or cfg.data.dataset
-        ml = (f"experiment `{exp}`; the stages that ran tagged their run `prefect_flow_run_id={flow_run_id}`"
-              if cfg.tracking.enabled else "tracking off (tracking.enabled: false)")
-    grid = Path(sm["grid"]) if Path(sm["grid"]).is_absolute() else Path(dvc["workspace"]) / sm["grid"]
-    lines += ["", f"- **Sample grid**: [{grid.name}]({grid.as_uri()}) `{sm['grid']}`",
-              f"- **Checkpoints**: `{paths['checkpoints']}` (newest `{Path(tr['checkpoint']).name}`)"
-              if tr.get("checkpoint") else f"- **Checkpoints**: `{paths['checkpoints']}`",
-              f"- **Metrics**: `{paths['eval_metrics']}`",
-              f"- **MLflow**: {ml}",
-              "- **DVC**: " + (f"experiment `{dvc['experiment']}` (`{dvc['commit']}`), workspace `{dvc['workspace']}`"
-                                if dvc.get("experiment") else f"`dvc repro` state of `{dvc['workspace']}` (dvc.lock)"),
-              f"- **Prefect flow run**: `{flow_run_id}`"]
-    return "\n".join(lines) + "\n"
-
-
-def publish(markdown: str, ev: dict[str, Any], mlflow: Optional[dict[str, str]]) -> None:
-    create_markdown_artifact(markdown, key="train-eval-summary", description="train-eval: what this run produced")
-    create_table_artifact(metrics_table(ev), key="train-eval-metrics",
-                          description="FID/KID of the samples and the real-vs-real floor")
-    if mlflow:
-        after = " (after `make mlflow-ui`)" if mlflow.get("local") else ""
-        create_link_artifact(mlflow["url"], link_text=f"MLflow run {mlflow['run_id']}", key="train-eval-mlflow",
-                             description=f"the MLflow run of this pipeline run: curves, pictures, metrics{after}")
-
-
-def figures_markdown(fig: Optional[dict[str, Any]], table: Optional[dict[str, Any]], paths: dict[str, str]) -> str:
-    """The figures (paths and links to the files) and the sampler table, as one markdown artifact."""
-    lines = ["# Figures and sampler table", ""]
-    if fig and fig.get("enabled"):
-        folder = Path(paths["figures"])
-        lines += [f"Chains sampled with {fig['sampler']} from `{Path(fig['checkpoint']).name}`.", ""]
-        entries = [("progressive generation (rows: x_t / predicted x_0 per seed; columns t = "
-                    f"{', '.join(map(str, fig['progressive']['timesteps']))})", fig["progressive"]["file"])]
-        entries += [(f"reconstruction from t = {r['t']} (original, diffused input, {r['cols'] - 2} reconstructions)",
-                     r["file"]) for r in fig["reconstruction"]]
-        entries += [(f"denoising animation ({fig['animation']['frames']} frames)", fig["animation"]["file"]),
-                    ("training loss", fig["loss"]["file"])]
-        lines += [f"- {what}: [{name}]({(folder / name).as_uri()}) `{folder / name}`" for what, name in entries]
-        lines.append("")
-    md = Path(paths["sampler_table_md"]) if paths.get("sampler_table_md") else None
-    if table and table.get("enabled") and md is not None and md.is_file():  # the stage's own markdown table
-        lines += ["## Sampler table", "", md.read_text().strip()]
-    return "\n".join(lines) + "\n"
-
-
-def sampler_table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [{"sampler": r["sampler"], "NFE": r["steps"], "FID": r.get("fid"), "FID_std": r.get("fid_std"),
-             "vs_DDPM": r.get("ratio_to_ddpm"), "holds": r.get("holds"), "KID": r.get("kid_mean"),
-             "sampling_s": r.get("sampling_s", r["wall_s"]), "images_per_s": r.get("images_per_s")}
-            for r in table["rows"]]
-    floor = table.get("floor") or {}
-    rows.append({"sampler": "real held-out (floor)", "NFE": None, "FID": floor.get("fid"), "FID_std": None,
-                 "vs_DDPM": None, "holds": None, "KID": floor.get("kid_mean"), "sampling_s": None,
-                 "images_per_s": None})
-    return rows
-
-
-def publish_figures(fig: Optional[dict[str, Any]], table: Optional[dict[str, Any]], paths: dict[str, str]) -> None:
-    """Prefect artifacts of the optional stages: ``train-eval-figures`` (markdown with the files) and
-    ``train-eval-sampler-table`` (a table); nothing for a disabled or skipped stage."""
-    have_fig, have_table = bool(fig and fig.get("enabled")), bool(table and table.get("enabled"))
-    if have_fig or have_table:
-        create_markdown_artifact(figures_markdown(fig, table, paths), key="train-eval-figures",
-                                 description="figures of the trained model and the fast-sampling table")
-    if have_table:
-        create_table_artifact(sampler_table_rows(table), key="train-eval-sampler-table",
-                              description="FID/KID and wall time per sampler, same seeds")
-
-
 # -- the flow -------------------------------------------------------------------------------------------------------
 def _fail(logger, message: str) -> State:
     logger.error(message)
@@ -346,7 +201,8 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
         overrides: dotted keys to override, e.g. {"train.steps": 2000, "sample.sampler": "ddim"}.
         out: the workspace. Default: the project folder for its own params.yaml without overrides (a run there is
             ``dvc repro``), else ``runs/exp-<hash of the params and overrides>``, a git worktree of the project
-            whose run is saved as a DVC experiment.
+            whose run is saved as a DVC experiment. A new workspace starts from the project's DVC state, so only
+            the stages whose params or deps the run changes compute anything.
     """
     from prefect.runtime import flow_run
 
@@ -357,22 +213,18 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
         project = wsp.find_project(Path.cwd())
         cfg = load_config(params, overrides)
         check_inputs(cfg, STAGES)  # every file from outside that a stage reads, before the first stage starts
-    except (ConfigError, StageError, wsp.WorkspaceError) as e:
-        return _fail(logger, str(e))
-    base = Path(params).resolve()
-    try:
+        base = Path(params).resolve()
         ws = wsp.open_workspace(project, Path(out).expanduser() if out else wsp.default_out(project, base, overrides))
-    except wsp.WorkspaceError as e:
-        return _fail(logger, str(e))
-    try:
         with wsp.locked(ws, flow_run_id):
             return _run_pipeline(logger, cfg, params, base, overrides, ws, flow_run_id, flow_run_name)
-    except wsp.WorkspaceError as e:
+    except (ConfigError, StageError, wsp.WorkspaceError) as e:
         return _fail(logger, str(e))
 
 
-def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[str, Any], ws: wsp.Workspace,
-                  flow_run_id: str, flow_run_name: str) -> Any:
+def _prepare_workspace(logger, cfg: Config, params: str, base: Path, overrides: dict[str, Any],
+                       ws: wsp.Workspace, flow_run_name: str) -> tuple[Optional[str], Config]:
+    """The workspace's params.yaml (the params with the overrides and the outside inputs made absolute); returns the
+    DVC experiment's name (None for the project's own `dvc repro` state) and the config the stages will read."""
     values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in EXTERNAL_PATH_KEYS}
     localized = wsp.external_paths(ws, values, Path.cwd())
     if localized:
@@ -383,16 +235,24 @@ def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[
         wsp.write_params(ws, base, overrides)
     experiment = (wsp.experiment_name(ws, flow_run_name)
                   if ws.separate or wsp.params_changed_from_head(ws) else None)
-    tags = {FLOW_RUN_ENV: flow_run_id, **tracking_env(cfg, ws.project)}
-    if experiment:
-        tags["DVC_EXP_NAME"] = experiment  # what `dvc exp run` sets: the MLflow run is named and tagged with it
-    env = {**tags, TRACKING_BY_ENV: "flow"}  # the stages leave reporting their outputs to the flow's track()
     where = "the project folder" if not ws.separate else f"workspace {ws.root}"
     logger.info(f"params {params}{f' with {overrides}' if overrides else ''}: {cfg.data.dataset}, "
                 f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; in {where}"
                 + (f", saved as DVC experiment {experiment}" if experiment else ""))
+    return experiment, load_config(ws.path(wsp.PARAMS_FILE))
 
-    ws_cfg = load_config(ws.path(wsp.PARAMS_FILE))  # what the stages read: the params with the overrides
+
+def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[str, Any], ws: wsp.Workspace,
+                  flow_run_id: str, flow_run_name: str) -> Any:
+    experiment, ws_cfg = _prepare_workspace(logger, cfg, params, base, overrides, ws, flow_run_name)
+    tags = {FLOW_RUN_ENV: flow_run_id, **tracking_env(cfg, ws.project)}
+    if experiment:
+        tags["DVC_EXP_NAME"] = experiment  # what `dvc exp run` sets: the MLflow run is named and tagged with it
+    env = {**tags, TRACKING_BY_ENV: "flow"}  # the stages leave reporting their outputs to the flow's track()
+    stale = wsp.stale_stages(ws.root, env)
+    will_run = {s for st in stale for s in downstream(st, STAGES)}
+    logger.info(f"DVC: {', '.join(s for s in STAGES if s in stale) or 'no stage'} changed"
+                + (f"; up to date: {', '.join(s for s in STAGES if s not in will_run)}" if stale else ""))
     installed = trackers(ws_cfg)  # loaded once per flow run, not once per stage process
 
     def track(stage: str) -> None:
@@ -406,13 +266,63 @@ def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[
                     logger.warning(f"tracking: {name} reporting what {stage} wrote failed ({type(e).__name__}: "
                                    f"{e}); its outputs are in place")
 
-    with shared_ray(cfg) as ray_env:
-        runs = _run_stages(logger, {**env, **ray_env}, ws, track)
+    with shared_ray(cfg) if will_run & RAY_STAGES else nullcontext({}) as ray_env:
+        runs = _run_stages(logger, {**env, **ray_env}, ws, stale, track)
     if isinstance(runs, State):
         return runs
+    return _finish(logger, ws_cfg, ws, runs, experiment, flow_run_id, flow_run_name)
 
-    results = {name: read_record(ws.root, name) for name in STAGES}
-    mlflow = mlflow_run(ws_cfg, ws.project)
+
+def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace, stale: set[str],
+                track: Callable[[str], None]) -> dict[str, dict[str, Any]] | State:
+    """Every stage of dvc.yaml as a Prefect task that waits for the stages whose outputs it reads
+    (:data:`PRODUCERS`), so independent ones run at the same time (train_classifier beside train, figures beside
+    sample -> evaluate -> sampler_table). DVC releases its repository lock while a stage's command runs, and each
+    ``dvc repro`` waits for the moments another holds it. Each stage that ran is followed by ``track(stage)``, in
+    this thread.
+
+    Returns {stage: {status, dvc, wall_s}} in dvc.yaml's order, or the Failed state of the first stage that failed:
+    the stages that read its outputs never start (Prefect's NotReady), the others finish."""
+    futures: dict[str, Any] = {}
+    for name in STAGES:  # dvc.yaml's order: every producer is submitted before the stages that wait for it
+        futures[name] = STAGE_TASKS[name].submit(name, str(ws.root), env, name in stale,
+                                                 [futures[p] for p in PRODUCERS[name]])
+    runs: dict[str, dict[str, Any]] = {}
+    failure: Optional[State] = None
+    error: Optional[BaseException] = None  # an unexpected exception of a task: raised once the others are done
+    for future in as_completed(list(futures.values())):
+        future.wait()  # the task's own final state (Cached ...), not the API's copy, which may lag behind
+        name = next(k for k, f in futures.items() if f is future)
+        state, tag = future.state, f"[{NUMBER[name]}/{len(STAGES)}] {name}"
+        if state.is_failed():
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, BaseException) and not isinstance(result, StageCrashed):
+                error = error or result
+            message = state.message if not isinstance(result, StageCrashed) else str(result).splitlines()[0]
+            logger.error(f"{tag} failed: {message}")
+            failure = failure or Failed(message=message)
+            continue
+        if not state.is_completed():  # NotReady: a stage it reads failed
+            logger.info(f"{tag}: not started, a stage whose outputs it reads failed")
+            continue
+        done = future.result()
+        if done["dvc"] == "ran":
+            track(name)
+        runs[name] = {"status": "ran" if done["dvc"] == "ran" else "cached", **done}
+        row = stage_row(name, ws.root)
+        logger.info(f"{tag}: {WHY.get(done['dvc'], 'ran')} ({done['wall_s']:.1f} s)"
+                    + (f"; {row.label}: {row.text}" if row else ""))
+    if error is not None:
+        raise error
+    if failure is not None:
+        return failure
+    return {name: runs[name] for name in STAGES}
+
+
+def _finish(logger, cfg: Config, ws: wsp.Workspace, runs: dict[str, dict[str, Any]], experiment: Optional[str],
+            flow_run_id: str, flow_run_name: str) -> dict[str, Any]:
+    """After the stages: the run record, the DVC experiment, the summary rows and the Prefect artifacts."""
+    mlflow = mlflow_run(cfg, ws.project)
     wsp.write_run_record(ws, {"prefect_flow_run_id": flow_run_id, "prefect_flow_run_name": flow_run_name,
                               "mlflow_run_id": (mlflow or {}).get("run_id"), "dvc_experiment": experiment,
                               "workspace": str(ws.root)})
@@ -422,80 +332,41 @@ def _run_pipeline(logger, cfg: Config, params: str, base: Path, overrides: dict[
                                  f"train-eval flow run {flow_run_name} ({flow_run_id})"
                                  + (f", MLflow run {mlflow['run_id']}" if mlflow else ""))
         logger.info(f"DVC experiment {experiment} ({commit}): `dvc exp show` in {ws.project} lists it")
-    paths = {name: str(ws.path(rel)) for name, rel in LAYOUT.items()}
-    dvc = {"workspace": str(ws.root), "experiment": experiment, "commit": commit}
-    markdown = summary_markdown(cfg, results, runs, paths, mlflow, flow_run_id, dvc)
-    publish(markdown, results["evaluate"], mlflow)
-    publish_figures(results.get("figures"), results.get("sampler_table"), paths)
-    ev = results["evaluate"]
-    logger.info("FID %s (floor %s), KID %s (floor %s); sample grid %s", _g(ev.get("fid")),
-                _g(ev.get("floor", {}).get("fid")), _g(ev.get("kid_mean")), _g(ev.get("floor", {}).get("kid_mean")),
-                results["sample"].get("grid"))
-    return {
-        "flow_run_id": flow_run_id,
-        "out": str(ws.root),
-        "dvc": dvc,
-        "stages": runs,
-        "metrics": {k: v for k, v in ev.items() if k in METRIC_NAMES or k in ("floor", "fid_ratio")},
-        "grid": results["sample"].get("grid"),
-        "checkpoint": results["train"].get("checkpoint"),
-        "figures": paths["figures"] if (results.get("figures") or {}).get("enabled") else None,
-        "sampler_table": paths["sampler_table_md"] if (results.get("sampler_table") or {}).get("enabled") else None,
-        "mlflow": mlflow,
-    }
+    rows = [Row("stages", "stages", ", ".join(f"{n} {r['status']} ({r['wall_s']:.1f} s)" for n, r in runs.items())),
+            *run_rows(ws.root), *where_rows(cfg, ws, experiment, commit, mlflow, flow_run_id)]
+    ev = read_output(ws.root, "eval_metrics")
+    title = f"train-eval: {cfg.data.dataset}, {cfg.train.steps} steps"
+    artifacts.publish(artifacts.summary_markdown(title, runs, rows[1:], ev), ev, mlflow)
+    artifacts.publish_figures(read_output(ws.root, "figures_record"), read_output(ws.root, "sampler_table"),
+                              ws.path(LAYOUT["figures"]), ws.path(LAYOUT["sampler_table_md"]))
+    logger.info("FID %s (floor %s), KID %s (floor %s)", fmt(ev.get("fid")), fmt(ev.get("floor", {}).get("fid")),
+                fmt(ev.get("kid_mean")), fmt(ev.get("floor", {}).get("kid_mean")))
+    return {"flow_run_id": flow_run_id, "out": str(ws.root), "stages": runs, "rows": [r.__dict__ for r in rows],
+            "dvc": {"workspace": str(ws.root), "experiment": experiment, "commit": commit}, "mlflow": mlflow,
+            "metrics": {k: v for k, v in ev.items() if k in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std",
+                                                             "precision", "recall", "f_score", "floor", "fid_ratio")}}
 
 
-def _run_stages(logger, env: dict[str, str], ws: wsp.Workspace,
-                track: Callable[[str], None]) -> dict[str, dict[str, Any]] | State:
-    """Every stage of dvc.yaml, each as soon as the stages whose outputs it reads are done (:data:`PRODUCERS`), so
-    independent ones run at the same time (train_classifier beside train, figures beside sample -> evaluate ->
-    sampler_table): DVC releases its repository lock while a stage's command runs, and each ``dvc repro`` waits for
-    the moments another holds it. Each stage that ran is followed by ``track(stage)``, in this thread.
-
-    Returns {stage: {status, wall_s}} in dvc.yaml's order, or the Failed state of the first stage that failed:
-    stages already running then finish, and none starts after it."""
-    runs: dict[str, dict[str, Any]] = {}
-    n, number = len(STAGE_TASKS), {name: i for i, name in enumerate(STAGE_TASKS, 1)}
-    pending = list(STAGE_TASKS)
-    running: dict[str, tuple[Any, float]] = {}  # stage -> (its Prefect future, start)
-    failure: Optional[State] = None
-    error: Optional[BaseException] = None  # an unexpected exception of a task: raised once the others are done
-    while pending or running:
-        for name in [s for s in pending if failure is None and all(p in runs for p in PRODUCERS[s])]:
-            logger.info(f"[{number[name]}/{n}] {name} ...")
-            running[name] = (STAGE_TASKS[name].submit(name, str(ws.root), env), time.perf_counter())
-            pending.remove(name)
-        if not running:
-            break
-        future = next(as_completed([f for f, _ in running.values()]))
-        future.wait()  # the task's own final state (Cached ...), not the API's copy, which may lag behind
-        name = next(k for k, (f, _) in running.items() if f is future)
-        _, t0 = running.pop(name)
-        state, tag = future.state, f"[{number[name]}/{n}] {name}"
-        wall = time.perf_counter() - t0
-        if state.is_failed():
-            result = state.result(raise_on_failure=False)
-            if isinstance(result, BaseException) and not isinstance(result, StageCrashed):
-                error = error or result
-            message = state.message if not isinstance(result, StageCrashed) else str(result).splitlines()[0]
-            logger.error(f"{tag} failed after {wall:.1f} s: {message}")
-            failure = failure or Failed(message=message)
-            continue
-        status = "cached" if state.name == "Cached" else "ran"
-        if status == "ran":
-            track(name)
-            wall = time.perf_counter() - t0
-        runs[name] = {"status": status, "wall_s": round(wall, 2)}
-        logger.info(f"{tag}: {status} in {wall:.1f} s"
-                    + (f" ({state.message})" if status == "cached" and state.message else ""))
-        record = read_record(ws.root, name)
-        if record.get("skipped"):  # train_classifier, when unread
-            logger.info(f"{tag}: nothing computed, {record.get('reason')}")
-    if error is not None:
-        raise error
-    if failure is not None:
-        return failure
-    return {name: runs[name] for name in STAGE_TASKS}
+def where_rows(cfg: Config, ws: wsp.Workspace, experiment: Optional[str], commit: Optional[str],
+               mlflow: Optional[dict[str, str]], flow_run_id: str) -> list[Row]:
+    """Where the run is recorded: DVC, MLflow, Prefect."""
+    if experiment:
+        dvc = Row("dvc", "DVC experiment", f"{experiment} ({commit}) in {ws.root}; `dvc exp show` lists it, "
+                                           "`dvc exp apply` brings it here")
+    else:
+        dvc = Row("dvc", "DVC", f"dvc.lock updated in {ws.root}; `dvc status` is clean, `dvc push` sends the outputs "
+                                "to the remote")
+    rows = [dvc]
+    after = " (after `make mlflow-ui`)" if (mlflow or {}).get("local") else ""
+    if mlflow:
+        rows += [Row("mlflow", "MLflow run", f"{mlflow['url']}{after}", mlflow["url"]),
+                 Row("mlflow_compare", "compare runs", f"{mlflow['compare_url']}{after}", mlflow["compare_url"])]
+    elif cfg.tracking.enabled:
+        rows.append(Row("mlflow", "MLflow", f"experiment {cfg.tracking.experiment or cfg.data.dataset}; the stages that "
+                                            f"ran tagged their run prefect_flow_run_id={flow_run_id}"))
+    else:
+        rows.append(Row("mlflow", "MLflow", "tracking off (tracking.enabled: false)"))
+    return rows + [Row("prefect", "Prefect flow run", flow_run_id)]
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -529,31 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         error = state.result(raise_on_failure=False)
         print(f"error: {state.message}", file=sys.stderr)
         return 1 if isinstance(error, BaseException) and not isinstance(error, StageCrashed) else 2
-    summary = state.result()
-    from tasks.lib.summary import summarize
-
-    root = Path(summary["out"])
-    stages = ", ".join(f"{name} {r['status']} ({r['wall_s']:.1f} s)" for name, r in summary["stages"].items())
-    lines = [f"stages:     {stages}", *summarize(root / "metrics", root / "samples")]
-    if summary["checkpoint"]:
-        lines.append(f"checkpoint: {summary['checkpoint']}")
-    if summary.get("figures"):
-        lines.append(f"figures:    {summary['figures']}")
-    if summary.get("sampler_table"):
-        lines.append(f"sampler table: {summary['sampler_table']}")
-    dvc = summary["dvc"]
-    if dvc["experiment"]:
-        lines.append(f"DVC experiment: {dvc['experiment']} ({dvc['commit']}) in {dvc['workspace']}; "
-                     "`dvc exp show` lists it, `dvc exp apply` brings it here")
-    else:
-        lines.append(f"DVC:        dvc.lock updated in {dvc['workspace']}; `dvc status` is clean, `dvc push` "
-                     "sends the outputs to the remote")
-    if summary["mlflow"]:
-        local = " (after `make mlflow-ui`)" if summary["mlflow"].get("local") else ""
-        lines.append(f"MLflow run: {summary['mlflow']['url']}{local}")
-        lines.append(f"compare runs: {summary['mlflow']['compare_url']}{local}")
-    lines.append(f"Prefect flow run: {summary['flow_run_id']}")
-    print("\n".join(lines))
+    print("\n".join(console([Row(**r) for r in state.result()["rows"]])))
     return 0
 
 

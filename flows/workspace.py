@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator, Optional
 import yaml
 
 from ddpm.checkpoint import atomic_write_bytes
+from tasks.lib.cli import STARTED_ENV
+from tasks.lib.dvcfile import read_stages
 
 PARAMS_FILE = "params.yaml"
 RUNS_DIR = "runs"  # default home of the workspaces of runs with other params (git-ignored, dvc-ignored)
@@ -109,7 +111,8 @@ def open_workspace(project: Path, out: Path) -> Workspace:
     if out == project:
         return Workspace(project, project)
     head = _git(project, "rev-parse", "HEAD").stdout.strip()
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    if fresh:
         out.parent.mkdir(parents=True, exist_ok=True)
         _git(project, "worktree", "add", "--detach", "-q", str(out), head)
     elif not (out / ".git").is_file() or _common_dir(out) != _common_dir(project):
@@ -123,11 +126,39 @@ def open_workspace(project: Path, out: Path) -> Workspace:
             atomic_write_bytes(lock, lambda f: f.write(saved))
     _copy_uncommitted(project, out)
     _dvc(out, "config", "--local", "cache.dir", str(project / ".dvc" / "cache"))
+    # Outputs checked out from the shared cache are links, not copies; DVC unprotects (copies) a persistent output
+    # before a stage that writes it runs, and the stages write new files atomically (a rename), never in place.
+    _dvc(out, "config", "--local", "cache.type", "reflink,hardlink,symlink,copy")
     remote = _project_remote(project)
     if remote:
         name, url = remote
         _dvc(out, "remote", "modify", "--local", name, "url", url)
-    return Workspace(project, out)
+    ws = Workspace(project, out)
+    if fresh:
+        start_from_project_state(ws)
+    return ws
+
+
+def start_from_project_state(ws: Workspace) -> None:
+    """A new workspace begins where the project is: its dvc.lock (committed or not), the outputs that lock records
+    checked out from the shared cache, and the outputs DVC does not cache (metrics, the loss log) copied. Every
+    stage whose deps and params the run does not change is then up to date there, as under ``dvc exp run``; a
+    stage the project never ran, or whose outputs are no longer in the cache, runs."""
+    lock = ws.project / "dvc.lock"
+    if not lock.is_file():
+        return
+    atomic_copy(lock, ws.path("dvc.lock"))
+    for stage in read_stages(ws.path("dvc.yaml")).values():
+        for rel in stage.uncached:
+            if (ws.project / rel).is_file():
+                atomic_copy(ws.project / rel, ws.path(rel))
+    _dvc(ws.root, "checkout", "--allow-missing", "--quiet")
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = src.read_bytes()
+    atomic_write_bytes(dst, lambda f: f.write(data))
 
 
 def _dvc(cwd: Path, *args: str) -> None:
@@ -229,62 +260,76 @@ def locked(ws: Workspace, holder: str) -> Iterator[None]:
 
 
 # -- one stage ------------------------------------------------------------------------------------------------------
+
+
+def stale_stages(root: Path, env: Optional[dict[str, str]] = None) -> set[str]:
+    """The stages DVC finds changed in the workspace ``root`` (``dvc status --json``: changed deps, params, outputs,
+    or never run)."""
+    r = subprocess.run([_dvc_bin(), "status", "--json"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise WorkspaceError(f"dvc status in {root}: {_last_line(r)}")
+    return {key.rpartition(":")[2] for key in json.loads(r.stdout or "{}")}
+
+
+def _lock_entry(root: Path, stage: str) -> Any:
+    try:
+        return (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}).get(stage)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 @dataclass
 class ReproResult:
-    status: str  # "ran" | "up to date" | "restored" (from DVC's run-cache) | "failed"
+    status: str  # "ran" | "restored" (from DVC's run-cache) | "up to date" | "failed"
     returncode: int
     error: Optional[str]  # the stage's own one-line "error: ..." message, when it gave one
     tail: str  # the last lines of the output, for a failure without a message
 
 
-_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
-_RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
-_RAN = re.compile(r"Running stage '([^']+)'")
-
-
 def repro(root: Path, stage: str, env: dict[str, str], log: Callable[[str], None]) -> ReproResult:
     """``dvc repro --single-item <stage>`` in the workspace ``root``, its output passed line by line to ``log``
-    (waiting for DVC's repository lock rather than failing when another ``dvc`` of this workspace holds it)."""
-    full_env = {**os.environ, **env,
+    (waiting for DVC's repository lock rather than failing when another ``dvc`` of this workspace holds it).
+
+    What happened is read from data, not from DVC's messages: the stage's command ran if it created the file named by
+    ``DDPM_STAGE_STARTED``; otherwise DVC restored its outputs from the run-cache if the stage's dvc.lock entry
+    changed, and found it up to date if not."""
+    started = root / ".dvc" / "tmp" / f"started-{stage}"
+    started.parent.mkdir(parents=True, exist_ok=True)
+    started.unlink(missing_ok=True)
+    before = _lock_entry(root, stage)
+    full_env = {**os.environ, **env, STARTED_ENV: str(started),
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # --wait-for-lock: the flow runs independent stages at once, and each `dvc repro` holds the repository lock for
     # a moment at its start and end (not while the stage's command runs).
     proc = subprocess.Popen([_dvc_bin(), "--wait-for-lock", "repro", "--single-item", stage], cwd=root, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    status, error, lines = None, None, []
+    error, lines = None, []
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip("\n")
         lines.append(line)
         del lines[:-60]
-        if _RAN.search(line):
-            status = "ran"
-        elif _SKIPPED.search(line):
-            status = status or "up to date"
-        elif _RESTORED.search(line):
-            status = "restored"
-        if line.startswith("error: "):
+        if line.startswith("error: "):  # the stage's own one-line message (tasks/lib/cli.py run_cli)
             error = line[len("error: "):]
         log(line)
     rc = proc.wait()
+    tail = "\n".join(lines[-30:])
     if rc != 0:
-        return ReproResult("failed", rc, error, "\n".join(lines[-30:]))
-    return ReproResult(status or "ran", rc, None, "\n".join(lines[-30:]))
+        return ReproResult("failed", rc, error, tail)
+    if started.exists():
+        started.unlink()
+        return ReproResult("ran", rc, None, tail)
+    return ReproResult("restored" if _lock_entry(root, stage) != before else "up to date", rc, None, tail)
 
 
 # -- the experiment -------------------------------------------------------------------------------------------------
 def untracked_records(ws: Workspace) -> list[str]:
     """Files a run writes that git does not ignore and the experiment commit must hold: dvc.lock, the stages'
     uncached metrics/plots/outs (from dvc.yaml) and the run record."""
-    spec = yaml.safe_load(ws.path("dvc.yaml").read_text()) or {}
     files = {"dvc.lock", RUN_RECORD}
-    for st in (spec.get("stages") or {}).values():
-        for kind in ("outs", "metrics", "plots"):
-            for o in st.get(kind) or []:
-                if isinstance(o, dict):
-                    (path, opts), = o.items()
-                    if (opts or {}).get("cache") is False:
-                        files.add(path)
+    for stage in read_stages(ws.path("dvc.yaml")).values():
+        files.update(stage.uncached)
     others = set(_git(ws.root, "ls-files", "--others", "--exclude-standard").stdout.split())
     return sorted(f for f in files if f in others)
 

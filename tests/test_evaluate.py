@@ -153,7 +153,7 @@ def test_train_against_itself_is_zero_and_holdout_matches_floor(digits, classifi
 def test_reference_statistics_are_cached_and_reused(digits, classifier, noise, tmp_path, capsys):
     """Through the command line's ``main``; the second run reads the keyed entry, untouched."""
     params = tmp_path / "params.yaml"
-    params.write_text("evaluate:\n  kid_subset_size: 10\ntracking:\n  enabled: false\n")
+    params.write_text("evaluate:\n  kid_subset_size: 10\n  repeats: 1\ntracking:\n  enabled: false\n")
     ref = tmp_path / "ref_stats"
 
     def cli(out: str) -> dict:

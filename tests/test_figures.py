@@ -189,7 +189,7 @@ def test_sampler_table_disabled_writes_only_the_notice(tiny_config, tmp_path):
 
 def test_flow_artifacts_of_the_figures_and_table(tmp_path):
     """The Prefect artifacts' content: links to every figure file and the table's rows with the floor."""
-    from flows.train_eval import figures_markdown, sampler_table_rows
+    from flows.artifacts import figures_markdown, sampler_table_rows
 
     fig = {"enabled": True, "sampler": "ddim-5 (eta 0)", "checkpoint": "/c/ckpt_00000006.pt",
            "progressive": {"file": "progressive.png", "timesteps": [81, 1]},
@@ -202,7 +202,7 @@ def test_flow_artifacts_of_the_figures_and_table(tmp_path):
     from tasks.sampler_table import markdown_table
 
     (tmp_path / "t.md").write_text(markdown_table(table) + "\n")  # what the stage writes beside its json
-    md = figures_markdown(fig, table, {"figures": str(tmp_path / "figures"), "sampler_table_md": str(tmp_path / "t.md")})
+    md = figures_markdown(fig, table, tmp_path / "figures", tmp_path / "t.md")
     for name in ("progressive.png", "reconstruction_t0100.png", "denoising.gif", "loss.png"):
         assert f"({(tmp_path / 'figures' / name).as_uri()})" in md
     assert "t = 81, 1" in md and "2 reconstructions" in md and "| DDIM, η=0 | 10 | 2 | – | – | – | 0.1 |" in md
@@ -211,4 +211,5 @@ def test_flow_artifacts_of_the_figures_and_table(tmp_path):
          "sampling_s": 1.0, "images_per_s": 10.0},
         {"sampler": "real held-out (floor)", "NFE": None, "FID": 0.5, "FID_std": None, "vs_DDPM": None,
          "holds": None, "KID": 0.0, "sampling_s": None, "images_per_s": None}]
-    assert figures_markdown({"enabled": False}, {"enabled": False, "rows": []}, {"figures": "f"}).count("\n") == 2
+    assert figures_markdown({"enabled": False}, {"enabled": False, "rows": []}, tmp_path / "f",
+                            tmp_path / "none.md").count("\n") == 2

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tasks.lib.config import load_config
+from tasks.lib.dvcfile import check_order, read_stages
 from flows import serve as flows_serve
 from flows import train_eval as te
 from conftest import GIT_ENV, clone_project, free_port
@@ -72,7 +73,7 @@ def test_stage_order_must_follow_the_data(tmp_path):
     spec["stages"] = {"train": stages["train"], **{k: v for k, v in stages.items() if k != "train"}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(ValueError, match="stage train reads data/dataset, an output of fetch, which comes after it"):
-        te.stages_from_dvc_yaml(tmp_path / "dvc.yaml")
+        check_order(read_stages(tmp_path / "dvc.yaml"), tmp_path / "dvc.yaml")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -330,7 +331,8 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
 
     # 1. The weights file exists but is not the pinned one: only evaluate can tell (its SHA-256), so the stages
     # before it run and evaluate fails with its one-line message. figures, which reads none of evaluate's inputs,
-    # ran beside sample and evaluate; sampler_table, which reads evaluate's reference statistics, never started.
+    # ran beside sample and evaluate; sampler_table, which reads evaluate's reference statistics, never started
+    # (Prefect's NotReady: it waits for evaluate).
     r1, run1, _ = _deployment_run(served, "local", params=str(params), out=str(out), overrides={
         "evaluate.feature_extractor": "inception-v3-compat", "evaluate.inception_weights": str(wrong)})
     assert r1.returncode == 1, _output(r1) + _tail(served["log"])
@@ -340,7 +342,8 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
         assert state.message.startswith(f"evaluate: evaluate.inception_weights: {wrong} has SHA-256 "), state.message
         # With Inception features nothing reads a classifier: its stage runs but trains nothing.
         assert _states(c, run1) == {"fetch": "Completed", "train_classifier": "Completed", "train": "Completed",
-                                    "sample": "Completed", "evaluate": "Failed", "figures": "Completed"}
+                                    "sample": "Completed", "evaluate": "Failed", "figures": "Completed",
+                                    "sampler_table": "NotReady"}
     assert json.loads((out / "metrics" / "classifier.json").read_text())["skipped"] is True
     ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
     assert [p.name for p in ckpts][-1] == f"ckpt_{tiny_params['train']['steps']:08d}.pt"
@@ -398,21 +401,40 @@ def test_deployment_run_fails_at_a_stage_then_rerun_skips_what_completed(served,
     assert len(rows) == 1 and rows[0]["mlflow_run_id"] == tagged[0].info.run_id, rows
     assert rows[0]["Experiment"].startswith("run-") and rows[0]["evaluate.feature_extractor"] == "auto"
     assert tagged[0].data.tags["dvc_exp_name"] == rows[0]["Experiment"]
-    assert f"experiment `{rows[0]['Experiment']}`" in summary.data
+    assert f"**DVC experiment**: {rows[0]['Experiment']} (" in summary.data
 
 
 @pytest.mark.slow
-def test_deployment_runs_with_overrides_are_dvc_experiments(served, tiny_params):
-    """Two `prefect deployment run 'train-eval/local'` with different overrides: two DVC experiments (each in its
-    own workspace under runs/), listed by `dvc exp show` in the project with their params, metrics and MLflow run."""
+def test_experiments_rerun_only_what_their_params_change(served, tiny_params):
+    """`prefect deployment run 'train-eval/local'` as after `make demo`: first in the project itself, then with
+    overrides, each a DVC experiment in its own workspace under runs/ that starts from the project's DVC state (its
+    dvc.lock, its outputs linked from the cache): `figures.frames` reruns figures alone, `train.lr` train and what
+    reads its outputs. `dvc exp show` in the project lists both, with their params, metrics and MLflow run; the
+    project's own state is left as it was."""
     work = served["work"]
     tiny_params["tracking"] = {"enabled": True}
+    tiny_params["figures"] = {"enabled": True, "seeds": 2, "frames": 4, "recon_images": 2, "recon_seeds": 1,
+                              "recon_fractions": [1.0, 0.5], "gif_samples": 4, "gif_frames": 3}
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    r, first, _ = _deployment_run(served, "local")
+    assert r.returncode == 0, _output(r) + _tail(served["log"])
+    with _client(served) as c:
+        assert _states(c, first) == {name: "Completed" for name in STAGE_NAMES}  # the project: no experiment
+    lock = (work / "dvc.lock").read_bytes()
+
     flow_runs = {}
-    for lr in (5e-4, 2e-3):
-        r, run_id, _ = _deployment_run(served, "local", overrides={"train.lr": lr})
+    for overrides, ran in (({"figures.frames": 5}, {"figures"}),
+                           ({"train.lr": 5e-4}, {"train", "sample", "evaluate", "figures", "sampler_table"})):
+        r, run_id, seconds = _deployment_run(served, "local", overrides=overrides)
         assert r.returncode == 0, _output(r) + _tail(served["log"])
-        flow_runs[lr] = run_id
+        with _client(served) as c:
+            states = _states(c, run_id)
+        assert states == {**{n: "Completed" if n in ran else "Cached" for n in STAGE_NAMES},
+                          "dvc-exp-save": "Completed"}, (overrides, states)
+        print(f"{overrides}: reran {sorted(ran)} in {seconds:.1f} s")
+        flow_runs[next(iter(overrides))] = run_id
+    assert (work / "dvc.lock").read_bytes() == lock  # the experiments did not touch the project's own state
+
     rows = _exp_rows(work, served["env"])
     by_run = {row["prefect_flow_run_id"]: (name, row) for name, row in rows.items()
               if row.get("prefect_flow_run_id") in flow_runs.values()}
@@ -420,19 +442,17 @@ def test_deployment_runs_with_overrides_are_dvc_experiments(served, tiny_params)
     from mlflow import MlflowClient
 
     ml = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    mlflow_ids = set()
-    for lr, run_id in flow_runs.items():
-        name, row = by_run[run_id]
-        assert name.startswith("exp-") and float(row["train.lr"]) == lr and float(row["fid"]) > 0, row
+    frames_name, frames = by_run[flow_runs["figures.frames"]]
+    lr_name, lr = by_run[flow_runs["train.lr"]]
+    assert frames_name.startswith("exp-") and lr_name.startswith("exp-") and frames_name != lr_name
+    assert int(frames["figures.frames"]) == 5 and float(frames["train.lr"]) == tiny_params["train"]["lr"]
+    assert float(lr["train.lr"]) == 5e-4 and float(lr["fid"]) > 0
+    assert float(frames["fid"]) == float(json.loads((work / "metrics" / "eval.json").read_text())["fid"])  # reused
+    for name, row in ((frames_name, frames), (lr_name, lr)):
         run = ml.get_run(row["mlflow_run_id"])
-        assert run.data.tags["prefect_flow_run_id"] == run_id and run.data.tags["dvc_exp_name"] == name
-        assert run.data.metrics["trained/fid"] == pytest.approx(float(row["fid"]))
-        mlflow_ids.add(row["mlflow_run_id"])
-    assert len(mlflow_ids) == 2
-    lock = work / "dvc.lock"  # the project's own workspace was not touched by them
-    assert not lock.exists(), f"{lock} ({time.ctime(lock.stat().st_mtime)}):\n{lock.read_text()}\n{_tail(served['log'])}"
-
-
+        assert run.data.tags["prefect_flow_run_id"] == row["prefect_flow_run_id"]
+        assert run.data.tags["dvc_exp_name"] == name
+    assert ml.get_run(lr["mlflow_run_id"]).data.metrics["trained/fid"] == pytest.approx(float(lr["fid"]))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO
 from tasks import train_classifier
 from tasks.lib import inputs
+from tasks.lib.dvcfile import downstream, read_stages
 from tasks.lib.classifier import load_classifier
 from tasks.lib.errors import DataError
 from test_fetch import make_cifar
@@ -33,12 +34,13 @@ def _env() -> dict[str, str]:
 
 # -- which stages come after which (read from dvc.yaml) -------------------------------------------------------------
 def test_downstream_follows_dvc_yaml():
-    assert inputs.downstream("fetch") == ["fetch", "train_classifier", "train", "sample", "evaluate", "figures",
+    stages = read_stages()
+    assert downstream("fetch", stages) == ["fetch", "train_classifier", "train", "sample", "evaluate", "figures",
                                           "sampler_table"]
-    assert inputs.downstream("train") == ["train", "sample", "evaluate", "figures", "sampler_table"]
-    assert inputs.downstream("train_classifier") == ["train_classifier", "evaluate", "sampler_table"]
-    assert inputs.downstream("sample") == ["sample", "evaluate", "sampler_table"]  # via evaluate's ref_stats
-    assert inputs.downstream("figures") == ["figures"]
+    assert downstream("train", stages) == ["train", "sample", "evaluate", "figures", "sampler_table"]
+    assert downstream("train_classifier", stages) == ["train_classifier", "evaluate", "sampler_table"]
+    assert downstream("sample", stages) == ["sample", "evaluate", "sampler_table"]  # via evaluate's ref_stats
+    assert downstream("figures", stages) == ["figures"]
 
 
 def test_downstream_of_another_dvc_yaml(tmp_path):
@@ -48,8 +50,10 @@ def test_downstream_of_another_dvc_yaml(tmp_path):
         "c": {"cmd": "x", "deps": ["m"]},
         "d": {"cmd": "x", "deps": ["elsewhere"]},
     }}))
-    assert inputs.downstream("a", tmp_path / "dvc.yaml") == ["a", "b", "c"]
-    assert inputs.downstream("d", tmp_path / "dvc.yaml") == ["d"]
+    stages = read_stages(tmp_path / "dvc.yaml")
+    assert downstream("a", stages) == ["a", "b", "c"]
+    assert downstream("d", stages) == ["d"]
+    assert stages["b"].uncached == ("m/b.json",) and stages["b"].outs == ("m/b.json",)
 
 
 # -- what the params select -----------------------------------------------------------------------------------------
@@ -75,25 +79,25 @@ def test_every_missing_input_is_named_once(tiny_config, tmp_path):
     cfg = tiny_config({"data.dataset": "cifar10", "data.root": str(tmp_path / "raw"), "model.attn_resolutions": [],
                        "evaluate.inception_weights": str(tmp_path / "w.pth"), "sampler_table.enabled": True,
                        "evaluate.reference": str(tmp_path / "ref.npz"), "evaluate.kid": False})
-    missing = inputs.missing_inputs(cfg, inputs.downstream("fetch"))
+    missing = inputs.missing_inputs(cfg, downstream("fetch", read_stages()))
     assert [m.key for m in missing] == ["data.root", "evaluate.inception_weights", "evaluate.reference"]
     assert missing[1].stages == ("evaluate", "sampler_table")
     with pytest.raises(DataError) as exc:
-        inputs.check(cfg, inputs.downstream("fetch"))
+        inputs.check(cfg, downstream("fetch", read_stages()))
     lines = str(exc.value).splitlines()
     assert lines[0] == "3 inputs of this run are missing; it stopped before any stage ran:"
     assert "cifar-10-batches-py" in lines[1] and "(read by fetch)" in lines[1]
     assert "w.pth not found" in lines[2] and "(read by evaluate, sampler_table)" in lines[2]
     assert "ref.npz not found" in lines[3]
     # From train on, the dataset sources are fetch's business only.
-    assert [m.key for m in inputs.missing_inputs(cfg, inputs.downstream("train"))] == [
+    assert [m.key for m in inputs.missing_inputs(cfg, downstream("train", read_stages()))] == [
         "evaluate.inception_weights", "evaluate.reference"]
     # Present files pass; the classifier path of digits needs none of them.
     make_cifar(tmp_path / "raw")
     (tmp_path / "w.pth").write_bytes(b"x")
     (tmp_path / "ref.npz").write_bytes(b"x")
-    inputs.check(cfg, inputs.downstream("fetch"))
-    inputs.check(tiny_config(), inputs.downstream("fetch"))
+    inputs.check(cfg, downstream("fetch", read_stages()))
+    inputs.check(tiny_config(), downstream("fetch", read_stages()))
 
 
 def test_dvc_stage_env_checks_the_stages_after_it(tiny_config, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import yaml
 from conftest import REPO
 from flows import train_eval as te
 from tasks.lib.layout import LAYOUT
+from tasks.lib.summary import RECORDS
 
 # Modules whose effects are outside the stage's outputs, so editing them must not rerun a stage:
 NOT_OUTPUT_CODE = {
@@ -22,6 +23,7 @@ NOT_OUTPUT_CODE = {
     "tasks/lib/callbacks.py": "what a stage reports to the trackers (tracking/): side effects outside its outputs",
     "tasks/lib/layout.py": "where a run's files are, for the trackers that read them after a stage",
     "tasks/lib/summary.py": "the console summary of a finished run",
+    "tasks/lib/dvcfile.py": "dvc.yaml read for the check of the external inputs of the stages after this one",
 }
 PACKAGES = ("ddpm", "tasks", "flows", "tracking")
 
@@ -109,10 +111,10 @@ def test_the_closure_sees_imports_inside_functions():
 
 def test_the_flow_reads_what_the_stages_write():
     """The flow's tasks are dvc.yaml's stages; each file it reads back lies at or under an output of its stage."""
-    assert list(te.STAGE_TASKS) == [name for name, _ in STAGES] == list(te.RECORDS)
+    assert list(te.STAGE_TASKS) == [name for name, _ in STAGES] == list(RECORDS)
     outs = {name: [next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "metrics", "plots")
                    for o in stage.get(kind) or []] for name, stage in STAGES}
-    for stage, key in te.RECORDS.items():
+    for stage, key in RECORDS.items():
         assert covered(LAYOUT[key], outs[stage]), (stage, LAYOUT[key])
     for rel in LAYOUT.values():
         assert any(covered(rel, o) for o in outs.values()), rel

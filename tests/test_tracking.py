@@ -18,6 +18,7 @@ import yaml
 from ddpm.checkpoint import load_checkpoint
 from ddpm.unet import UNet
 from tasks import evaluate, fetch, sample, train, train_classifier
+from tasks.lib import summary
 from tracking import outputs, training
 from tracking import run as tracking
 from tasks.lib.images import grid_image
@@ -492,14 +493,18 @@ def test_the_tracking_layer_logs_what_a_stage_wrote(tiny_config, tmp_path, monke
     # the run page's description: the result against its floor, where the pictures are; the table adds its answer
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith("**digits** diffusion model, params hash `") and "(ws-exp)" in note
-    assert "**FID 3.5** against a real-vs-real floor of 1.75 (ratio 2)" in note and "`trained/samples`" in note
-    table = {"checkpoint_step": 6, "rows": [], "answer": {"cheapest": {"sampler": "unipc", "nfe": 10,
-                                                                       "ratio_to_ddpm": 1.04, "by": "tolerance",
-                                                                       "speedup_in_nfe": 100.0}}}
+    # the same row the console and the Prefect summary show (tasks/lib/summary.py): one source, three renderings
+    evaluation = summary.evaluation_row(json.loads((ws / "metrics" / "eval.json").read_text()))
+    assert evaluation.text.startswith("FID 3.5 (real-vs-real floor 1.75, FID / floor 2.00)")
+    assert f"**{evaluation.text}**" in note and "`trained/samples`" in note
+    table = {"enabled": True, "checkpoint_step": 6, "rows": [],
+             "answer": {"cheapest": {"sampler": "unipc", "nfe": 10, "ratio_to_ddpm": 1.04, "by": "tolerance",
+                                     "speedup_in_nfe": 100.0}}}
     with environ(tags):
         assert outputs.log_sampler_table(cfg, table, ws / "none.json", ws / "none.md") == run_id
     note = client.get_run(run_id).data.tags["mlflow.note.content"]
-    assert "**FID 3.5**" in note and "**unipc at 10 network evaluations** holds DDPM-1000's FID (1.04x" in note
+    assert f"**{evaluation.text}**" in note and f"**{summary.sampler_table_row(table).text}**" in note
+    assert "unipc at 10 network evaluations holds DDPM-1000's FID (1.04x" in note
 
     # A stage's command line run by hand in the workspace: its own output paths, through the installed tracker;
     # under the flow (DDPM_TRACKING_BY=flow) it leaves that to the flow.

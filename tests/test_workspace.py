@@ -152,3 +152,48 @@ def test_inputs_from_outside_are_named_by_absolute_path_in_a_separate_workspace(
 
     assert set(EXTERNAL_PATH_KEYS) == {"data.root", "evaluate.inception_weights", "evaluate.reference"}
 
+
+
+# A pipeline of two stages whose commands do what the project's stages' command lines do: say that they started
+# (tasks/lib/cli.py run_cli touches $DDPM_STAGE_STARTED under the flow) and write their outputs.
+PIPELINE = {"stages": {
+    "a": {"cmd": "sh -c 'touch \"$DDPM_STAGE_STARTED\"; mkdir -p out; echo a > out/a.txt'", "params": ["train"],
+          "outs": ["out"]},
+    "b": {"cmd": "sh -c 'touch \"$DDPM_STAGE_STARTED\"; mkdir -p metrics; cat out/a.txt > metrics/b.json'",
+          "deps": ["out"], "params": ["sample"], "metrics": [{"metrics/b.json": {"cache": False}}]},
+}}
+
+
+def test_a_new_workspace_starts_from_the_projects_dvc_state(project):
+    """A run with other params starts where the project is (its uncommitted dvc.lock, the cached outputs as links,
+    the uncached ones copied): only the stage whose params changed is stale, as under `dvc exp run`."""
+    (project / "dvc.yaml").write_text(yaml.safe_dump(PIPELINE))
+    _run(project, "git", "commit", "-qam", "two stages")
+    assert wsp.stale_stages(project) == {"a", "b"}  # never run
+    lines = []
+    env = {"DVC_NO_ANALYTICS": "true"}
+    assert [wsp.repro(project, s, env, lines.append).status for s in ("a", "b")] == ["ran", "ran"]
+    assert wsp.repro(project, "b", env, lines.append).status == "up to date"
+    assert wsp.stale_stages(project) == set() and (project / "dvc.lock").is_file()  # not committed
+
+    ws = wsp.open_workspace(project, project / "runs" / "w")
+    assert (ws.root / "dvc.lock").read_text() == (project / "dvc.lock").read_text()
+    assert (ws.root / "metrics" / "b.json").read_text() == "a\n"  # uncached: copied
+    linked = ws.root / "out" / "a.txt"  # cached: a link into the shared cache, not a copy
+    assert linked.read_text() == "a\n" and (linked.stat().st_nlink > 1 or linked.is_symlink())
+    assert wsp.stale_stages(ws.root) == set()
+    wsp.write_params(ws, project / "params.yaml", {"sample.steps": 7})
+    assert wsp.stale_stages(ws.root) == {"b"}
+    assert wsp.repro(ws.root, "b", env, lines.append).status == "ran"
+    assert wsp.stale_stages(ws.root) == set()
+    assert (project / "out" / "a.txt").read_text() == "a\n" and wsp.stale_stages(project) == set()  # untouched
+
+    # Params that come back to values run before: DVC restores the stage's outputs from its run-cache, and its
+    # command does not run.
+    ws2 = wsp.open_workspace(project, project / "runs" / "w2")
+    wsp.write_params(ws2, project / "params.yaml", {"train.lr": 0.5})
+    assert wsp.stale_stages(ws2.root) == {"a"}
+    assert wsp.repro(ws2.root, "a", env, lines.append).status == "ran"
+    wsp.write_params(ws2, project / "params.yaml", {})  # back to the project's params: a's run is in the run-cache
+    assert wsp.stale_stages(ws2.root) == {"a"}
+    assert wsp.repro(ws2.root, "a", env, lines.append).status == "restored"

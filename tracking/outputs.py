@@ -44,6 +44,7 @@ from ddpm.config import setting_key
 
 from tasks.lib.config import Config
 from tasks.lib.layout import read_record
+from tasks.lib.summary import evaluation_row, sampler_table_row
 
 from .run import card_image, dataset_sha_from_checkpoints, flat_tags, log_into_run, metric_list, numbers
 
@@ -146,35 +147,21 @@ NOTE_TAG = "mlflow.note.content"  # the run page's Description
 NOTE_PARTS = ("ddpm.note.eval", "ddpm.note.sampler_table")  # its parts, each written by the stage it describes
 
 
-def _g(x: Any) -> str:
-    return f"{x:.4g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
-
-
 def evaluation_note(cfg: Config, result: dict[str, Any], step: int) -> str:
-    """The evaluation's part of the run description: FID/KID against the real-vs-real floor, and where the pictures
-    are."""
-    floor = result.get("floor") or {}
-    per = (result.get("per_repeat") or {}).get("fid") or {}
-    spread = f" ± {per['std']:.2g} over {result.get('repeats')} seed ranges" if per.get("std") is not None else ""
+    """The evaluation's part of the run description: its summary row (FID/KID against the real-vs-real floor,
+    tasks/lib/summary.py), and where the pictures are."""
+    row = evaluation_row(result)
     return "\n".join([
-        f"**FID {_g(result.get('fid'))}{spread}** against a real-vs-real floor of {_g(floor.get('fid'))} "
-        f"(ratio {_g(result.get('fid_ratio'))}); KID {_g(result.get('kid_mean'))} against {_g(floor.get('kid_mean'))}; "
-        f"{result.get('feature_extractor')} features, {result.get('num_generated')} samples per range, checkpoint "
-        f"step {step}.",
+        f"**{row.text if row else 'no evaluation'}**; checkpoint step {step}.",
         "",
         f"Pictures: the training strips `train/samples` beside the loss curve, the final samples `{SAMPLES_KEY}` "
         "(all of the grid: artifact `samples/grid.png`), the figures in the artifacts under `figures/`."])
 
 
 def table_note(result: dict[str, Any]) -> str:
-    """The sampler table's part: the cheapest sampler that holds DDPM-1000's quality."""
-    a = result.get("answer") or {}
-    c = a.get("cheapest")
-    if not c:
-        return "Sampler table (artifact `sampler_table/sampler_table.md`): no row within the tolerance of DDPM's FID."
-    return (f"Sampler table (artifact `sampler_table/sampler_table.md`): **{c['sampler']} at {c['nfe']} network "
-            f"evaluations** holds DDPM-1000's FID ({_g(c.get('ratio_to_ddpm'))}x, by the {c.get('by')}), "
-            f"{_g(c.get('speedup_in_nfe'))}x fewer evaluations.")
+    """The sampler table's part: its summary row, the cheapest sampler that holds DDPM-1000's quality."""
+    row = sampler_table_row({"enabled": True, **result})
+    return f"Sampler table (artifact `sampler_table/sampler_table.md`): **{row.text if row else 'none'}**."
 
 
 def write_note(client, run_id: str, cfg: Config, part: str, text: str) -> None:

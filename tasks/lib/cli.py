@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ddpm.checkpoint import CheckpointError
@@ -50,6 +51,11 @@ def _os_error_line(e: OSError) -> str:
     return f"{where}: {what}{hint}"
 
 
+# Set by the train-eval flow for a stage's `dvc repro` (flows/workspace.py repro): the file this command creates when it
+# starts, so the flow knows from the stage itself whether DVC ran it or restored its outputs from the run-cache.
+STARTED_ENV = "DDPM_STAGE_STARTED"
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Run a stage's ``main``; turn user errors into one line on stderr and exit code 2.
 
@@ -59,6 +65,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    started = os.environ.pop(STARTED_ENV, "")  # the train-eval flow learns that this command ran (not run-cached)
+    if started:
+        Path(started).touch()
     try:
         main(argv)
     except USER_ERRORS + (OSError,) as e:

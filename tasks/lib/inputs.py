@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 
 from tasks.lib.config import Config
 
+from .dvcfile import downstream, read_stages
 from .errors import DataError, StageError
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -173,40 +174,6 @@ def check(cfg: Config, stages: Iterable[str], what: str = "this run") -> None:
 
 
 # -- dvc repro ------------------------------------------------------------------------------------------------------
-def dvc_stages(dvc_yaml: os.PathLike | str = PROJECT / "dvc.yaml") -> dict[str, tuple[list[str], list[str]]]:
-    """``{stage: (deps, outs)}`` of a dvc.yaml, outs including metrics and plots files."""
-    import yaml
-
-    doc = yaml.safe_load(Path(dvc_yaml).read_text()) or {}
-    out = {}
-    for name, st in (doc.get("stages") or {}).items():
-        outs = []
-        for kind in ("outs", "metrics", "plots"):
-            for o in st.get(kind) or []:
-                outs.append(next(iter(o)) if isinstance(o, dict) else o)
-        out[name] = ([str(d) for d in st.get("deps") or []], [str(o) for o in outs])
-    return out
-
-
-def downstream(stage: str, dvc_yaml: os.PathLike | str = PROJECT / "dvc.yaml") -> list[str]:
-    """``stage`` and every stage that depends on its outputs, directly or not, in dvc.yaml's order."""
-    graph = dvc_stages(dvc_yaml)
-
-    def feeds(a: str, b: str) -> bool:  # does a's output lie at or under one of b's deps, or the reverse?
-        return any(d == o or d.startswith(o.rstrip("/") + "/") or o.startswith(d.rstrip("/") + "/")
-                   for o in graph[a][1] for d in graph[b][0])
-
-    seen = {stage}
-    changed = True
-    while changed:
-        changed = False
-        for name in graph:
-            if name not in seen and any(feeds(s, name) for s in seen):
-                seen.add(name)
-                changed = True
-    return [name for name in graph if name in seen]
-
-
 def check_for_dvc_stage(cfg: Config) -> None:
     """Under ``dvc repro`` (``DVC_STAGE`` set), check the inputs of this stage and of every stage after it, so
     that the first stage to run stops the whole reproduction over a file a later stage would miss."""
@@ -218,7 +185,7 @@ def check_for_dvc_stage(cfg: Config) -> None:
     dvc_yaml = root / (dvc_file or "dvc.yaml")
     if not dvc_yaml.is_file():
         return
-    graph = dvc_stages(dvc_yaml)
-    if name not in graph:
+    stages = read_stages(dvc_yaml)
+    if name not in stages:
         return
-    check(cfg, downstream(name, dvc_yaml), what=f"dvc repro (from stage {name})")
+    check(cfg, downstream(name, stages), what=f"dvc repro (from stage {name})")
