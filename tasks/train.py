@@ -509,6 +509,7 @@ def run_pretrained(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Opti
         raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "
                          f"{list(cfg.data.shape)}; rerun the fetch stage")
     check_writable(ckpt_dir, log_path.parent, *([Path(metrics_path).parent] if metrics_path else []))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(ckpt_dir)
     for old in ckpt_dir.glob(".import-*"):  # left by an import killed before its rename
         shutil.rmtree(old, ignore_errors=True)
@@ -517,13 +518,13 @@ def run_pretrained(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Opti
             imported = import_diffusers(cfg.train.pretrained, tmp, step=0)
         except DiffusersFormatError as e:  # e.g. weights that diffusers cannot load
             raise DataError(f"train.pretrained: {e}") from None
-        replaced = list_checkpoints(ckpt_dir)
-        for _, p in replaced:
-            p.unlink()
         path = checkpoint_path(ckpt_dir, 0)
+        earlier = [p for _, p in list_checkpoints(ckpt_dir) if p != path]  # a training's: set aside
+        for p in earlier:
+            p.unlink()
         os.replace(imported, path)
-    if replaced:
-        print(f"replaced {len(replaced)} checkpoint(s) of an earlier run in {ckpt_dir} with the published model")
+    if earlier:
+        print(f"replaced {len(earlier)} checkpoint(s) of an earlier run in {ckpt_dir} with the published model")
     write_json(ckpt_dir / "run_key.json", run_key(cfg, ds_meta["sha256"]))
     write_resolved(cfg, ckpt_dir)
     write_loss_log(log_path, [])
@@ -539,6 +540,10 @@ def run_pretrained(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Opti
     if summary["params_not_used"]:
         print("the published model is used as it is; these model/diffusion params differ and are not used: "
               + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in summary["params_not_used"].items()))
+    differ = [f"sample.{k} {getattr(cfg.sample, k)} (its scheduler's: {v})"
+              for k, v in summary["sampling_hints"].items() if v is not None and getattr(cfg.sample, k) != v]
+    if differ:  # sampling settings, not the network: the params decide (docs/diffusers.md "Sampling hints")
+        print(f"the params sample otherwise than the published scheduler: {', '.join(differ)}")
     if metrics_path:
         write_json(metrics_path, summary)
     return summary

@@ -221,7 +221,7 @@ def test_a_published_model_is_checked_before_any_stage_runs(tiny_config, tmp_pat
         ("noweights", f"{tmp_path}/noweights/unet: no weights (diffusion_pytorch_model.safetensors or "
                       "diffusion_pytorch_model.bin)"),
         ("rgb", f"{tmp_path}/rgb is a model of 3x8x8 images, the params' data are 1x8x8 (data.dataset digits, "
-                "data.image_size None, data.channels None); set data.* to the model's images"),
+                "data.image_size null, data.channels null); set data.* to the model's images"),
         ("t1000", f"{tmp_path}/t1000 was trained with T = 1000 (num_train_timesteps in {tmp_path}/t1000/scheduler/"
                   "scheduler_config.json), the params' diffusion.timesteps is 100; set diffusion.timesteps: 1000"),
     ]:

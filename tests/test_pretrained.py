@@ -67,15 +67,13 @@ def project(tmp_path_factory):
 
 def test_a_published_model_is_sampled_and_evaluated_without_training(project):
     root, unet = project
-    # An earlier run's checkpoint: the import replaces it (the newest checkpoint must be the published model).
-    (root / "checkpoints").mkdir()
-    (root / "checkpoints" / "ckpt_00000500.pt").write_bytes(b"a checkpoint of an earlier training")
-
     r = _stage(root, "tasks.train", "--params", "params.yaml", "--data", "data/dataset", "--checkpoints",
                "checkpoints", "--log", "metrics/train_loss.tsv", "--metrics", "metrics/train.json")
-    assert "not trained" in r.stdout and "replaced 1 checkpoint(s)" in r.stdout
+    assert "not trained" in r.stdout and "replaced" not in r.stdout  # a new folder: checkpoints/ did not exist
     # The params' model section (ch 16, 8 groups, eps 1e-5) is not the published model's: said, and not used.
     assert "model.ch 16 (model: 8)" in r.stdout
+    # diffusers' default scheduler samples with fixed_small; the params (fixedlarge) decide, and the stage says so
+    assert "sample.variance fixedlarge (its scheduler's: fixedsmall)" in r.stdout
     ckpts = list_checkpoints(root / "checkpoints")
     assert [s for s, _ in ckpts] == [0]
     train = json.loads((root / "metrics" / "train.json").read_text())
@@ -96,10 +94,16 @@ def test_a_published_model_is_sampled_and_evaluated_without_training(project):
         ours, theirs = model(x, t), unet(x, t).sample
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
 
-    # A rerun imports the same bytes: the sample stage's key (the checkpoint's hash) keeps its shards.
+    # A rerun imports the same bytes (the sample stage's key, the checkpoint's hash, keeps its shards), and replaces
+    # the checkpoints of an earlier training: the newest checkpoint must be the published model.
     first = hashlib.sha256(ckpts[0][1].read_bytes()).hexdigest()
-    _stage(root, "tasks.train", "--params", "params.yaml")
+    (root / "checkpoints" / "ckpt_00000500.pt").write_bytes(b"a checkpoint of an earlier training")
+    r = _stage(root, "tasks.train", "--params", "params.yaml")
+    assert "replaced 1 checkpoint(s) of an earlier run" in r.stdout
+    assert [s for s, _ in list_checkpoints(root / "checkpoints")] == [0]
     assert hashlib.sha256(ckpts[0][1].read_bytes()).hexdigest() == first
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["ckpt_00000000.pt", "config.json",
+                                                                        "run_key.json"]
 
     _stage(root, "tasks.sample", "--params", "params.yaml", "--checkpoints", "checkpoints", "--out", "samples")
     samples = json.loads((root / "samples" / "samples.json").read_text())
@@ -119,3 +123,12 @@ def test_a_published_model_is_sampled_and_evaluated_without_training(project):
     # Random weights draw noise, not digits: a finite FID far above the real-vs-real floor at the same count.
     assert np.isfinite(ev["fid"]) and np.isfinite(ev["floor"]["fid"])
     assert ev["fid"] > 3 * ev["floor"]["fid"], (ev["fid"], ev["floor"]["fid"])
+
+    # The figures of the published model; its loss.png says that nothing was trained (the log has no rows).
+    _stage(root, "tasks.figures", "--params", "params.yaml", "--set", "figures.enabled=true", "--checkpoints",
+           "checkpoints", "--data", "data/dataset", "--loss-log", "metrics/train_loss.tsv", "--out", "figures")
+    figures = json.loads((root / "figures" / "figures.json").read_text())
+    assert figures["checkpoint_step"] == 0 and figures["loss"]["points"] == 0
+    assert figures["loss"]["note"] == "no training: the published model ddpm-tiny was imported (train.pretrained)"
+    assert all((root / "figures" / name).stat().st_size > 0 for name in ("loss.png", "progressive.png",
+                                                                          "denoising.gif"))

@@ -150,6 +150,11 @@ def _size(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
+def _yaml(value: object) -> str:
+    """A params value as params.yaml writes it (``null``)."""
+    return "null" if value is None else str(value)
+
+
 def pretrained_problem(cfg: Config) -> Optional[str]:
     """What is wrong with the published model ``train.pretrained``, or None (also when it is not set): not a
     diffusers folder, a layout this project's UNet or diffusion cannot express (naming the config key), no weights,
@@ -160,8 +165,8 @@ def pretrained_problem(cfg: Config) -> Optional[str]:
         return None
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-    from ddpm.diffusers_io import (DiffusersFormatError, diffusion_from_scheduler, locate, read_json,
-                                   unet_config_from_diffusers)
+    from ddpm.diffusers_io import (DiffusersFormatError, UnsupportedLayout, diffusion_from_scheduler, locate,
+                                   read_json, unet_config_from_diffusers)
 
     if not Path(folder).is_dir():
         return f"{folder}: not a folder; expected {PRETRAINED_LAYOUTS}"
@@ -169,6 +174,8 @@ def pretrained_problem(cfg: Config) -> Optional[str]:
         unet_dir, scheduler = locate(Path(folder))
         unet = unet_config_from_diffusers(read_json(unet_dir / "config.json"), unet_dir / "config.json")
         diffusion, _ = diffusion_from_scheduler(read_json(scheduler), scheduler)
+    except UnsupportedLayout as e:  # a diffusers folder, of a network or schedule this project cannot express
+        return str(e)
     except DiffusersFormatError as e:
         return f"{e}; expected {PRETRAINED_LAYOUTS}"
     if not any((unet_dir / name).is_file() or (unet_dir / f"{name}.index.json").is_file()
@@ -177,12 +184,12 @@ def pretrained_problem(cfg: Config) -> Optional[str]:
     shape, d = (unet.image_channels, unet.image_size, unet.image_size), cfg.data
     if shape != d.shape:
         return (f"{folder} is a model of {_size(shape)} images, the params' data are {_size(d.shape)} (data.dataset "
-                f"{d.dataset}, data.image_size {d.image_size}, data.channels {d.channels}); set data.* to the "
-                f"model's images")
+                f"{d.dataset}, data.image_size {_yaml(d.image_size)}, data.channels {_yaml(d.channels)}); set data.* "
+                f"to the model's images")
     if diffusion["timesteps"] != cfg.diffusion.timesteps:
         return (f"{folder} was trained with T = {diffusion['timesteps']} (num_train_timesteps in {scheduler}), the "
                 f"params' diffusion.timesteps is {cfg.diffusion.timesteps}; set diffusion.timesteps: "
-                f"{diffusion['timesteps']} (the sample stage counts DDPM's steps by it)")
+                f"{diffusion['timesteps']} (the later stages read T from the params)")
     return None
 
 
