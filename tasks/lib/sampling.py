@@ -110,7 +110,8 @@ def check_same_network(built: SampleConfig, wanted: SampleConfig, what: str) -> 
 
 
 def sampling_weights(ckpt: os.PathLike | str, settings: SampleConfig) -> Weights:
-    """The weights ``settings`` sample with (EMA or raw, ``sample.use_ema``) of checkpoint ``ckpt``, with its configs."""
+    """The weights ``settings`` sample with (EMA or raw: ``sample.use_ema``) of checkpoint ``ckpt``, and its
+    configs."""
     return Weights.from_state(load_checkpoint(ckpt), use_ema=settings.use_ema, source=str(ckpt))
 
 
