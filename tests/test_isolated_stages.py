@@ -165,10 +165,27 @@ def _wait(predicate, stage: Stage, what: str, timeout: float = 240.0):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _kept_steps(storage: str, s3_server) -> list[int]:
+    """The steps of the checkpoints Ray Train's record of the (one) run in ``storage`` lists (tasks/lib/storage.py,
+    what the stage itself reads): an upload is there only once Ray Train registered it."""
+    from pyarrow import fs
+
+    from tasks.lib.storage import run_checkpoints
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in s3_server.env().items():
+            env.setenv(name, value)
+        filesystem, path = fs.FileSystem.from_uri(storage)
+        runs = [i.base_name for i in filesystem.get_file_info(fs.FileSelector(path))
+                if i.base_name.startswith("train-")]
+        return [k.step for k in run_checkpoints(storage, runs[0])] if len(runs) == 1 else []
+
+
 @pytest.fixture(scope="module")
-def resumed_training(cluster, first_training):
-    """The same run continued to STEPS by a new driver; one Ray Train worker killed once this run's first checkpoint
-    is in the bucket."""
+def resumed_training(cluster, first_training, s3_server):
+    """The same run continued to STEPS by a new driver; one Ray Train worker killed once Ray Train registered this
+    run's first checkpoint (uploaded to the bucket and recorded: a worker killed between the two would resume from
+    the one before)."""
     nodes, project, bucket = cluster
     out = first_training[0]
     params = _write_params(out, _params(STEPS, f"{bucket.url}/ray", keep=2))
@@ -176,8 +193,8 @@ def resumed_training(cluster, first_training):
     try:
         workers = _wait(lambda: [a for a in _train_workers(nodes, stage.pid) if a["state"] == ALIVE][:2] or None,
                         stage, "the Ray Train workers")
-        first = f"checkpoint_{FIRST_STEPS + EVERY:08d}/ckpt_{FIRST_STEPS + EVERY:08d}.pt"
-        _wait(lambda: [k for k in bucket.keys("ray/") if k.endswith(first)], stage, f"{first} in the bucket")
+        _wait(lambda: max(_kept_steps(f"{bucket.url}/ray", s3_server), default=0) >= FIRST_STEPS + EVERY, stage,
+              f"Ray Train's record of the checkpoint of step {FIRST_STEPS + EVERY}")
         os.kill(workers[-1]["pid"], signal.SIGKILL)
     except BaseException:
         stage.proc.kill()

@@ -9,7 +9,12 @@ the ``AWS_*`` credentials and ``AWS_REGION``/``AWS_DEFAULT_REGION``, or options 
 
 The config checks the value's form (tasks/lib/config.py, no I/O). :func:`check` reaches the storage once
 before any compute, with bounded timeouts, and turns what can go wrong (an endpoint that does not answer, no
-credentials, a bucket that does not exist, no write permission) into one :class:`StorageError` line.
+credentials, a bucket that does not exist, no write permission) into one :class:`StorageError` line;
+:func:`check_shared` refuses a local folder that the cluster's other nodes do not see.
+
+The train stage's checkpoints live there (rank 0 reports them, Ray Train copies and prunes them):
+:func:`run_checkpoints` reads which ones Ray Train keeps for a run, and :class:`RunCheckpoint` copies their files out,
+through pyarrow's file systems, for a local path and a bucket alike.
 """
 
 from __future__ import annotations
