@@ -174,7 +174,7 @@ class TrainJob:
     split: Optional[SplitReader] = None  # the training split (None: open ``data``), possibly shipped
     threads: int = 1  # intra-op threads of each worker
     ray_data: bool = False  # train.loader ray-data: the batches come from Ray Train's dataset shard
-    seed: Any = None  # a Ray object holding a Resume: the driver's own newer checkpoint, when Ray's run has none
+    seed: Any = None  # a Ray object holding a Resume: the driver's own checkpoint, when newer than Ray's newest
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,13 @@ def _uploaded(storage: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in storage.glob("train-*/checkpoint_*/ckpt_*.pt")) or [0]
 
 
+def _registered(storage: Path) -> list[int]:
+    """The steps of the checkpoints in Ray Train's record of the (one) run in ``storage``: an upload is there only once
+    Ray Train registered it, and only a registered one is resumed from after a worker restart."""
+    runs = [p.name for p in storage.glob("train-*")]
+    return [k.step for k in run_checkpoints(str(storage), runs[0])] if len(runs) == 1 else []
+
+
 def _loss_steps(path: Path) -> list[int]:
     with open(path, newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")]
@@ -129,10 +136,11 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
     out1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, stdout=out1, stderr=subprocess.STDOUT)
     try:
-        # Fault 1: the Ray Train worker process, killed by pid once the first checkpoint is in Ray Train's storage.
-        _wait(lambda: 3 in _uploaded(tmp_path / "ray"), 240, "the first checkpoint", proc)
+        # Fault 1: the Ray Train worker process, killed by pid once Ray Train has registered the first checkpoint (an
+        # upload it has not registered yet is not resumed from: the new worker would start again from step 0).
+        _wait(lambda: _registered(tmp_path / "ray"), 240, "Ray Train's record of the first checkpoint", proc)
         worker = _wait(lambda: _ray_train_workers(proc.pid), 30, "the Ray Train worker", proc)[0]
-        steps_at_kill = max(_uploaded(tmp_path / "ray"))
+        steps_at_kill = max(_registered(tmp_path / "ray"))
         worker.kill()
 
         # Security: the Ray dashboard's HTTP server, if this stage's Ray runs one at all, is on loopback only.
