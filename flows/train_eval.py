@@ -221,6 +221,12 @@ def train_eval(params: str = "params.yaml", overrides: Optional[dict[str, Any]] 
         return _fail(logger, str(e))
 
 
+def training(cfg: Config) -> str:
+    """What the train stage does, in words: '1500 training steps', or the published model it imports instead."""
+    return f"the published model {cfg.train.pretrained} (not trained)" if cfg.train.pretrained else \
+        f"{cfg.train.steps} training steps"
+
+
 def _prepare_workspace(logger, cfg: Config, params: str, base: Path, overrides: dict[str, Any],
                        ws: wsp.Workspace, flow_run_name: str) -> tuple[Optional[str], Config]:
     """The workspace's params.yaml (the params with the overrides and the outside inputs made absolute); returns the
@@ -237,7 +243,7 @@ def _prepare_workspace(logger, cfg: Config, params: str, base: Path, overrides: 
                   if ws.separate or wsp.params_changed_from_head(ws) else None)
     where = "the project folder" if not ws.separate else f"workspace {ws.root}"
     logger.info(f"params {params}{f' with {overrides}' if overrides else ''}: {cfg.data.dataset}, "
-                f"{cfg.train.steps} training steps, {cfg.sample.num_samples} samples; in {where}"
+                f"{training(cfg)}, {cfg.sample.num_samples} samples; in {where}"
                 + (f", saved as DVC experiment {experiment}" if experiment else ""))
     return experiment, load_config(ws.path(wsp.PARAMS_FILE))
 
@@ -335,7 +341,7 @@ def _finish(logger, cfg: Config, ws: wsp.Workspace, runs: dict[str, dict[str, An
     rows = [Row("stages", "stages", ", ".join(f"{n} {r['status']} ({r['wall_s']:.1f} s)" for n, r in runs.items())),
             *run_rows(ws.root), *where_rows(cfg, ws, experiment, commit, mlflow, flow_run_id)]
     ev = read_output(ws.root, "eval_metrics")
-    title = f"train-eval: {cfg.data.dataset}, {cfg.train.steps} steps"
+    title = f"train-eval: {cfg.data.dataset}, {training(cfg)}"
     artifacts.publish(artifacts.summary_markdown(title, runs, rows[1:], ev), ev, mlflow)
     artifacts.publish_figures(read_output(ws.root, "figures_record"), read_output(ws.root, "sampler_table"),
                               ws.path(LAYOUT["figures"]), ws.path(LAYOUT["sampler_table_md"]))

@@ -345,7 +345,15 @@ def save_experiment(ws: Workspace, name: str, message: str) -> str:
             for role in ("AUTHOR", "COMMITTER"):
                 env.setdefault(f"GIT_{role}_{who.upper()}", "train-eval flow" if who == "name" else
                                "train-eval@localhost")
-    r = subprocess.run(args, cwd=ws.root, capture_output=True, text=True, timeout=300, env=env)
+    # `dvc exp save` works through refs every worktree of the repository shares (refs/exps/exec/EXEC_*, the
+    # workspace stash): two at once in two workspaces of one project would take each other's. One at a time.
+    lock = _common_dir(ws.project) / "train-eval-exp-save.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # a lock, not data
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = subprocess.run(args, cwd=ws.root, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        os.close(fd)
     if r.returncode != 0:
         raise WorkspaceError(f"dvc exp save in {ws.root}: {_last_line(r)}")
     refs = _git(ws.root, "for-each-ref", "refs/exps", "--format=%(refname) %(objectname:short)").stdout

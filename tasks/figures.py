@@ -6,7 +6,8 @@
    t by q(x_t | x_0) and denoised ``figures.recon_seeds`` times with different seeds; per image one row: the
    original, its diffused input (first seed) and the reconstructions (the paper's Fig. 7 on CelebA-HQ).
 3. ``denoising.gif``: a grid of ``figures.gif_samples`` samples from noise to images.
-4. ``loss.png``: the training loss curve of ``metrics/train_loss.tsv`` (matplotlib), beside DVC's plot.
+4. ``loss.png``: the training loss curve of ``metrics/train_loss.tsv`` (matplotlib), beside DVC's plot; with
+   ``train.pretrained`` (nothing trained) a note saying so.
 
 Every chain uses the sample section's sampler (``sample.sampler``, ``steps``, ``eta``, ``variance``) and weights
 (``sample.use_ema``): with the demo's DDIM-100 the figures take seconds instead of the minutes 1,000 ancestral
@@ -267,6 +268,26 @@ def loss_curve(log_path: Path, out_dir: Path) -> dict[str, Any]:
             "final_loss": float(losses[-1])}
 
 
+def no_loss_curve(pretrained: str, out_dir: Path) -> dict[str, Any]:
+    """``loss.png`` of a run that trained nothing (``train.pretrained``): it says so, in place of an earlier run's
+    curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    note = f"no training: the published model {Path(pretrained).name} was imported (train.pretrained)"
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, note.replace(": ", ":\n", 1), ha="center", va="center", wrap=True)
+    ax.set_axis_off()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = out_dir / "loss.png"
+    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+    return {"file": path.name, "points": 0, "note": note}
+
+
 # -- the stage ---------------------------------------------------------------------------------------------------------
 def run(cfg: Config, ckpt_dir, data_dir, loss_log, out_dir) -> dict[str, Any]:
     """Write the four figures and ``figures.json`` into ``out_dir``; returns what ``figures.json`` holds.
@@ -287,14 +308,15 @@ def run(cfg: Config, ckpt_dir, data_dir, loss_log, out_dir) -> dict[str, Any]:
         raise DataError(f"figures.recon_images: {cfg.figures.recon_images} images asked, the held-out split of "
                         f"{data_dir} has {len(held_out)}")
     holdout = held_out.head(cfg.figures.recon_images).images
-    read_loss(Path(loss_log))  # a missing or broken loss log fails before any sampling
+    if not cfg.train.pretrained:  # a published model has no loss log rows (the train stage trained nothing)
+        read_loss(Path(loss_log))  # a missing or broken loss log fails before any sampling
     with _Threads():
         holder, ckpt = load_sampler(cfg, ckpt_dir)
         with torch.inference_mode():
             prog = progressive(holder, cfg, out_dir)
             recon = reconstructions(holder, cfg, holdout, out_dir)
             gif = animation(holder, cfg, out_dir)
-    loss = loss_curve(Path(loss_log), out_dir)
+    loss = no_loss_curve(cfg.train.pretrained, out_dir) if cfg.train.pretrained else loss_curve(Path(loss_log), out_dir)
     for old in out_dir.glob("reconstruction_t*.png"):  # t values of an earlier recon_fractions
         if old.name not in {r["file"] for r in recon}:
             old.unlink()

@@ -345,7 +345,9 @@ def run(cfg: Config, ckpt_dir, data_dir, classifier_path, ref_dir, out_path, mar
     check_count(cfg, st.num_samples, len(data.train), "sampler_table.num_samples", str(data_dir))
     ckpt = newest_checkpoint(ckpt_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent) as tmp:
+    # absolute: the sampling actors write the rows' shards there, and Ray's workers have their own working directory
+    # (a Ray cluster the flow started elsewhere)
+    with tempfile.TemporaryDirectory(prefix="sampler_table-", dir=out_path.parent.resolve()) as tmp:
         rows, feats, ref, pool = sample_and_score(cfg, ckpt, extractor, which, Path(tmp), data, ref_dir)
     if st.bootstrap and cfg.evaluate.fid:
         noise(rows, paired_bootstrap(feats, ref.mu, ref.sigma, st.bootstrap, st.seed))

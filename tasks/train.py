@@ -617,14 +617,103 @@ def fit(job: TrainJob, trainer) -> float:
     return t_fit
 
 
+# -- train.pretrained: a published model instead of training ---------------------------------------------------------
+def _params_not_used(cfg: Config, stored: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [the params' value, the published model's]} for the model and diffusion keys where the two differ: the
+    run uses the published ones (the checkpoint carries them), so these params say nothing about it."""
+    import json
+
+    from ddpm.config import DiffusionConfig
+
+    theirs_d = DiffusionConfig(**stored["diffusion"])
+    schedule = ("beta_start", "beta_end") if theirs_d.schedule == "linear" else ("cosine_s",)
+    keys = [f"model.{k}" for k in type(cfg.model).model_fields] + [
+        f"diffusion.{k}" for k in ("schedule", "timesteps", *schedule, "objective")]
+    ours = {**{f"model.{k}": v for k, v in cfg.model.model_dump(mode="json").items()},
+            **{f"diffusion.{k}": v for k, v in cfg.diffusion.model_dump(mode="json").items()}}
+    theirs = {**{f"model.{k}": v for k, v in json.loads(json.dumps(stored["model"])).items()},
+              **{f"diffusion.{k}": v for k, v in theirs_d.model_dump(mode="json").items()}}
+    return {k: [ours[k], theirs[k]] for k in keys if ours[k] != theirs[k]}
+
+
+def run_pretrained(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None
+                   ) -> dict[str, Any]:
+    """``train.pretrained``: import the published diffusers model as this run's only checkpoint (step 0; the published
+    weights are its raw and EMA weights) instead of training, so that the later stages read it as any checkpoint. No
+    Ray, no callbacks (nothing is trained); the loss log is left with its header only. Checkpoints of an earlier
+    run are replaced, after the import has succeeded."""
+    import shutil
+    import tempfile
+
+    from ddpm.diffusers_io import DiffusersFormatError
+    from ddpm.pretrained import import_diffusers, load_model
+    from ddpm.unet import count_parameters
+
+    from .lib.errors import DataError
+    from .lib.inputs import pretrained_problem
+
+    t0 = time.perf_counter()
+    problem = pretrained_problem(cfg)  # before anything is written: the folder, its layout, its image shape and T
+    if problem:
+        raise DataError(f"train.pretrained: {problem}")
+    data_dir = str(data_dir) if is_url(data_dir) else absolute(data_dir)
+    ckpt_dir, log_path = absolute(ckpt_dir), absolute(log_path)
+    ds_meta = open_dataset(data_dir).meta
+    if tuple(ds_meta["shape"]) != cfg.data.shape:
+        raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "
+                         f"{list(cfg.data.shape)}; rerun the fetch stage")
+    check_writable(ckpt_dir, log_path.parent, *([Path(metrics_path).parent] if metrics_path else []))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ckpt_dir)
+    for old in ckpt_dir.glob(".import-*"):  # left by an import killed before its rename
+        shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=ckpt_dir, prefix=".import-") as tmp:
+        try:
+            imported = import_diffusers(cfg.train.pretrained, tmp, step=0)
+        except DiffusersFormatError as e:  # e.g. weights that diffusers cannot load
+            raise DataError(f"train.pretrained: {e}") from None
+        path = checkpoint_path(ckpt_dir, 0)
+        earlier = [p for _, p in list_checkpoints(ckpt_dir) if p != path]  # a training's: set aside
+        for p in earlier:
+            p.unlink()
+        os.replace(imported, path)
+    if earlier:
+        print(f"replaced {len(earlier)} checkpoint(s) of an earlier run in {ckpt_dir} with the published model")
+    write_json(ckpt_dir / "run_key.json", run_key(cfg, ds_meta["sha256"]))
+    write_resolved(cfg, ckpt_dir)
+    write_loss_log(log_path, [])
+    model, _, state = load_model(path)
+    stored = state["config"]
+    summary = {
+        "pretrained": cfg.train.pretrained, "source": stored["diffusers"]["source"], "trained": False, "steps": 0,
+        "checkpoint": str(path), "parameters": count_parameters(model), "model": stored["model"],
+        "diffusion": stored["diffusion"],
+        "sampling_hints": {k: stored["diffusers"].get(k) for k in ("variance", "clip_denoised")},
+        "params_not_used": _params_not_used(cfg, stored), "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    if summary["params_not_used"]:
+        print("the published model is used as it is; these model/diffusion params differ and are not used: "
+              + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in summary["params_not_used"].items()))
+    differ = [f"sample.{k} {getattr(cfg.sample, k)} (its scheduler's: {v})"
+              for k, v in summary["sampling_hints"].items() if v is not None and getattr(cfg.sample, k) != v]
+    if differ:  # sampling settings, not the network: the params decide (docs/diffusers.md "Sampling hints")
+        print(f"the params sample otherwise than the published scheduler: {', '.join(differ)}")
+    if metrics_path:
+        write_json(metrics_path, summary)
+    return summary
+
+
 def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.PathLike] = None,
         callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
 
     ``data_dir`` is the fetch stage's output; the checkpoints Ray Train keeps in ``ray.storage`` are copied to
     ``ckpt_dir`` at the end, the loss log to ``log_path``. ``callbacks`` (tasks/lib/callbacks.py; ``None``: one per
-    installed tracker) hear about the training, rank 0's hooks in the Ray worker.
+    installed tracker) hear about the training, rank 0's hooks in the Ray worker. With ``train.pretrained`` set
+    nothing is trained: :func:`run_pretrained`.
     """
+    if cfg.train.pretrained:
+        return run_pretrained(cfg, data_dir, ckpt_dir, log_path, metrics_path)
     check_local_gpus(cfg, "train", cfg.train.gpus_per_worker)  # before anything is written or Ray starts
     check_storage(cfg.ray.storage)  # Ray Train's storage answers and takes writes (tasks/lib/storage.py)
     if metrics_path:
@@ -715,6 +804,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     cfg = load_config(args.params, args.overrides)
     check_for_dvc_stage(cfg)  # under `dvc repro`: the inputs of this stage and the later ones, before any compute
     summary = run(cfg, args.data, args.checkpoints, args.log, args.metrics)
+    if summary.get("pretrained"):
+        print(f"imported {summary['pretrained']} ({summary['parameters']:,} parameters), not trained -> "
+              f"{summary['checkpoint']}")
+        return summary
     print(f"trained to step {summary['steps']}: loss {summary['final_loss']}, {summary['images_per_s']} images/s, "
           f"Ray start-up {summary['ray_startup_s']} s, fit {summary['fit_wall_s']} s -> {summary['checkpoint']}")
     return summary

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from tasks.lib.config import Config, load_config  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
 from process_leaks import pytest_sessionfinish  # noqa: E402,F401  (the hook: no process outlives the session)
+from xdist_groups import SHARED_FIXTURES, pytest_collection_modifyitems, pytest_itemcollected  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,28 +171,6 @@ def save_diffusers_pipeline(dest: Path, unet: dict | None = None, scheduler: dic
             p.copy_(std * torch.randn(p.shape, generator=g))
     DDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(scheduler or {})).save_pretrained(dest)
     return model
-
-
-# -- the suite on several workers (`make test`: pytest-xdist, --dist loadgroup) -----------------------------------
-# Tests that share an expensive module- or session-scoped fixture run on one worker, which sets it up once: every test
-# that uses one of these fixtures joins its group.
-SHARED_FIXTURES = {
-    "served": "prefect-deployments",  # tests/test_flow.py: a Prefect server + `flows.serve` in one project clone
-    "mlflow_server": "mlflow-server",  # tests/test_tracking.py, tests/test_browser.py
-    "two_pipelines": "two-pipelines",  # tests/test_faults.py: two train -> sample pipelines run together
-    "measured": "memory-flat",  # tests/test_memory_flat.py: the stages measured at N and 4 N images
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Join the groups above, and start the slow (end-to-end) tests first: the workers then end together instead of
-    one of them finishing a long test alone. The order is the same on every worker, as xdist requires."""
-    for item in items:
-        for fixture, group in SHARED_FIXTURES.items():
-            if fixture in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # -- a real MLflow server on loopback (tests/test_tracking.py, tests/test_browser.py) ------------------------------

@@ -24,15 +24,25 @@ GRACE_S = 30.0  # for processes that are exiting when the last test ends (Ray's,
 os.environ.setdefault(SESSION_ENV, f"{os.getpid()}-{time.time_ns()}")
 
 
+# The helpers Python's multiprocessing starts for the process that uses it (a test that ran a stage in-process): they
+# end with that process, so in a run without xdist they are still there when this session's check runs.
+MP_HELPERS = ("from multiprocessing.forkserver import main", "from multiprocessing.resource_tracker import main")
+
+
+def _own_helper(p: psutil.Process) -> bool:
+    return p.ppid() == os.getpid() and any(h in " ".join(p.cmdline()) for h in MP_HELPERS)
+
+
 def session_processes(marker: str) -> list[psutil.Process]:
-    """Live processes (not zombies) that carry ``marker``, other than this process and its ancestors."""
+    """Live processes (not zombies) that carry ``marker``, other than this process, its ancestors and its own
+    multiprocessing helpers."""
     mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     found = []
     for p in psutil.process_iter(["pid"]):
         if p.pid in mine:
             continue
         try:
-            if p.status() == psutil.STATUS_ZOMBIE or p.environ().get(SESSION_ENV) != marker:
+            if p.status() == psutil.STATUS_ZOMBIE or p.environ().get(SESSION_ENV) != marker or _own_helper(p):
                 continue
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -4,6 +4,8 @@ inside functions)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -126,3 +128,23 @@ def test_no_function_is_longer_than_80_lines():
     # the exception is real (a stale entry would hide nothing) and the check sees every module
     assert all(lengths.get(name, 0) > MAX_FUNCTION_LINES for name in LONG_BY_DESIGN)
     assert len(lengths) > 300
+
+
+def test_xdist_runs_the_tests_of_a_shared_fixture_on_one_worker(tmp_path):
+    """`make test` runs the suite on xdist workers with --dist loadgroup; the tests that share an expensive fixture
+    (conftest.SHARED_FIXTURES) join a group so one worker sets it up once. pytest 9.2 broke xdist 3.8's grouping
+    silently (pyproject.toml pins pytest 9.1.1): a small session in a subprocess proves it holds."""
+    (tmp_path / "conftest.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom xdist_groups import pytest_itemcollected  # noqa\n" % str(REPO / "tests"))
+    (tmp_path / "test_group.py").write_text(
+        "import os, pytest\n"
+        "@pytest.fixture(scope='module')\ndef served():\n    return os.environ['PYTEST_XDIST_WORKER']\n"
+        "@pytest.mark.parametrize('i', range(6))\ndef test_shared(served, i):\n"
+        "    assert served == os.environ['PYTEST_XDIST_WORKER']\n"
+        "    open(f'seen-{i}', 'w').write(served)\n"
+        "@pytest.mark.parametrize('i', range(6))\ndef test_other(i):\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "3", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                        "test_group.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:]
+    workers = {(tmp_path / f"seen-{i}").read_text() for i in range(6)}
+    assert len(workers) == 1, workers  # the six tests of the shared fixture ran on one worker

@@ -111,6 +111,7 @@ def _diffusers_inputs(root: Path) -> None:
         ("hf_attn_up", {"up_block_types": ("UpBlock2D", "AttnUpBlock2D")}, None),
         ("hf_scaled", {}, {"beta_schedule": "scaled_linear"}),
         ("hf_learned", {}, {"variance_type": "learned_range"}),
+        ("hf_rgb", {"in_channels": 3, "out_channels": 3}, None),
     ]:
         save_diffusers_pipeline(root / name, {**U, **unet}, scheduler)
     save_diffusers_pipeline(root / "hf_noweights")
@@ -266,6 +267,19 @@ CASES = [
     ("import-into-a-checkpoint-folder", "import-diffusers", ["{root}/hf_ok", "--out", "{root}/ckpt"],
      ["ckpt: holds checkpoints already"]),
     ("import-negative-step", "import-diffusers", ["{root}/hf_ok", "--step", "-1"], ["--step: -1"]),
+    # train.pretrained: a published model for the pipeline, checked before anything is imported (or trained)
+    ("pretrained-folder-missing", "train", ["--set", "train.pretrained={root}/nowhere"],
+     ["train.pretrained: {root}/nowhere: not a folder; expected a diffusers DDPMPipeline folder"]),
+    ("pretrained-not-a-diffusers-folder", "train", ["--set", "train.pretrained={root}/empty_images"],
+     ["train.pretrained: {root}/empty_images: no UNet config", "model_index.json, unet/, scheduler/"]),
+    ("pretrained-unsupported-layout", "train", ["--set", "train.pretrained={root}/hf_heads"],
+     ["train.pretrained: ", "hf_heads/unet/config.json", "attention_head_dim", "one head"]),
+    ("pretrained-other-image-shape", "train", ["--set", "train.pretrained={root}/hf_rgb"],
+     ["train.pretrained: ", "hf_rgb is a model of 3x8x8 images, the params' data are 1x8x8", "data.dataset digits",
+      "set data.*"]),
+    ("pretrained-other-timesteps", "train", ["--set", "train.pretrained={root}/hf_ok"],
+     ["train.pretrained: ", "hf_ok was trained with T = 1000", "diffusion.timesteps is 100",
+      "set diffusion.timesteps: 1000"]),
     ("export-corrupt-checkpoint", "export-diffusers", ["--checkpoint", "{root}/corrupt_ckpt"],
      ["corrupt_ckpt", "no readable checkpoint"]),
     ("export-missing-checkpoint", "export-diffusers", ["--checkpoint", "{root}/nowhere/ckpt_00000001.pt"],

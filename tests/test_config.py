@@ -167,6 +167,8 @@ def test_parse_override_needs_an_equals_sign():
         ({"diffusion": {"schedule": "linear", "beta_start": 0.1, "beta_end": 0.01}}, "diffusion.beta_start",
          "diffusion.beta_end"),
         ({"data": {"dataset": "image-folder"}}, "data.image_size", "image-folder"),
+        # the form of a path only (a missing folder is an input error, tests/test_inputs.py)
+        ({"train": {"pretrained": " "}}, "train.pretrained", "empty; null (train the model) or a diffusers"),
     ],
 )
 def test_errors_name_the_dotted_key(raw, key, fragment):

@@ -27,7 +27,7 @@ OTHER_VALUE: dict[str, Any] = {
     "model.dropout": 0.1, "model.norm_eps": 1e-6,
     "diffusion.timesteps": 50, "diffusion.beta_start": 2e-4, "diffusion.beta_end": 0.03, "diffusion.cosine_s": 0.01,
     "train.batch_size": 32, "train.lr": 5e-4, "train.grad_clip": 0.5, "train.ema_decay": 0.8,
-    "train.gpus_per_worker": 0.5, "train.num_workers": 2,
+    "train.gpus_per_worker": 0.5, "train.num_workers": 2, "train.pretrained": "models/ddpm-cifar10-32",
     "sample.num_samples": 48, "sample.eta": 0.5, "sample.strength": 0.3, "sample.grid_size": 8,
     "classifier.lr": 1e-3, "evaluate.isc": True, "evaluate.inception_weights": "weights.pth",
     "evaluate.inception_sha256": "0" * 64,

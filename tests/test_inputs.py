@@ -197,6 +197,66 @@ def test_missing_mnist_and_image_folder_sources_are_named(tiny_config, tmp_path)
     assert m.message.endswith("no is not a folder (set data.root to the folder of PNG/JPEG images)")
 
 
+# -- a published model (train.pretrained) ----------------------------------------------------------------------------
+def test_a_published_model_is_checked_before_any_stage_runs(tiny_config, tmp_path, monkeypatch):
+    """The folder train.pretrained names is read by the train stage only, and checked with the other inputs: a
+    missing or non-diffusers folder, a layout this project cannot express, no weights, or a model of other images or
+    another T than the params' is one line naming train.pretrained (docs/diffusers.md)."""
+    from conftest import TINY_DIFFUSERS_UNET as U, save_diffusers_pipeline
+
+    t100 = {"num_train_timesteps": 100}  # the tiny params' T
+    save_diffusers_pipeline(tmp_path / "ok", scheduler=t100)
+    save_diffusers_pipeline(tmp_path / "heads", {**U, "attention_head_dim": 8}, t100)
+    save_diffusers_pipeline(tmp_path / "rgb", {**U, "in_channels": 3, "out_channels": 3}, t100)
+    save_diffusers_pipeline(tmp_path / "t1000")
+    save_diffusers_pipeline(tmp_path / "noweights", scheduler=t100)
+    (tmp_path / "noweights" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "empty").mkdir()
+    every = downstream("fetch", read_stages())
+    for name, says in [
+        ("nowhere", f"{tmp_path}/nowhere: not a folder; expected a diffusers DDPMPipeline folder"),
+        ("empty", f"{tmp_path}/empty: no UNet config (unet/config.json or config.json); expected a diffusers "
+                  "DDPMPipeline folder (model_index.json, unet/, scheduler/) or a flat one"),
+        ("heads", "heads/unet/config.json: attention_head_dim: 8 splits 16 channels into 2 heads"),
+        ("noweights", f"{tmp_path}/noweights/unet: no weights (diffusion_pytorch_model.safetensors or "
+                      "diffusion_pytorch_model.bin)"),
+        ("rgb", f"{tmp_path}/rgb is a model of 3x8x8 images, the params' data are 1x8x8 (data.dataset digits, "
+                "data.image_size null, data.channels null); set data.* to the model's images"),
+        ("t1000", f"{tmp_path}/t1000 was trained with T = 1000 (num_train_timesteps in {tmp_path}/t1000/scheduler/"
+                  "scheduler_config.json), the params' diffusion.timesteps is 100; set diffusion.timesteps: 1000"),
+    ]:
+        cfg = tiny_config({"train.pretrained": str(tmp_path / name)})
+        [m] = inputs.missing_inputs(cfg, every)
+        assert (m.key, m.stages) == ("train.pretrained", ("train",)), name
+        assert says in m.message, m.message
+        assert "\n" not in m.line()
+        # Only the train stage reads it: from the sample stage on, a run does not look at it.
+        assert inputs.missing_inputs(cfg, downstream("sample", read_stages())) == []
+    ok = tiny_config({"train.pretrained": str(tmp_path / "ok")})
+    assert inputs.missing_inputs(ok, every) == [] and inputs.pretrained_problem(tiny_config()) is None
+    # Under `dvc repro` the first stage, fetch, stops the whole reproduction before it fetches anything.
+    monkeypatch.setenv("DVC_ROOT", str(REPO))
+    monkeypatch.setenv("DVC_STAGE", "fetch")
+    with pytest.raises(DataError, match=r"^train.pretrained: .*rgb is a model of 3x8x8 images.*\(read by train\); "
+                                        r"dvc repro \(from stage fetch\) stopped before any stage ran$"):
+        inputs.check_for_dvc_stage(tiny_config({"train.pretrained": str(tmp_path / "rgb")}))
+    inputs.check_for_dvc_stage(ok)
+
+
+def test_flow_with_a_missing_published_model_fails_before_any_stage(tmp_path, tiny_params):
+    tiny_params["train"]["pretrained"] = "models/ddpm-cifar10-32"  # relative to the working directory: absent
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "flows.train_eval", "--params", str(tmp_path / "params.yaml"),
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert lines[0] == (f"error: train.pretrained: models/ddpm-cifar10-32: not a folder; expected "
+                        f"{inputs.PRETRAINED_LAYOUTS} (read by train); this run stopped before any stage ran")
+    assert not out.exists()
+
+
 def test_the_classifier_extractor_name_is_the_classifiers():
     from tasks.lib import classifier, inputs
 

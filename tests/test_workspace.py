@@ -150,7 +150,7 @@ def test_inputs_from_outside_are_named_by_absolute_path_in_a_separate_workspace(
                                                        "evaluate.inception_weights": str(project / "w.pth")}
     from tasks.lib.inputs import EXTERNAL_PATH_KEYS
 
-    assert set(EXTERNAL_PATH_KEYS) == {"data.root", "evaluate.inception_weights", "evaluate.reference"}
+    assert set(EXTERNAL_PATH_KEYS) == {"data.root", "evaluate.inception_weights", "evaluate.reference", "train.pretrained"}
 
 
 

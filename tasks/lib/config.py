@@ -111,6 +111,19 @@ class TrainConfig(Section):
     channels_last: StrictBool = execution(True)  # NHWC memory layout for the network
     compile: StrictBool = execution(False, tagged=True)  # torch.compile the network (minutes of compilation on CPU)
     adam_impl: Literal["auto", "fused", "foreach", "loop"] = execution("fused")  # fused: one kernel for all params
+    # A published model instead of training: a diffusers DDPMPipeline folder (docs/diffusers.md) that the train stage
+    # imports as the run's checkpoint; the later stages read it as any checkpoint. Its network and diffusion come
+    # from the folder (the checkpoint stores them), so the model and diffusion sections are not used, except the data
+    # shape and diffusion.timesteps, which must be the model's (tasks/lib/inputs.py checks before any stage runs).
+    pretrained: Optional[str] = result(None)
+
+    @field_validator("pretrained")
+    @classmethod
+    def _a_folder_or_null(cls, v: Optional[str]) -> Optional[str]:
+        """The value's form only (no I/O: a missing folder is an input error, tasks/lib/inputs.py)."""
+        if v is not None and not v.strip():
+            raise ValueError("train.pretrained: empty; null (train the model) or a diffusers DDPMPipeline folder")
+        return v
 
     @field_validator("gpus_per_worker")
     @classmethod

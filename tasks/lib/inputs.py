@@ -1,8 +1,9 @@
 """The files from outside the pipeline that its stages read, checked before any stage computes.
 
-A run reads three kinds of file that no stage writes: a file-based dataset's sources under ``data.root``
-(``fetch``), the Inception weights ``evaluate.inception_weights`` (``evaluate`` and ``sampler_table`` when their
-features are Inception's) and a published reference ``evaluate.reference`` (``evaluate``). Each stage checks its own
+A run reads four kinds of file that no stage writes: a file-based dataset's sources under ``data.root``
+(``fetch``), a published model ``train.pretrained`` (``train``, which imports it instead of training), the Inception
+weights ``evaluate.inception_weights`` (``evaluate`` and ``sampler_table`` when their features are Inception's) and a
+published reference ``evaluate.reference`` (``evaluate``). Each stage checks its own
 when it starts, but a run of the whole pipeline should not train for minutes and then stop at ``evaluate`` over a
 file that was missing from the start. So:
 
@@ -38,7 +39,10 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 LABELED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 # The params that name files from outside the pipeline (relative paths are relative to the working directory).
-EXTERNAL_PATH_KEYS = ("data.root", "evaluate.inception_weights", "evaluate.reference")
+EXTERNAL_PATH_KEYS = ("data.root", "train.pretrained", "evaluate.inception_weights", "evaluate.reference")
+PRETRAINED_LAYOUTS = ("a diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/) or a flat one (the UNet's "
+                      "config.json beside scheduler_config.json: a bare UNet2DModel folder takes its scheduler so); "
+                      "docs/diffusers.md")
 
 
 # -- what the params ask for ----------------------------------------------------------------------------------------
@@ -142,6 +146,53 @@ def source_problem(cfg: Config) -> Optional[str]:
     return None
 
 
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _yaml(value: object) -> str:
+    """A params value as params.yaml writes it (``null``)."""
+    return "null" if value is None else str(value)
+
+
+def pretrained_problem(cfg: Config) -> Optional[str]:
+    """What is wrong with the published model ``train.pretrained``, or None (also when it is not set): not a
+    diffusers folder, a layout this project's UNet or diffusion cannot express (naming the config key), no weights,
+    or a model of other images or another T than the params' (the later stages read both from the params). Reads the
+    folder's JSON configs only; the weights are read when the train stage imports them."""
+    folder = cfg.train.pretrained
+    if folder is None:
+        return None
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    from ddpm.diffusers_io import (DiffusersFormatError, UnsupportedLayout, diffusion_from_scheduler, locate,
+                                   read_json, unet_config_from_diffusers)
+
+    if not Path(folder).is_dir():
+        return f"{folder}: not a folder; expected {PRETRAINED_LAYOUTS}"
+    try:
+        unet_dir, scheduler = locate(Path(folder))
+        unet = unet_config_from_diffusers(read_json(unet_dir / "config.json"), unet_dir / "config.json")
+        diffusion, _ = diffusion_from_scheduler(read_json(scheduler), scheduler)
+    except UnsupportedLayout as e:  # a diffusers folder, of a network or schedule this project cannot express
+        return str(e)
+    except DiffusersFormatError as e:
+        return f"{e}; expected {PRETRAINED_LAYOUTS}"
+    if not any((unet_dir / name).is_file() or (unet_dir / f"{name}.index.json").is_file()
+               for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        return f"{unet_dir}: no weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}); expected {PRETRAINED_LAYOUTS}"
+    shape, d = (unet.image_channels, unet.image_size, unet.image_size), cfg.data
+    if shape != d.shape:
+        return (f"{folder} is a model of {_size(shape)} images, the params' data are {_size(d.shape)} (data.dataset "
+                f"{d.dataset}, data.image_size {_yaml(d.image_size)}, data.channels {_yaml(d.channels)}); set data.* "
+                f"to the model's images")
+    if diffusion["timesteps"] != cfg.diffusion.timesteps:
+        return (f"{folder} was trained with T = {diffusion['timesteps']} (num_train_timesteps in {scheduler}), the "
+                f"params' diffusion.timesteps is {cfg.diffusion.timesteps}; set diffusion.timesteps: "
+                f"{diffusion['timesteps']} (the later stages read T from the params)")
+    return None
+
+
 def missing_inputs(cfg: Config, stages: Iterable[str]) -> list[Missing]:
     """Every external input that one of ``stages`` will read and that is missing, one entry per file."""
     stages = list(stages)
@@ -150,6 +201,10 @@ def missing_inputs(cfg: Config, stages: Iterable[str]) -> list[Missing]:
         problem = source_problem(cfg)
         if problem:
             out.append(Missing("data.root", problem, ("fetch",)))
+    if "train" in stages:
+        problem = pretrained_problem(cfg)
+        if problem:
+            out.append(Missing("train.pretrained", problem, ("train",)))
     feature_stages = [s for s in ("evaluate", "sampler_table") if s in stages
                       and (s != "sampler_table" or cfg.sampler_table.enabled)]
     if feature_stages and planned_extractor(cfg) == INCEPTION_EXTRACTOR:

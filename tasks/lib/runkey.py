@@ -14,11 +14,16 @@ from tasks.lib.config import Config, digest
 
 def run_key(cfg: Config, data_sha: str) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed: data, model, diffusion, learning params."""
+    train = cfg.train.identity()
+    if train.get("pretrained") is None:
+        # Named only when set (a published model's checkpoint is never resumed by a training): the run_key.json of
+        # checkpoints stored before the key existed stays valid.
+        del train["pretrained"]
     return {
         "data_sha256": data_sha,
         "model": cfg.model.identity(),
         "diffusion": cfg.diffusion.identity(),
-        "train": cfg.train.identity(),
+        "train": train,
     }
 
 

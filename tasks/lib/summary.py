@@ -59,8 +59,13 @@ def classifier_row(clf: dict[str, Any], root: Path) -> Optional[Row]:
 def train_row(tr: dict[str, Any], root: Path) -> Optional[Row]:
     if not tr:
         return None
-    resumed = f", resumed from step {tr['resumed_from_step']}" if tr.get("resumed_from_step") else ""
     ckpt = _under(root, tr.get("checkpoint"))
+    if tr.get("pretrained"):  # train.pretrained: a published model imported instead of training
+        n = tr.get("parameters")
+        return Row("train", "training", f"none: the published model {tr['pretrained']} "
+                                        f"({f'{n:,}' if isinstance(n, int) else '–'} parameters) imported as "
+                                        f"checkpoint {ckpt}", ckpt)
+    resumed = f", resumed from step {tr['resumed_from_step']}" if tr.get("resumed_from_step") else ""
     return Row("train", "training", f"{tr.get('steps')} steps{resumed}, final loss {fmt(tr.get('final_loss'))}, "
                                     f"{fmt(tr.get('images_per_s'))} images/s on {tr.get('num_workers')} Ray worker(s); "
                                     f"Ray start-up {fmt(tr.get('ray_startup_s'))} s, fit {fmt(tr.get('fit_wall_s'))} s; "
