@@ -206,7 +206,7 @@ class FolderCheckpoints:
         step = int(state["step"])
         return Resume(state, read_loss_log(self.job.log, step), checkpoint_path(folder, step).name)
 
-    def save(self, step: int, build_state, rows: list[dict[str, Any]], loss: float) -> None:
+    def checkpoint(self, step: int, build_state, rows: list[dict[str, Any]], loss: float) -> None:
         if not self.is_main:
             return
         save_checkpoint(checkpoint_path(self.job.checkpoints, step), build_state())
@@ -241,7 +241,7 @@ class RayCheckpoints:
         seed = ray.get(self.job.seed) if self.job.seed is not None else None
         return seed if seed is not None and (found is None or seed.step > found.step) else found
 
-    def save(self, step: int, build_state, rows: list[dict[str, Any]], loss: float) -> None:
+    def checkpoint(self, step: int, build_state, rows: list[dict[str, Any]], loss: float) -> None:
         import ray.train
 
         name, metrics = CHECKPOINT_DIR.format(step=step), {"step": step, "loss": loss}
@@ -422,7 +422,7 @@ def train_loop(
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # shown at the bar's next redraw
                 t_log, seen = now, 0
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                store.save(step, lambda: state_at(step), rows, loss_value)
+                store.checkpoint(step, lambda: state_at(step), rows, loss_value)
                 saved = step
             callbacks.on_step_end(step, ema.module, diffusion)
             if step >= tc.steps:
