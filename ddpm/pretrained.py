@@ -39,6 +39,40 @@ def build_diffusion(diffusion_cfg: dict[str, Any]) -> GaussianDiffusion:
     return GaussianDiffusion(make_betas(dc.schedule, dc.timesteps, **dc.schedule_kwargs()), dc.objective)
 
 
+@dataclass(frozen=True)
+class Weights:
+    """What sampling needs of a checkpoint: one set of weights (EMA or raw) and the model and diffusion configs.
+
+    Small and plain (tensors and dicts), so it crosses to other processes as it is: the sample stage loads a
+    checkpoint once and hands this to its Ray actors through the object store, and each builds the same network."""
+
+    state_dict: dict[str, torch.Tensor]
+    model: dict[str, Any]  # UNet config (``state["config"]["model"]``)
+    diffusion: dict[str, Any]  # diffusion config (``state["config"]["diffusion"]``)
+    source: str = ""  # where the weights came from, for messages
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, use_ema: bool = True, source: str = "") -> "Weights":
+        """The EMA weights of a loaded checkpoint (``use_ema``; the averaged module's, ``module.``-prefixed keys),
+        else the raw training weights."""
+        if use_ema:
+            weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+        else:
+            weights = state["model"]
+        return cls(weights, state["config"]["model"], state["config"]["diffusion"], source)
+
+    def build(self, map_location: str | torch.device = "cpu") -> tuple[UNet, GaussianDiffusion]:
+        """``(model, diffusion)``: the network in eval mode on ``map_location``. Raises
+        :class:`~ddpm.checkpoint.CheckpointError` for weights that do not fit the model config."""
+        model = UNet.from_config(self.model)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as e:
+            raise CheckpointError(self.source or "weights",
+                                  f"weights do not fit the stored model config ({str(e).splitlines()[0]})") from None
+        return model.to(map_location).eval(), build_diffusion(self.diffusion)
+
+
 def load_model(path: os.PathLike | str, *, use_ema: bool = True,
                map_location: str | torch.device = "cpu") -> tuple[UNet, GaussianDiffusion, dict[str, Any]]:
     """Rebuild ``(model, diffusion, state)`` from a checkpoint file alone (its stored model and diffusion configs).
@@ -48,16 +82,8 @@ def load_model(path: os.PathLike | str, *, use_ema: bool = True,
     weights that do not fit the stored config.
     """
     state = load_checkpoint(path, map_location=map_location)
-    model = UNet.from_config(state["config"]["model"])
-    if use_ema:
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    else:
-        weights = state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(path, f"weights do not fit the stored model config ({str(e).splitlines()[0]})") from None
-    return model.to(map_location).eval(), build_diffusion(state["config"]["diffusion"]), state
+    model, diffusion = Weights.from_state(state, use_ema=use_ema, source=str(path)).build(map_location)
+    return model, diffusion, state
 
 
 # -- diffusers' format (ddpm/diffusers_io.py maps the layouts) -------------------------------------------------------

@@ -106,8 +106,9 @@ def _shard_sha(path: Path) -> str:
 # -- sampling -------------------------------------------------------------------------------------------------------
 def sample_missing(cfg: Config, ckpt: Path, out_dir: Path, todo: list[tuple[int, list[int]]], key: str,
                    inputs: Optional[np.ndarray], shas: dict[str, str]) -> dict[str, Any]:
-    """Sample the shards ``todo`` over Ray actors, updating the manifest after every shard (a killed run knows
-    what it finished) and ``shas`` (name -> content hash); returns the timings and the actors' layout."""
+    """Sample the shards ``todo`` over Ray actors (they return images; the shards are written here, atomically),
+    updating the manifest after every shard (a killed run knows what it finished) and ``shas`` (name -> content
+    hash); returns the timings and the actors' layout."""
     from tqdm.auto import tqdm
 
     stats: dict[str, Any] = {"ray_startup_s": 0.0, "workers": 0, "shard_seconds": [], "actor_threads": set()}
@@ -118,7 +119,7 @@ def sample_missing(cfg: Config, ckpt: Path, out_dir: Path, todo: list[tuple[int,
         jobs = pool.write_shards(cfg.sample, out_dir, todo, key, inputs)
         for name, sha, secs, n_threads in tqdm(jobs, total=len(todo), desc="sample", unit="shard"):
             shas[name] = sha
-            stats["shard_seconds"].append(secs)  # time inside write_shard: sampling without actor start-up
+            stats["shard_seconds"].append(secs)  # time inside the actor: sampling without start-up
             stats["actor_threads"].add(n_threads)  # intra-op threads the actors sampled with, as they report them
             write_json(out_dir / "samples.json", {"key": key, "shards": shas, "complete": False})
     return stats

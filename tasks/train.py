@@ -1,10 +1,18 @@
 """Stage `train`: Algorithm 1 under Ray Train (DDP over gloo on CPU, nccl on GPU), resumable.
 
 One flat loop per worker: uniform t, eps-prediction MSE (L_simple), Adam with linear warm-up, grad-norm
-clipping, EMA. Rank 0 alone writes files: atomic checkpoints every ``train.checkpoint_every`` steps (the last
-``train.keep_checkpoints`` kept) and the loss log, rewritten beside each checkpoint so it never holds steps
-that a resume will recompute. Rerunning the stage continues from the newest valid checkpoint made with the same
-params; checkpoints made with other params (another lr, another dataset) are set aside and training restarts.
+clipping, EMA. Every ``train.checkpoint_every`` steps rank 0 writes a checkpoint (the atomic, weights-only format of
+ddpm/checkpoint.py) and the loss log up to that step into a local temporary folder and hands it to Ray Train
+(``ray.train.report``), which persists it in ``ray.storage`` (a local or shared path, or object storage such as
+``s3://``) and keeps the newest ``train.keep_checkpoints``. Nothing passes between the workers and the driver by
+path, so the workers may run on nodes that share no file system with it (docs/scaling.md, section 8). At the end
+the driver copies the kept checkpoints into ``--checkpoints`` (DVC's output) and the newest one's loss log to
+``--log``.
+
+A rerun, a restarted worker group or a new driver resumes from the newest checkpoint through Ray Train (one run per
+run key, tasks/lib/runkey.py: checkpoints made with other params, another lr or dataset, belong to another run and
+training restarts), or from ``--checkpoints`` when that folder holds a newer one made with the same params (a fresh
+clone after ``dvc pull``, another ``ray.storage``).
 
     python -m tasks.train --params params.yaml --data data/dataset --checkpoints checkpoints \
         --log metrics/train_loss.tsv --metrics metrics/train.json
@@ -15,7 +23,9 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +37,7 @@ from ddpm.checkpoint import (
     atomic_write_bytes,
     checkpoint_path,
     list_checkpoints,
+    load_checkpoint,
     load_latest,
     prune_checkpoints,
     remove_stale_temporaries,
@@ -42,13 +53,14 @@ from tasks.lib.config import Config, load_config, write_resolved
 
 from .lib.callbacks import CallbackList, TrainCallback, train_callbacks
 from .lib.cli import run_cli, stage_parser
-from .lib.cluster import ensure_ray
+from .lib.cluster import ensure_ray, nodes_missing, worker_nodes_elsewhere
 from .lib.errors import StageError
-from .lib.files import absolute, check_writable, read_json, write_json
+from .lib.files import absolute, check_writable, read_json, sha256_file, write_json
 from .lib.inputs import check_for_dvc_stage
 from .lib.runkey import run_key, run_name
-from .lib.shards import TrainStream, is_url, open_dataset, ray_dataset, ray_epoch
-from .lib.storage import check as check_storage, storage_path
+from .lib.shards import SplitReader, TrainStream, is_url, open_dataset, ray_dataset, ray_epoch, ship_split
+from .lib.storage import CHECKPOINT_DIR, RunCheckpoint, check as check_storage, check_shared, run_checkpoints, \
+    storage_path
 from .lib.workers import WorkerPlan, check_local_gpus, plan_workers
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
@@ -58,10 +70,7 @@ class NonFiniteLoss(StageError):
     """The loss became NaN or infinite; the last good checkpoint is kept untouched."""
 
 
-# A worker that meets a user error (NaN loss, a bad dataset) leaves it here and returns instead of raising: Ray
-# would retry a raised error train.max_failures times from the last checkpoint, and a deterministic error only
-# happens again. Worker deaths (a killed process, a lost node) still raise, and Ray restarts those.
-FAILURE_FILE = ".train_failure.json"
+LOSS_LOG = "train_loss.tsv"  # the loss log's name beside the weights in each checkpoint folder Ray Train keeps
 PROGRESS_LINE_S = 10.0  # without a terminal, the training progress is one line this often (not one per update)
 
 
@@ -117,13 +126,20 @@ def write_loss_log(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, write)
 
 
+def parse_loss_log(text: str, upto_step: int) -> list[dict[str, Any]]:
+    """The rows of a loss log's text up to ``upto_step``."""
+    import io
+
+    rows = [r for r in csv.DictReader(io.StringIO(text, newline=""), delimiter="\t") if r.get("step", "").isdigit()]
+    return [r for r in rows if int(r["step"]) <= upto_step]
+
+
 def read_loss_log(path: Path, upto_step: int) -> list[dict[str, Any]]:
     """Rows of an earlier run's log up to ``upto_step`` (the resumed checkpoint), to continue it."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f, delimiter="\t") if r.get("step", "").isdigit()]
-    return [r for r in rows if int(r["step"]) <= upto_step]
+        return parse_loss_log(f.read(), upto_step)
 
 
 def _set_aside_incompatible(ckpt_dir: Path, key: dict[str, Any], say) -> None:
@@ -144,32 +160,126 @@ def _set_aside_incompatible(ckpt_dir: Path, key: dict[str, Any], say) -> None:
 @dataclass(frozen=True)
 class TrainJob:
     """What every worker's training loop needs, handed to the Ray Train workers as it is (Ray pickles it, the frozen
-    config included): the params, absolute paths (workers change directory) and rank 0's callbacks."""
+    config included): the params, the training split's reader, the driver's paths (absolute) and rank 0's
+    callbacks. The workers read no path of the driver's but the dataset's, and that only when the split is not
+    shipped through Ray's object store (tasks/lib/shards.py ``ship_split``)."""
 
     cfg: Config
     data: str  # the dataset folder or URL
-    checkpoints: Path
+    checkpoints: Path  # the driver's checkpoint folder (DVC's output); written by the workers only without Ray
     log: Path
     data_sha256: str
     run_key: dict[str, Any]
     callbacks: CallbackList
+    split: Optional[SplitReader] = None  # the training split (None: open ``data``), possibly shipped
     threads: int = 1  # intra-op threads of each worker
     ray_data: bool = False  # train.loader ray-data: the batches come from Ray Train's dataset shard
+    seed: Any = None  # a Ray object holding a Resume: the driver's own checkpoint, when newer than Ray's newest
 
 
-def train_loop_per_worker(config: dict[str, TrainJob]) -> None:
-    """The body each Ray Train worker runs; ``config["job"]`` is the :class:`TrainJob`."""
+@dataclass(frozen=True)
+class Resume:
+    """What a training resumes from: a checkpoint's state, the loss log's rows up to its step, and its name."""
+
+    state: dict[str, Any]
+    rows: list[dict[str, Any]]
+    where: str
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+class FolderCheckpoints:
+    """Checkpoints in a folder of this machine, for the loop without Ray (:func:`run_local`): the newest valid one
+    resumed, each new one written atomically with the loss log beside it, the newest ``train.keep_checkpoints``
+    kept."""
+
+    def __init__(self, job: TrainJob, rank: int = 0):
+        self.job, self.is_main = job, rank == 0
+
+    def latest(self) -> Optional[Resume]:
+        folder = self.job.checkpoints
+        state = load_latest(folder, map_location="cpu", warn=print if self.is_main else None)
+        if state is None:
+            return None
+        step = int(state["step"])
+        return Resume(state, read_loss_log(self.job.log, step), checkpoint_path(folder, step).name)
+
+    def checkpoint(self, step: int, build_state, rows: list[dict[str, Any]], loss: float) -> None:
+        if not self.is_main:
+            return
+        save_checkpoint(checkpoint_path(self.job.checkpoints, step), build_state())
+        write_loss_log(self.job.log, rows)
+        prune_checkpoints(self.job.checkpoints, self.job.cfg.train.keep_checkpoints)
+
+
+class RayCheckpoints:
+    """Checkpoints through Ray Train's storage, in a Ray Train worker. Rank 0 writes each one (the checkpoint file
+    and the loss log so far) into a temporary folder of its node and reports it; Ray Train copies it into
+    ``ray.storage`` and prunes to ``CheckpointConfig(num_to_keep)``. The other ranks report the same step without a
+    checkpoint: Ray Train V2 wants every worker to report, in step. A worker resumes from ``get_checkpoint()`` (Ray's
+    newest) or from the driver's newer one (:attr:`TrainJob.seed`)."""
+
+    def __init__(self, job: TrainJob, rank: int):
+        self.job, self.rank = job, rank
+
+    def latest(self) -> Optional[Resume]:
+        import ray
+        import ray.train
+
+        found = None
+        reported = ray.train.get_checkpoint()
+        if reported is not None:
+            with reported.as_directory() as folder:  # the folder itself on a file system; a download from a bucket
+                newest = list_checkpoints(folder)[-1:]
+                if not newest:
+                    raise StageError(f"{reported.path}: a checkpoint folder of Ray Train without a ckpt_*.pt file")
+                step, path = newest[0]
+                found = Resume(load_checkpoint(path), read_loss_log(Path(folder) / LOSS_LOG, step),
+                               f"{path.name}, kept by Ray Train")
+        seed = ray.get(self.job.seed) if self.job.seed is not None else None
+        return seed if seed is not None and (found is None or seed.step > found.step) else found
+
+    def checkpoint(self, step: int, build_state, rows: list[dict[str, Any]], loss: float) -> None:
+        import ray.train
+
+        name, metrics = CHECKPOINT_DIR.format(step=step), {"step": step, "loss": loss}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint_dir_name=name)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="ddpm-ckpt-"))
+        try:
+            path = checkpoint_path(tmp, step)
+            save_checkpoint(path, build_state())
+            write_loss_log(tmp / LOSS_LOG, rows)
+            # its hash lets the driver skip copying a file it already holds
+            ray.train.report({**metrics, "sha256": sha256_file(path)}, checkpoint_dir_name=name,
+                             checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict[str, TrainJob]) -> Optional[dict[str, Any]]:
+    """The body each Ray Train worker runs; ``config["job"]`` is the :class:`TrainJob`.
+
+    A user error (a NaN loss, a bad dataset) is returned, not raised: Ray would retry a raised error
+    ``train.max_failures`` times from the last checkpoint, and a deterministic error only happens again. Rank 0's
+    return value reaches the driver (``Result.return_value``). Worker deaths (a killed process, a lost node) still
+    raise, and Ray restarts those."""
     import ray.train
     import ray.train.torch
 
     job, ctx = config["job"], ray.train.get_context()
+    rank = ctx.get_world_rank()
     try:
-        train_loop(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-                   wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False), report=ray.train.report)
+        train_loop(job, rank, ctx.get_world_size(), ray.train.torch.get_device(),
+                   wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+                   store=RayCheckpoints(job, rank))
     except StageError as e:
         print(f"error: {e}")
-        write_json(job.checkpoints / FAILURE_FILE,
-                   {"type": type(e).__name__, "message": str(e), "rank": ctx.get_world_rank()})
+        return {"type": type(e).__name__, "message": str(e), "rank": rank}
+    return None
 
 
 def train_loop(
@@ -178,13 +288,13 @@ def train_loop(
     world: int = 1,
     device: torch.device | str = "cpu",
     wrap=lambda m: m,
-    report=lambda metrics: None,
+    store: Optional[FolderCheckpoints | RayCheckpoints] = None,
 ) -> None:
-    """One flat training loop (Algorithm 1). Under Ray, ``wrap`` is DDP and ``report`` Ray's; alone (rank 0 of
-    1, e.g. for benchmarks) it is the same loop in this process."""
+    """One flat training loop (Algorithm 1). Under Ray, ``wrap`` is DDP and ``store`` Ray Train's storage; alone
+    (rank 0 of 1, e.g. for benchmarks) it is the same loop in this process, with checkpoints in ``job.checkpoints``."""
     cfg = job.cfg
     tc = cfg.train
-    ckpt_dir, log_path = job.checkpoints, job.log
+    store = store or FolderCheckpoints(job, rank)
     torch.set_num_threads(max(1, job.threads))
     device = torch.device(device)
     is_main = rank == 0
@@ -195,7 +305,7 @@ def train_loop(
 
     # The training split streams from its shards: this worker's disjoint part of each epoch, shuffled, read ahead
     # by a thread, uint8 until it reaches the device (tasks/lib/shards.py TrainStream).
-    split = open_dataset(job.data).train
+    split = job.split or open_dataset(job.data).train
     if len(split) < tc.batch_size:
         raise StageError(f"train.batch_size: {tc.batch_size} exceeds the {len(split)} training images")
     buffer_rows = (tc.shuffle_buffer_mb << 20) // math.prod(split.shape)
@@ -220,13 +330,14 @@ def train_loop(
     sched = make_scheduler(opt, cfg)
     diffusion = build_diffusion(cfg.diffusion.model_dump())
 
-    step, rows = 0, []
-    state = load_latest(ckpt_dir, map_location="cpu", warn=print if is_main else None)
-    if state is not None:
+    step, rows, saved = 0, [], None  # saved: the step of the newest checkpoint this training can fall back to
+    resume = store.latest()
+    if resume is not None:
+        state = resume.state
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        step = saved = resume.step
         if "scheduler" in state:
             sched.load_state_dict(state["scheduler"])
         else:  # a checkpoint from before the scheduler was stored: the schedule is a function of the step alone
@@ -235,9 +346,9 @@ def train_loop(
                 g["lr"] = lr_at(step, cfg)
         if "rng" in state:
             set_rng_state(state["rng"])
+        rows = resume.rows
         if is_main:
-            rows = read_loss_log(log_path, step)
-            print(f"resuming from step {step} ({checkpoint_path(ckpt_dir, step).name})")
+            print(f"resuming from step {step} ({resume.where})")
     ddp_model = prepare_model(wrap(model), compile=tc.compile)
     # Rank 0 reports to the trackers' callbacks (tasks/lib/callbacks.py), which travelled here from the driver.
     callbacks: CallbackList = job.callbacks if is_main else CallbackList([])
@@ -245,17 +356,11 @@ def train_loop(
     if step == 0:  # the initial weights, before any update
         callbacks.on_step_end(0, ema.module, diffusion)
 
-    def save(at_step: int) -> None:
-        if not is_main:
-            return
-        save_checkpoint(checkpoint_path(ckpt_dir, at_step), {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": at_step, "rng": rng_state(),
-            "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
-                       "params": cfg.to_dict(), "data_sha256": job.data_sha256},
-        })
-        write_loss_log(log_path, rows)
-        prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+    def state_at(at_step: int) -> dict[str, Any]:
+        return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": at_step, "rng": rng_state(),
+                "config": {"model": cfg.unet_config().to_dict(), "diffusion": cfg.diffusion.model_dump(),
+                           "params": cfg.to_dict(), "data_sha256": job.data_sha256}}
 
     amp = device.type == "cuda" and tc.precision == "bf16"
     bar = None
@@ -296,8 +401,9 @@ def train_loop(
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 what = f"loss became {loss_value}" if not math.isfinite(loss_value) else \
                     f"gradient norm became {float(grad_norm)}"
-                last = list_checkpoints(ckpt_dir)[-1:]
-                kept = f"the last good checkpoint {last[0][1]} is kept" if last else "no checkpoint was written yet"
+                # the driver's folder: Ray's copy of it lands there too when the stage ends (collect_checkpoints)
+                kept = (f"the last good checkpoint {checkpoint_path(job.checkpoints, saved)} is kept" if saved
+                        else "no checkpoint was written yet")
                 raise NonFiniteLoss(f"{what} at step {step + 1}; stopped before the update, {kept} "
                                     "(lower train.lr or enable train.grad_clip)")
             opt.step()
@@ -316,7 +422,8 @@ def train_loop(
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # shown at the bar's next redraw
                 t_log, seen = now, 0
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                save(step)
+                store.checkpoint(step, lambda: state_at(step), rows, loss_value)
+                saved = step
             callbacks.on_step_end(step, ema.module, diffusion)
             if step >= tc.steps:
                 break
@@ -324,42 +431,46 @@ def train_loop(
     if bar is not None:
         bar.close()
     callbacks.on_train_end(step, ema.module)
-    report({"step": step, "loss": float(rows[-1]["loss"]) if rows else float("nan")})
 
 
 def prepare(cfg: Config, data_dir, ckpt_dir, log_path, callbacks: Optional[list[TrainCallback]] = None) -> TrainJob:
-    """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config, start
-    the callbacks (``None``: the installed trackers'); return the workers' job (absolute paths: Ray workers change
-    directory)."""
+    """Check the dataset against the params, set aside incompatible checkpoints, write the resolved config, make the
+    callbacks (``None``: the installed trackers'; :func:`begin` starts them); return the workers' job (absolute
+    paths: Ray workers change directory)."""
     # A dataset may be a URL (s3://...: its shards are read in place, tasks/lib/shards.py).
     data_dir = str(data_dir) if is_url(data_dir) else absolute(data_dir)
     ckpt_dir, log_path = absolute(ckpt_dir), absolute(log_path)
-    ds_meta = open_dataset(data_dir).meta
+    dataset = open_dataset(data_dir)
+    ds_meta = dataset.meta
     if tuple(ds_meta["shape"]) != cfg.data.shape:
         raise StageError(f"{data_dir}: dataset shape {ds_meta['shape']} differs from the params' data shape "
                          f"{list(cfg.data.shape)}; rerun the fetch stage")
     check_writable(ckpt_dir, log_path.parent)
     key = run_key(cfg, ds_meta["sha256"])
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / FAILURE_FILE).unlink(missing_ok=True)
     for tmp in remove_stale_temporaries(ckpt_dir):  # left by a process killed mid-write
         print(f"removed {tmp.name}, a partial file of an interrupted write")
     _set_aside_incompatible(ckpt_dir, key, print)
     write_json(ckpt_dir / "run_key.json", key)
     write_resolved(cfg, ckpt_dir)
-    done = list_checkpoints(ckpt_dir)
-    if done and done[-1][0] >= cfg.train.steps:
-        print(f"already trained: {done[-1][1].name} reaches train.steps={cfg.train.steps}")
     cbs = train_callbacks(cfg) if callbacks is None else CallbackList(callbacks)
-    cbs.on_fit_start(cfg, ds_meta["sha256"], not done)
-    return TrainJob(cfg, str(data_dir), ckpt_dir, log_path, ds_meta["sha256"], key, cbs)
+    return TrainJob(cfg, str(data_dir), ckpt_dir, log_path, ds_meta["sha256"], key, cbs, split=dataset.train)
+
+
+def begin(job: TrainJob, start_step: int) -> None:
+    """Say where the training starts (``start_step``: the checkpoint it resumes, 0 for none) and start the
+    callbacks."""
+    if start_step >= job.cfg.train.steps:
+        print(f"already trained: the checkpoint of step {start_step} reaches train.steps={job.cfg.train.steps}")
+    job.callbacks.on_fit_start(job.cfg, job.data_sha256, start_step == 0)
 
 
 def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] = None,
               device: str = "cpu", callbacks: Optional[list[TrainCallback]] = None) -> TrainJob:
     """The same loop in this process, without Ray (benchmarks, debugging; the shards loader whatever
-    ``train.loader`` says). Returns the job it ran."""
+    ``train.loader`` says), its checkpoints in ``ckpt_dir``. Returns the job it ran."""
     job = replace(prepare(cfg, data_dir, ckpt_dir, log_path, callbacks), threads=threads or torch.get_num_threads())
+    begin(job, ([0] + [s for s, _ in list_checkpoints(job.checkpoints)])[-1])
     try:
         train_loop(job, device=device)
     except BaseException:
@@ -369,15 +480,57 @@ def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] 
     return job
 
 
-def _raise_worker_failure(ckpt_dir: Path) -> None:
-    """Raise the user error a worker left in ``FAILURE_FILE`` (see there), if any."""
-    path = ckpt_dir / FAILURE_FILE
-    if not path.is_file():
-        return
-    failure = read_json(path)
-    path.unlink(missing_ok=True)
-    cls = NonFiniteLoss if failure.get("type") == "NonFiniteLoss" else StageError
-    raise cls(str(failure.get("message", "training failed")))
+def local_resume(job: TrainJob, after_step: int) -> Optional[Resume]:
+    """The newest valid checkpoint of the driver's folder (and its loss log) when it is newer than ``after_step``
+    (Ray's newest of this run): a fresh clone after ``dvc pull``, or another ``ray.storage`` than the one that made
+    it. The workers resume from it through the object store."""
+    newest = list_checkpoints(job.checkpoints)[-1:]
+    if not newest or newest[0][0] <= after_step:
+        return None
+    state = load_latest(job.checkpoints, map_location="cpu", warn=print)
+    if state is None or int(state["step"]) <= after_step:
+        return None
+    step = int(state["step"])
+    return Resume(state, read_loss_log(job.log, step), f"{checkpoint_path(job.checkpoints, step)}")
+
+
+def collect_checkpoints(job: TrainJob, kept: list[RunCheckpoint]) -> None:
+    """Copy what Ray Train keeps of the run (``kept``, in ``ray.storage``) into the driver's checkpoint folder, DVC's
+    output, each file atomically; a file already there with the reported hash is not copied again. The folder then
+    holds the newest ``train.keep_checkpoints`` of its own and Ray's (Ray's copy wins a step both hold), and ``--log``
+    the newest Ray checkpoint's loss log. Copies come before deletions: an interruption leaves a file too many,
+    never one too few."""
+    folder, keep = job.checkpoints, job.cfg.train.keep_checkpoints
+    local = dict(list_checkpoints(folder))
+    reported = {k.step: k for k in kept}
+    wanted = sorted(set(local) | set(reported))[-keep:]
+    for step in wanted:
+        k, dest = reported.get(step), checkpoint_path(folder, step)
+        if k is not None and not (dest.is_file() and sha256_file(dest) == k.metrics.get("sha256")):
+            k.copy_to(dest.name, dest)
+    for step, path in local.items():
+        if step not in wanted:
+            path.unlink(missing_ok=True)
+    newest = reported.get(wanted[-1]) if wanted else None
+    if newest is not None:
+        write_loss_log(job.log, parse_loss_log(newest.read_text(LOSS_LOG), newest.step))
+
+
+def training_split(job: TrainJob, nodes: list[dict]) -> Optional[SplitReader]:
+    """The training split as the workers read it: from its folder or URL, or, when Ray nodes other than the driver's
+    (``nodes``) do not see that folder (no shared file system), through Ray's object store (tasks/lib/shards.py
+    ``ship_split``; docs/scaling.md section 8 says up to what size)."""
+    import ray
+
+    if is_url(job.data) or not nodes:
+        return job.split
+    missing = nodes_missing(Path(job.data) / "dataset.json", nodes)
+    if not missing:
+        return job.split
+    smallest = min(n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive"))
+    print(f"train: Ray node(s) {', '.join(missing)} do not see {job.data}; its training split travels through Ray's "
+          "object store", flush=True)
+    return ship_split(job.split, smallest)
 
 
 def state_api_available() -> bool:
@@ -417,15 +570,15 @@ def trainer_class(state_api: bool):
 
 
 def make_trainer(job: TrainJob, plan: WorkerPlan):
-    """Ray Train's trainer of ``job`` over the workers of ``plan``, named by the run key (a rerun resumes it), and
-    its DDP backend."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    """Ray Train's trainer of ``job`` over the workers of ``plan``, named by the run key (a rerun resumes it), keeping
+    ``train.keep_checkpoints`` in ``ray.storage``, and its DDP backend."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     cfg = job.cfg
     # NCCL refuses two ranks on one GPU: workers that share one (gpus_per_worker < 1) all-reduce over gloo.
     backend = "nccl" if plan.use_gpu and plan.gpus == 1 else "gloo"
-    datasets = {"train": ray_dataset(open_dataset(job.data).train)} if cfg.train.loader == "ray-data" else {}
+    datasets = {"train": ray_dataset(job.split)} if cfg.train.loader == "ray-data" else {}
     trainer = trainer_class(state_api_available())(
         train_loop_per_worker,
         train_loop_config={"job": replace(job, threads=plan.threads, ray_data=bool(datasets))},
@@ -437,28 +590,29 @@ def make_trainer(job: TrainJob, plan: WorkerPlan):
             name=run_name(job.run_key),
             storage_path=storage_path(cfg.ray.storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
     return trainer, backend
 
 
 def fit(job: TrainJob, trainer) -> float:
-    """Run the trainer; raise the user error a worker met (not Ray's wrapping of it). Returns the fit's seconds."""
+    """Run the trainer; raise the user error a worker met (its return value, see :func:`train_loop_per_worker`; not
+    Ray's wrapping of it). Returns the fit's seconds."""
     t1 = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:
         job.callbacks.on_fit_end(False)
-        _raise_worker_failure(job.checkpoints)
         raise _user_error_from(e) from None
     t_fit = time.perf_counter() - t1
-    try:
-        _raise_worker_failure(job.checkpoints)
-        if result.error is not None:
-            raise _user_error_from(result.error)
-    except StageError:
+    failure = result.return_value
+    if failure or result.error is not None:
         job.callbacks.on_fit_end(False)
-        raise
+        if failure:
+            cls = NonFiniteLoss if failure.get("type") == "NonFiniteLoss" else StageError
+            raise cls(str(failure.get("message", "training failed")))
+        raise _user_error_from(result.error)
     job.callbacks.on_fit_end(True)
     return t_fit
 
@@ -553,9 +707,10 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
         callbacks: Optional[list[TrainCallback]] = None) -> dict[str, Any]:
     """Train with Ray Train and return a summary (steps, final loss, images/s, Ray start-up and wall times).
 
-    ``data_dir`` is the fetch stage's output; checkpoints go to ``ckpt_dir``; the loss log to ``log_path``.
-    ``callbacks`` (tasks/lib/callbacks.py; ``None``: one per installed tracker) hear about the training, rank 0's
-    hooks in the Ray worker. With ``train.pretrained`` set nothing is trained: :func:`run_pretrained`.
+    ``data_dir`` is the fetch stage's output; the checkpoints Ray Train keeps in ``ray.storage`` are copied to
+    ``ckpt_dir`` at the end, the loss log to ``log_path``. ``callbacks`` (tasks/lib/callbacks.py; ``None``: one per
+    installed tracker) hear about the training, rank 0's hooks in the Ray worker. With ``train.pretrained`` set
+    nothing is trained: :func:`run_pretrained`.
     """
     if cfg.train.pretrained:
         return run_pretrained(cfg, data_dir, ckpt_dir, log_path, metrics_path)
@@ -566,11 +721,18 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     import ray
 
     job = prepare(cfg, data_dir, ckpt_dir, log_path, callbacks)
-    start_step = ([0] + [s for s, _ in list_checkpoints(job.checkpoints)])[-1]  # where the workers resume
+    name = run_name(job.run_key)
+    kept = run_checkpoints(cfg.ray.storage, name)
+    seed = local_resume(job, kept[-1].step if kept else 0)
+    start_step = seed.step if seed else kept[-1].step if kept else 0  # where the workers resume
+    begin(job, start_step)
 
     t0 = time.perf_counter()
     how = ensure_ray(cfg)
     t_ray = time.perf_counter() - t0
+    nodes = worker_nodes_elsewhere()  # workers may land there: what do they see of this machine?
+    check_shared(cfg.ray.storage, nodes)
+    job = replace(job, split=training_split(job, nodes), seed=None if seed is None else ray.put(seed))
     t = cfg.train
     # Ray Data's tasks (listing and reading the shards) need a CPU the training workers do not hold: Ray Train
     # leaves Ray Data only what the trainer did not reserve, and with every CPU reserved the read never starts.
@@ -579,28 +741,31 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     trainer, backend = make_trainer(job, plan)
     print(f"train: {plan.workers} Ray Train worker(s), each {plan.each()}, DDP over {backend}, {t.steps:,} steps of "
           f"batch {t.batch_size}; {how}", flush=True)
-    t_fit = fit(job, trainer)
-    rows = read_loss_log(job.log, t.steps)
+    try:
+        t_fit = fit(job, trainer)
+    finally:  # a failed training's last good checkpoints belong in --checkpoints too
+        collect_checkpoints(job, run_checkpoints(cfg.ray.storage, name))
+    summary = {**summarize(job, start_step),
+               "num_workers": plan.workers, "use_gpu": plan.use_gpu, "gpus_per_worker": plan.gpus, "backend": backend,
+               "ray": how, "ray_startup_s": round(t_ray, 2), "fit_wall_s": round(t_fit, 2)}
+    if metrics_path:
+        write_json(metrics_path, summary)
+    return summary
+
+
+def summarize(job: TrainJob, start_step: int) -> dict[str, Any]:
+    """What the driver's folder holds after a training: the newest checkpoint, the final loss, images/s."""
+    rows = read_loss_log(job.log, job.cfg.train.steps)
     this_run = [r for r in rows if int(r["step"]) > start_step]  # a resumed log holds the earlier runs' rows too
     newest = list_checkpoints(job.checkpoints)[-1:]
-    summary = {
+    return {
         "steps": newest[0][0] if newest else 0,
         "resumed_from_step": start_step,
         "final_loss": float(rows[-1]["loss"]) if rows else None,
         # the first interval holds the first step's one-off costs (compilation, cuDNN's autotuning): left out
         "images_per_s": _median([float(r["images_per_s"]) for r in this_run[1:]] or [0.0]),
-        "num_workers": plan.workers,
-        "use_gpu": plan.use_gpu,
-        "gpus_per_worker": plan.gpus,
-        "backend": backend,
-        "ray": how,
-        "ray_startup_s": round(t_ray, 2),
-        "fit_wall_s": round(t_fit, 2),
         "checkpoint": str(newest[0][1]) if newest else None,
     }
-    if metrics_path:
-        write_json(metrics_path, summary)
-    return summary
 
 
 def _median(xs: list[float]) -> float:

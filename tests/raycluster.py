@@ -126,7 +126,7 @@ class RayHead:
     10002-19999). ``extra_env``: more variables for the node's processes, Ray's workers included (they inherit the
     raylet's environment), e.g. the object store's endpoint and credentials."""
 
-    START_ATTEMPTS = 2
+    START_ATTEMPTS = 3
     KIND = "head"
 
     def __init__(self, folder: Path, num_cpus: int = 2, worker_ports: tuple[int, int] | None = None,
@@ -181,7 +181,8 @@ class RayHead:
 
     def wait_ready(self) -> None:
         """Wait until ``ray start`` says the node is up. Ray 2.60 gives its raylet a fixed 30 s to register with
-        the GCS (ray/_private/node.py), which a busy 2-core machine can miss: then one more, fresh start."""
+        the GCS (ray/_private/node.py), which a busy 2-core machine can miss: then a fresh start, up to
+        START_ATTEMPTS in all."""
         while True:
             deadline = time.monotonic() + HEAD_START_TIMEOUT_S
             while "block forever" not in self.log.read_text(errors="replace"):

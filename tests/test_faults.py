@@ -27,6 +27,7 @@ from tasks import fetch, train
 from tasks.lib.errors import StageError
 from tasks.lib.samples import load_samples, shard_paths
 from tasks.lib.files import sha256_arrays, sha256_file
+from tasks.lib.storage import run_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,18 @@ def _sigkill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+def _uploaded(storage: Path) -> list[int]:
+    """The steps of the checkpoint files in Ray Train's storage folder (uploads, registered by Ray or not yet)."""
+    return sorted(int(p.stem.split("_")[1]) for p in storage.glob("train-*/checkpoint_*/ckpt_*.pt")) or [0]
+
+
+def _registered(storage: Path) -> list[int]:
+    """The steps of the checkpoints in Ray Train's record of the (one) run in ``storage``: an upload is there only once
+    Ray Train registered it, and only a registered one is resumed from after a worker restart."""
+    runs = [p.name for p in storage.glob("train-*")]
+    return [k.step for k in run_checkpoints(str(storage), runs[0])] if len(runs) == 1 else []
+
+
 def _loss_steps(path: Path) -> list[int]:
     with open(path, newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")]
@@ -123,10 +136,11 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
     out1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, stdout=out1, stderr=subprocess.STDOUT)
     try:
-        # Fault 1: the Ray Train worker process, killed by pid once the first checkpoint is on disk.
-        _wait(lambda: checkpoint_path(ckpts, 3).is_file(), 240, "the first checkpoint", proc)
+        # Fault 1: the Ray Train worker process, killed by pid once Ray Train has registered the first checkpoint (an
+        # upload it has not registered yet is not resumed from: the new worker would start again from step 0).
+        _wait(lambda: _registered(tmp_path / "ray"), 240, "Ray Train's record of the first checkpoint", proc)
         worker = _wait(lambda: _ray_train_workers(proc.pid), 30, "the Ray Train worker", proc)[0]
-        steps_at_kill = list_checkpoints(ckpts)[-1][0]
+        steps_at_kill = max(_registered(tmp_path / "ray"))
         worker.kill()
 
         # Security: the Ray dashboard's HTTP server, if this stage's Ray runs one at all, is on loopback only.
@@ -142,7 +156,7 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
 
         # Ray restarts the worker group; the new worker resumes and writes checkpoints again.
         _wait(lambda: [w for w in _ray_train_workers(proc.pid) if w.pid != worker.pid], 120, "a new worker", proc)
-        _wait(lambda: list_checkpoints(ckpts)[-1][0] >= steps_at_kill + 6, 240, "progress after the restart", proc)
+        _wait(lambda: max(_uploaded(tmp_path / "ray")) >= steps_at_kill + 9, 240, "progress after the restart", proc)
 
         # Fault 2: SIGKILL the driver mid-run.
         _sigkill_tree(proc)
@@ -153,10 +167,16 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
     text1 = (tmp_path / "run1.log").read_text()
     assert f"resuming from step {steps_at_kill}" in text1 or any(
         f"resuming from step {s}" in text1 for s in range(steps_at_kill, steps_at_kill + 4)), text1[-3000:]
-    newest = list_checkpoints(ckpts)[-1][0]
+    # During the run the checkpoints live in Ray Train's storage only; the driver, killed, copied none. Ray's record
+    # of the run (an upload the kill left unregistered is not in it) says where the rerun resumes.
+    assert list_checkpoints(ckpts) == []
+    kept = run_checkpoints(str(tmp_path / "ray"), next((tmp_path / "ray").glob("train-*")).name)
+    newest = kept[-1].step
     assert steps_at_kill + 6 <= newest < never  # killed mid-run, after progress past the worker's restart
-    log_before = _loss_steps(log)
-    assert log_before == list(range(1, newest + 1))  # the log on disk never runs ahead of the newest checkpoint
+    assert len(kept) <= 2  # keep_checkpoints=2
+    # each checkpoint carries the loss log up to its step: it never runs ahead of the checkpoint
+    rows = list(csv.DictReader(kept[-1].read_text(train.LOSS_LOG).splitlines(), delimiter="\t"))
+    assert [int(r["step"]) for r in rows] == list(range(1, newest + 1))
 
     # The rerun resumes from the newest checkpoint: at most one checkpoint interval (3 steps) is recomputed.
     steps = newest + 6
@@ -243,7 +263,7 @@ def test_exploding_loss_under_ray_is_one_line_and_not_retried(tmp_path, tiny_par
     assert not [line for line in r.stderr.splitlines() if "Traceback" in line and "pid=" not in line]
     assert "resuming from step" not in r.stdout + r.stderr  # Ray did not retry a deterministic failure
     assert [s for s, _ in list_checkpoints(ckpts)] == [1]
-    assert not (ckpts / train.FAILURE_FILE).exists() and not (tmp_path / "train.json").exists()
+    assert not (tmp_path / "train.json").exists()
 
 
 # -- 6: every output is written atomically -------------------------------------------------------------------------

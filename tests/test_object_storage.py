@@ -4,7 +4,7 @@
 - A dataset folder uploaded to a bucket reads back, by its ``s3://`` URL, exactly as from disk: the manifest, every
   row, each training worker's batches, and a training run from it (the same loss log and weights).
 - ``ray.storage: s3://…`` passes the check before compute (its probe object deleted again), and the train stage
-  keeps Ray Train's run folder in the bucket.
+  keeps its checkpoints in the bucket through Ray Train and copies the kept ones into ``--checkpoints``.
 - ``dvc push`` to an S3 remote on the same server from a temporary git clone, and ``dvc pull`` into a fresh clone,
   give back the same files.
 """
@@ -154,14 +154,15 @@ def test_dvc_push_to_an_s3_remote_and_pull_into_a_fresh_clone(s3_bucket, s3_serv
 
 
 @pytest.mark.slow
-def test_the_train_stage_keeps_ray_trains_run_state_in_an_s3_bucket(s3_bucket, s3_server, tmp_path, tiny_params):
+def test_the_train_stage_keeps_its_checkpoints_in_an_s3_bucket(s3_bucket, s3_server, tmp_path, tiny_params):
     """``ray.storage: s3://…`` reaches Ray Train: the stage (a subprocess with a local Ray, which inherits its AWS
-    variables) checks the bucket, trains, and Ray Train's run folder (``train-<run key digest>``) is in the bucket,
-    not on disk. The checkpoints themselves still go to ``--checkpoints`` by path (issue 29, part 1, moves them)."""
+    variables) checks the bucket and trains; rank 0 reports each checkpoint (the checkpoint file and the loss log so
+    far) and Ray Train keeps it in the bucket under the run's folder (``train-<run key digest>``), nothing on disk;
+    at the end the driver copies the kept checkpoints into ``--checkpoints`` and the newest loss log to ``--log``."""
     import json
     import re
 
-    tiny_params["train"]["steps"] = 4
+    tiny_params["train"]["steps"] = 4  # checkpoints at steps 3 and 4 (checkpoint_every 3, and the last step)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     env = {**s3_server.subprocess_env(), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -176,5 +177,18 @@ def test_the_train_stage_keeps_ray_trains_run_state_in_an_s3_bucket(s3_bucket, s
 
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 4
     runs = {k.split("/")[1] for k in s3_bucket.keys("ray/") if k.count("/") >= 2}
-    assert len(runs) == 1 and re.fullmatch(r"train-[0-9a-f]{12}", runs.pop()), s3_bucket.keys()
+    assert len(runs) == 1 and re.fullmatch(r"train-[0-9a-f]{12}", next(iter(runs))), s3_bucket.keys()
+    run_dir = f"ray/{runs.pop()}"
+    kept = [k for k in s3_bucket.keys(run_dir) if "/checkpoint_0" in k and not k.endswith("/")]  # not folder markers
+    assert kept == [f"{run_dir}/checkpoint_{s:08d}/{name}" for s in (3, 4)
+                    for name in (f"ckpt_{s:08d}.pt", "train_loss.tsv")], kept
     assert not (tmp_path / ".ray_results").exists()  # the default local folder was not used
+    # the driver's copies: the same bytes; the loss log of the newest checkpoint, rows 1..4
+    local = list_checkpoints(tmp_path / "checkpoints")
+    assert [s for s, _ in local] == [3, 4]
+    for s, path in local:
+        assert path.read_bytes() == s3_bucket.read(f"{run_dir}/checkpoint_{s:08d}/{path.name}")
+    log = (tmp_path / "loss.tsv").read_bytes()
+    assert log == s3_bucket.read(f"{run_dir}/checkpoint_00000004/train_loss.tsv")
+    assert [line.split(b"\t")[0] for line in log.splitlines()] == [b"step", b"1", b"2", b"3", b"4"]
+    assert load_checkpoint(local[-1][1])["step"] == 4

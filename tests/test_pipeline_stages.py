@@ -59,6 +59,17 @@ def test_train_two_workers_resume_and_sample_shards(tiny_config, tmp_path, ray_l
     assert rows9[:6] == rows  # the first six rows are the first run's, untouched
     assert [s for s, _ in list_checkpoints(ckpts)] == [6, 9]
 
+    # Another ray.storage (a fresh clone after `dvc pull`: Ray Train's run is not there): the checkpoint folder's
+    # newest checkpoint is newer than anything Ray Train has, and the workers resume from it (through the object store).
+    cfg12 = _cfg(tiny_config, tmp_path, **{"train.num_workers": 2, "train.steps": 12, "train.checkpoint_every": 3,
+                                           "train.keep_checkpoints": 2, "ray.storage": str(tmp_path / "ray-elsewhere")})
+    assert train.run(cfg12, data, ckpts, log)["resumed_from_step"] == 9
+    with open(log) as f:
+        rows12 = list(csv.DictReader(f, delimiter="\t"))
+    # continued, not retrained: the first nine rows are the earlier runs', their measured images/s included
+    assert [int(r["step"]) for r in rows12] == list(range(1, 13)) and rows12[:9] == rows9
+    assert [s for s, _ in list_checkpoints(ckpts)] == [9, 12]
+
     # A changed learning rate is a different run: old checkpoints are set aside, training restarts.
     cfg_lr = _cfg(tiny_config, tmp_path, **{"train.num_workers": 1, "train.steps": 3, "train.lr": 5e-4})
     train.run(cfg_lr, data, ckpts, log)

@@ -56,3 +56,46 @@ def _join_error(where: str, e: BaseException) -> str:
         cur = cur.__cause__ or cur.__context__
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{where}: cannot join the Ray cluster ({text}); start it (`ray start --head`) or unset the address"
+
+
+# -- what the other nodes of a cluster see ----------------------------------------------------------------------------
+PROBE_TIMEOUT_S = 120.0  # a node that cannot run a zero-CPU task in this long is not one to train on
+
+
+def worker_nodes_elsewhere() -> list[dict]:
+    """The alive nodes of the Ray cluster, other than this driver's, that can run work (CPUs or GPUs): where workers
+    may land without seeing this machine's disk. None under a local Ray or on a one-node cluster."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here
+            and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+
+
+def _sha256_of(path: str) -> Optional[str]:
+    """The SHA-256 of the file ``path`` on the node this runs on, or None when it cannot be read there."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def nodes_missing(path: os.PathLike | str, nodes: list[dict]) -> list[str]:
+    """The addresses of ``nodes`` (:func:`worker_nodes_elsewhere`'s) where the small file ``path`` is not what this
+    process reads there: a folder the node does not share with the driver. One zero-CPU task pinned to each node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = str(path)
+    want = _sha256_of(path)
+    probe = ray.remote(num_cpus=0)(_sha256_of)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+            for n in nodes]
+    try:
+        got = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise StageError(f"Ray nodes did not answer within {PROBE_TIMEOUT_S:.0f} s whether they see {path}") from None
+    return [n.get("NodeManagerAddress", n["NodeID"]) for n, sha in zip(nodes, got) if sha is None or sha != want]

@@ -8,8 +8,12 @@ machine the images are bitwise identical for any ``sample.num_workers`` (docs/pi
 written atomically with its seeds and a key (:func:`sampling_key`) naming the checkpoint, the sampling code and the
 sample section's result-defining settings.
 
-The actors (:class:`SamplerPool`, each a :class:`ShardSampler`) receive the frozen sample settings themselves (Ray
-pickles them), and one pool serves several settings that share a network (the sampler table's rows).
+Nothing crosses between the driver and the actors by path, so the actors may run on nodes that share no file system
+with it (docs/scaling.md, section 8): the driver loads the checkpoint once and puts its weights in Ray's object store
+(:class:`~ddpm.pretrained.Weights`), each actor builds its network from them, returns the images it sampled, and the
+driver writes the shards. The actors (:class:`SamplerPool`, each a :class:`ShardSampler`) receive the frozen sample
+settings themselves (Ray pickles them), and one pool serves several settings that share a network (the sampler
+table's rows).
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import hashlib
 import importlib.metadata
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
-from ddpm.checkpoint import newest_checkpoint as _newest_checkpoint
+from ddpm.checkpoint import load_checkpoint, newest_checkpoint as _newest_checkpoint
 from ddpm.perf import prepare_for_sampling
-from ddpm.pretrained import load_model
+from ddpm.pretrained import Weights
 from ddpm.samplers import img2img_sample, inpaint_sample, region_mask, sample as draw
 from ddpm.solvers import SOLVERS
 from tasks.lib.config import Config, SampleConfig, digest
@@ -104,21 +109,30 @@ def check_same_network(built: SampleConfig, wanted: SampleConfig, what: str) -> 
         raise ValueError(f"{what} built with other sample.{', sample.'.join(differ)}")
 
 
+def sampling_weights(ckpt: os.PathLike | str, settings: SampleConfig) -> Weights:
+    """The weights ``settings`` sample with (EMA or raw: ``sample.use_ema``) of checkpoint ``ckpt``, and its
+    configs."""
+    return Weights.from_state(load_checkpoint(ckpt), use_ema=settings.use_ema, source=str(ckpt))
+
+
 class ShardSampler:
     """Holds one copy of the network; samples shards of seeds in batches. Used as a Ray actor or in-process.
 
-    The network is built for ``settings`` (the sample section) once; :meth:`sample` and :meth:`write_shard` take
-    other settings (with the same :data:`NETWORK_KEYS`) to sample with them from the same copy."""
+    ``network``: the :class:`~ddpm.pretrained.Weights` to build it from (what a :class:`SamplerPool` hands its actors
+    through the object store), or a checkpoint file (read here: in-process use). The network is built for
+    ``settings`` (the sample section) once; :meth:`sample` and :meth:`sample_shard` take other settings (with the
+    same :data:`NETWORK_KEYS`) to sample with them from the same copy."""
 
-    def __init__(self, ckpt_path: str, settings: SampleConfig, device: str, threads: int):
+    def __init__(self, network: Weights | os.PathLike | str, settings: SampleConfig, device: str, threads: int):
         torch.set_num_threads(max(1, threads))
         self.settings = settings
         self.device = torch.device(device)
-        model, self.diffusion, state = load_model(ckpt_path, use_ema=settings.use_ema)
+        weights = network if isinstance(network, Weights) else sampling_weights(network, settings)
+        model, self.diffusion = weights.build()
         # speed switches (ddpm/perf.py): self.model is what the samplers call, possibly a compiled module
         self.model = prepare_for_sampling(model, self.device, precision=settings.precision,
                                           channels_last=settings.channels_last, compile=settings.compile)
-        m = state["config"]["model"]
+        m = weights.model
         self.shape = (m["image_channels"], m["image_size"], m["image_size"])
 
     def ready(self) -> bool:
@@ -149,29 +163,49 @@ class ShardSampler:
             out.append(to_uint8(x))
         return np.concatenate(out)
 
-    def write_shard(self, path: str, seeds: list[int], key: str, inputs: Optional[np.ndarray] = None,
-                    settings: Optional[SampleConfig] = None) -> tuple[str, str, float, int]:
-        """Sample ``seeds`` into the shard file ``path``; returns its name, content hash, seconds and the intra-op
-        thread count it was sampled with (the images' last bits depend on it)."""
+    def sample_shard(self, index: int, seeds: list[int], inputs: Optional[np.ndarray] = None,
+                     settings: Optional[SampleConfig] = None) -> "SampledShard":
+        """The images of one shard (``index`` in the plan, ``seeds``), with the seconds it took and the intra-op
+        thread count it was sampled with (the images' last bits depend on it); the caller writes the file."""
         t0 = time.perf_counter()
         images = self.sample(seeds, inputs, settings)
-        seeds_arr = np.asarray(seeds, dtype=np.int64)
-        write_npz(path, images=images, seeds=seeds_arr, key=np.asarray(key))
-        return Path(path).name, sha256_arrays(images, seeds_arr), time.perf_counter() - t0, torch.get_num_threads()
+        return SampledShard(index, images, np.asarray(seeds, dtype=np.int64), time.perf_counter() - t0,
+                            torch.get_num_threads())
+
+
+@dataclass(frozen=True)
+class SampledShard:
+    """What an actor returns for one shard: its index in the plan, uint8 images [n, C, H, W], int64 seeds [n], the
+    seconds spent sampling and the intra-op threads used."""
+
+    index: int
+    images: np.ndarray
+    seeds: np.ndarray
+    seconds: float
+    threads: int
+
+    def write(self, out_dir: Path, key: str) -> tuple[str, str]:
+        """Write the shard file (atomic) into ``out_dir`` with the sampling ``key``; returns its name and content
+        hash."""
+        path = write_npz(shard_file(out_dir, self.index), images=self.images, seeds=self.seeds, key=np.asarray(key))
+        return path.name, sha256_arrays(self.images, self.seeds)
 
 
 class SamplerPool:
     """Ray actors, each a :class:`ShardSampler` of checkpoint ``ckpt``: started once, used by one or several
     :meth:`write_shards` calls (the sampler table samples every row with the same actors), killed on close.
 
-    ``jobs``: how many shards the first call has; never more actors than that, ``sample.num_workers``, or the
-    cluster can place at once (an actor waiting for resources would hold its share of the shards forever)."""
+    The checkpoint is read here, once, and its weights put in Ray's object store: the actors build their networks
+    from that one copy, wherever they run. ``jobs``: how many shards the first call has; never more actors than that,
+    ``sample.num_workers``, or the cluster can place at once (an actor waiting for resources would hold its share of
+    the shards forever)."""
 
     def __init__(self, cfg: Config, ckpt: Path, jobs: int):
         import ray
 
         s = cfg.sample
         self.settings, self.ckpt = s, absolute(ckpt)
+        weights = sampling_weights(self.ckpt, s)  # before Ray starts: an unreadable checkpoint fails at once
         t0 = time.perf_counter()
         how = ensure_ray(cfg)
         self.ray_startup_s = time.perf_counter() - t0
@@ -183,10 +217,11 @@ class SamplerPool:
         print(f"sampling actors: {plan.workers}, each "
               f"{'1 GPU' if plan.use_gpu else f'{plan.threads} CPU thread(s)'}; {how}", flush=True)
         Actor = ray.remote(num_cpus=plan.cpus, num_gpus=plan.gpus)(ShardSampler)
-        self.actors = [Actor.remote(str(self.ckpt), s, "cuda" if plan.use_gpu else "cpu", plan.threads)
+        network = ray.put(weights)  # one copy in the object store, whatever the number of actors
+        self.actors = [Actor.remote(network, s, "cuda" if plan.use_gpu else "cpu", plan.threads)
                        for _ in range(plan.workers)]
         t1 = time.perf_counter()
-        ray.get([a.ready.remote() for a in self.actors])  # a network that fails to load fails here, once
+        ray.get([a.ready.remote() for a in self.actors])  # a network that fails to build fails here, once
         self.actors_startup_s = time.perf_counter() - t1
 
     def check(self, settings: SampleConfig, ckpt: Path) -> None:
@@ -197,15 +232,17 @@ class SamplerPool:
 
     def write_shards(self, settings: SampleConfig, out_dir: Path, todo: list[tuple[int, list[int]]], key: str,
                      inputs: Optional[np.ndarray] = None) -> Iterator[tuple[str, str, float, int]]:
-        """Write the shards ``todo`` (index, seeds) of ``out_dir`` with ``settings``; yields what each
-        :meth:`ShardSampler.write_shard` returns, in the order they finish."""
+        """Sample the shards ``todo`` (index, seeds) with ``settings`` on the actors and write each into ``out_dir``
+        here, as it comes back; yields (file name, content hash, seconds inside the actor, its intra-op threads), in
+        the order the shards finish."""
         import ray
 
         self.check(settings, self.ckpt)
         pool = ray.util.ActorPool(self.actors)
-        return pool.map_unordered(
-            lambda a, job: a.write_shard.remote(str(shard_file(out_dir, job[0])), job[1], key,
-                                                shard_inputs(inputs, job[1], settings.seed), settings), todo)
+        done = pool.map_unordered(
+            lambda a, job: a.sample_shard.remote(job[0], job[1], shard_inputs(inputs, job[1], settings.seed),
+                                                 settings), todo)
+        return ((*shard.write(out_dir, key), shard.seconds, shard.threads) for shard in done)
 
     def close(self) -> None:
         import ray

@@ -248,6 +248,9 @@ class SplitReader:
     shape: tuple[int, int, int]
     shards: list[dict[str, Any]]
     groups: list[Group] = field(default_factory=list)
+    # file name -> a Ray object holding the file's bytes: the split as the driver shipped it (:func:`ship_split`),
+    # read from Ray's object store instead of ``root``
+    objects: Optional[dict[str, Any]] = None
     _cache: Optional[tuple[int, np.ndarray, np.ndarray]] = field(default=None, repr=False)
     _file: Optional[tuple[str, Any]] = field(default=None, repr=False)
 
@@ -262,6 +265,11 @@ class SplitReader:
         import pyarrow.parquet as pq
 
         try:
+            if self.objects is not None:  # shipped: the file's bytes, zero-copy from this node's object store
+                import pyarrow as pa
+                import ray
+
+                return pq.ParquetFile(pa.BufferReader(pa.py_buffer(ray.get(self.objects[file]))))
             if is_url(self.root):  # s3://, gs://, file://...: pyarrow's file systems
                 fs, path = _filesystem(self.path(file))
                 return pq.ParquetFile(fs.open_input_file(path))
@@ -535,6 +543,36 @@ class TrainStream:
             t.join(timeout=5)
 
 
+# -- a split that only the driver's disk holds, through Ray's object store ------------------------------------------
+SHIP_FRACTION = 0.5  # at most this share of a node's object store for a shipped split: the rest is Ray's working room
+
+
+def split_bytes(split: SplitReader) -> int:
+    """The size of a split's shard files on disk."""
+    return sum(os.path.getsize(split.path(s["file"])) for s in split.shards)
+
+
+def ship_split(split: SplitReader, object_store_bytes: float) -> SplitReader:
+    """The split with each shard file put, as it is on disk (bytes), in Ray's object store: a reader for workers on
+    nodes that cannot read the driver's folder. The files keep their row groups, so a worker reads exactly the batches
+    it would read from disk. Each node's object store holds the files its workers read (a shard file at a time is
+    fetched, then read in place); the driver's holds them all.
+
+    ``object_store_bytes``: the smallest object store among the nodes involved; a split larger than
+    :data:`SHIP_FRACTION` of it is refused with one line (put it in object storage or on a shared file system)."""
+    import numpy as np
+    import ray
+
+    size = split_bytes(split)
+    if size > SHIP_FRACTION * object_store_bytes:
+        raise DataError(f"{split.root}: the training split ({size / 2**20:.0f} MiB) is only on the driver's disk and "
+                        f"would take more than {SHIP_FRACTION:.0%} of a Ray node's object store "
+                        f"({object_store_bytes / 2**20:.0f} MiB); pass --data as its URL in object storage "
+                        "(s3://…) or keep it on a file system every node mounts at the same path")
+    objects = {s["file"]: ray.put(np.fromfile(split.path(s["file"]), dtype=np.uint8)) for s in split.shards}
+    return SplitReader(split.root, split.shape, split.shards, list(split.groups), objects=objects)
+
+
 def load_dataset(folder: os.PathLike | str) -> DatasetArtifact:
     """The dataset in ``folder`` read whole into memory, for the consumers that need it so and are small (the
     classifier); the others stream (:func:`open_dataset`)."""
@@ -545,12 +583,18 @@ def load_dataset(folder: os.PathLike | str) -> DatasetArtifact:
 # -- the same through Ray Data ----------------------------------------------------------------------------------------
 def ray_dataset(split: SplitReader):
     """The split as a Ray Data dataset (``read_parquet`` over its shards, pixels only). Its read tasks ask for no
-    CPU: the training workers hold the cluster's CPUs, and a read task that waited for one would never run."""
+    CPU: the training workers hold the cluster's CPUs, and a read task that waited for one would never run. A
+    shipped split (:func:`ship_split`: its files only on the driver's disk) is read here and handed to Ray Data as
+    Arrow tables in the object store (``from_arrow``) instead: a read task on another node would not find the files."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()  # travels with the dataset to the training workers
     ctx.enable_progress_bars = False  # one bar per operator per worker, refreshed every second: noise in a log
     ctx.print_on_execution_start = False
+    if split.objects is not None:
+        import pyarrow.parquet as pq
+
+        return ray.data.from_arrow([pq.read_table(split.path(s["file"]), columns=["image"]) for s in split.shards])
     return ray.data.read_parquet([split.path(s["file"]) for s in split.shards], columns=["image"],
                                  ray_remote_args={"num_cpus": 0})
 

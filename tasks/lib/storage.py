@@ -9,13 +9,19 @@ the ``AWS_*`` credentials and ``AWS_REGION``/``AWS_DEFAULT_REGION``, or options 
 
 The config checks the value's form (tasks/lib/config.py, no I/O). :func:`check` reaches the storage once
 before any compute, with bounded timeouts, and turns what can go wrong (an endpoint that does not answer, no
-credentials, a bucket that does not exist, no write permission) into one :class:`StorageError` line.
+credentials, a bucket that does not exist, no write permission) into one :class:`StorageError` line;
+:func:`check_shared` refuses a local folder that the cluster's other nodes do not see.
+
+The train stage's checkpoints live there (rank 0 reports them, Ray Train copies and prunes them):
+:func:`run_checkpoints` reads which ones Ray Train keeps for a run, and :class:`RunCheckpoint` copies their files out,
+through pyarrow's file systems, for a local path and a bucket alike.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -138,3 +144,82 @@ def _reason(e: BaseException) -> str:
 
 def _first_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# -- a training run in Ray Train's storage ----------------------------------------------------------------------------
+# Each checkpoint a training reports is a folder ``<storage>/<run name>/checkpoint_<step>/`` holding the checkpoint
+# file (ckpt_<step>.pt, the project's format) and the loss log up to that step (tasks/train.py), and Ray Train's
+# record of the run (its checkpoint manager's snapshot) says which of them are kept.
+CHECKPOINT_DIR = "checkpoint_{step:08d}"
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """One checkpoint Ray Train keeps for a run: its step, where it is (a pyarrow file system and a folder there) and
+    the metrics reported with it (``step``, ``loss``, ``sha256`` of the checkpoint file)."""
+
+    step: int
+    filesystem: Any
+    folder: str
+    metrics: dict[str, Any]
+
+    def file(self, name: str) -> str:
+        return f"{self.folder.rstrip('/')}/{name}"
+
+    def copy_to(self, name: str, dest: Path) -> Path:
+        """Copy the file ``name`` of this checkpoint folder to ``dest`` (atomically: a temporary file, then a
+        rename), streamed a MiB at a time."""
+        import shutil
+
+        from ddpm.checkpoint import atomic_write_bytes
+
+        with self.filesystem.open_input_stream(self.file(name)) as src:
+            atomic_write_bytes(dest, lambda out: shutil.copyfileobj(src, out, 1 << 20))
+        return dest
+
+    def read_text(self, name: str) -> str:
+        with self.filesystem.open_input_stream(self.file(name)) as src:
+            return src.read().decode()
+
+
+def run_checkpoints(value: str, name: str) -> list[RunCheckpoint]:
+    """The checkpoints Ray Train keeps for the run ``name`` in ``ray.storage`` ``value``, oldest first; none for a
+    run that does not exist yet or kept none. Read from Ray Train's own record of the run
+    (``ray.train.Result.from_path``), so an upload that a killed process left unregistered is not among them."""
+    from ray.train import Result
+
+    run = f"{storage_path(value).rstrip('/')}/{name}"
+    try:
+        result = Result.from_path(run)
+    except RuntimeError:  # "Experiment folder … doesn't exist" / no checkpoint manager snapshot yet
+        return []
+    except OSError as e:
+        raise StorageError(value, f"cannot read the run {name} ({_first_line(e)})") from None
+    kept = [RunCheckpoint(int(m["step"]), c.filesystem, c.path, dict(m))
+            for c, m in (result.best_checkpoints or []) if m and "step" in m]
+    return sorted(kept, key=lambda k: k.step)
+
+
+def check_shared(value: str, nodes: list[dict]) -> None:
+    """With workers on other nodes (``nodes``: :func:`tasks.lib.cluster.worker_nodes_elsewhere`), a local
+    ``ray.storage`` folder must be one they see too (a shared file system at the same path): Ray Train's workers
+    write the checkpoints there, and this driver reads them. A marker file written here must read back the same on
+    every node. Raises :class:`StorageError` naming the nodes that do not see it."""
+    from .cluster import nodes_missing
+
+    if not nodes or (is_uri(value) and urlsplit(value).scheme.lower() != "file"):
+        return
+    folder = Path(storage_path(value).removeprefix("file://"))
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f"{PROBE}-{uuid.uuid4().hex}"
+    from ddpm.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(marker, lambda f: f.write(marker.name.encode()))  # a unique name: its bytes identify the folder
+    try:
+        missing = nodes_missing(marker, nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+    if missing:
+        raise StorageError(value, f"a folder the Ray node(s) {', '.join(missing)} do not see (no shared file system "
+                                  f"there); set {KEY} to object storage (s3://bucket/prefix, gs://…) or "
+                                  "to a folder every node mounts at the same path")
