@@ -4,9 +4,11 @@ inside functions)."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 import yaml
 
@@ -148,3 +150,24 @@ def test_xdist_runs_the_tests_of_a_shared_fixture_on_one_worker(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:]
     workers = {(tmp_path / f"seen-{i}").read_text() for i in range(6)}
     assert len(workers) == 1, workers  # the six tests of the shared fixture ran on one worker
+
+
+def test_a_process_left_running_fails_the_session_and_is_killed(tmp_path):
+    """The session-wide leak check (tests/process_leaks.py) can fail: a small session whose test starts a process in
+    a session of its own and leaves it running exits "tests failed", names the process, and kills it."""
+    (tmp_path / "conftest.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\npytest_plugins = ['process_leaks']\n" % str(REPO / "tests"))
+    (tmp_path / "test_leak.py").write_text(
+        "import subprocess\n"
+        "def test_leaves_a_sleeper():\n"
+        "    p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "    open('pid', 'w').write(str(p.pid))\n")
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_TEST_SESSION"}  # its own session marker, not ours
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_leak.py"],
+                       cwd=tmp_path, env={**env, "DDPM_TEST_LEAK_GRACE_S": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    pid = int((tmp_path / "pid").read_text())
+    assert r.returncode == 1, r.stdout[-2000:]
+    assert "1 passed" in r.stdout and "processes left running" in r.stdout and f"pid {pid} " in r.stdout
+    assert "sleep 300" in r.stdout
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
