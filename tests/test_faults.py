@@ -91,16 +91,14 @@ def _sigkill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def _uploaded(storage: Path) -> list[int]:
-    """The steps of the checkpoint files in Ray Train's storage folder (uploads, registered by Ray or not yet)."""
-    return sorted(int(p.stem.split("_")[1]) for p in storage.glob("train-*/checkpoint_*/ckpt_*.pt")) or [0]
-
-
 def _registered(storage: Path) -> list[int]:
     """The steps of the checkpoints in Ray Train's record of the (one) run in ``storage``: an upload is there only once
     Ray Train registered it, and only a registered one is resumed from after a worker restart."""
     runs = [p.name for p in storage.glob("train-*")]
-    return [k.step for k in run_checkpoints(str(storage), runs[0])] if len(runs) == 1 else []
+    try:
+        return [k.step for k in run_checkpoints(str(storage), runs[0])] if len(runs) == 1 else []
+    except ValueError:  # the record read while Ray rewrites it: polled again
+        return []
 
 
 def _loss_steps(path: Path) -> list[int]:
@@ -156,7 +154,10 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
 
         # Ray restarts the worker group; the new worker resumes and writes checkpoints again.
         _wait(lambda: [w for w in _ray_train_workers(proc.pid) if w.pid != worker.pid], 120, "a new worker", proc)
-        _wait(lambda: max(_uploaded(tmp_path / "ray")) >= steps_at_kill + 9, 240, "progress after the restart", proc)
+        # Registered, not only uploaded: on a busy machine Ray's record of the run lags its uploads by a few
+        # checkpoints, and the rerun resumes from the record.
+        _wait(lambda: max(_registered(tmp_path / "ray"), default=0) >= steps_at_kill + 6, 240,
+              "Ray Train's record of progress after the restart", proc)
 
         # Fault 2: SIGKILL the driver mid-run.
         _sigkill_tree(proc)
