@@ -47,8 +47,6 @@ fi
 WORK=$(mktemp -d /tmp/device-packages-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-
 # name==version for each package, as installed in .venv
 pins() {
     "$VENV_PY" - "${PACKAGES[@]}" <<'EOF'
@@ -151,11 +149,6 @@ EOF
 download
 trim_ray
 CARRY_B=$(carry_bytes)
-echo "ray wheel $(mib "$RAY_WHEEL_B") MiB, unpacked $(mib "$RAY_UNPACKED_B") MiB," \
-     "trimmed $(mib "$RAY_TRIMMED_B") MiB, as $(basename "$RAY_TAR") $(mib "$(stat -c %s "$RAY_TAR")") MiB"
-ls -l "$DEST" | awk 'NR > 1 { printf "  %8.2f MiB  %s\n", $5 / 1048576, $9 }'
-echo "$DEST: $(mib "$(du -sb "$DEST" | cut -f1)") MiB; the carry (checkout + $DEST): $(mib "$CARRY_B") MiB" \
-     "(limit $LIMIT_MIB MiB)"
 [ "$CHECK" = 1 ] && check
 
 export PYVER DEST TAG LIMIT_MIB CHECK RAY_WHEEL_B RAY_UNPACKED_B RAY_TRIMMED_B RAY_TAR CARRY_B WORK
@@ -197,6 +190,10 @@ if e["CHECK"] == "1":
     }
 command = ("" if e["TAG"] == "cp312" else f"PYVER={e['PYVER']} ") + "bash benchmarks/device_packages.sh"
 write_result(f"device_bundle_{e['TAG']}", record, " ".join([command, *sys.argv[1:]]))
+r = record["ray"]
+print(f"ray wheel {r['wheel_mib']} MiB, unpacked {r['unpacked_mib']} MiB, trimmed {r['trimmed_unpacked_mib']} MiB, as "
+      f"tar.xz {r['trimmed_tar_xz_mib']} MiB; {dest}: {record['folder_mib']} MiB; files {record['files']}; the carry "
+      f"(checkout + {dest}): {record['carry_mib']} MiB (limit {limit} MiB)")
 if not record["carry_ok"]:
     print(f"error: the carry is {record['carry_mib']} MiB, over {limit} MiB: trim the bundle or the checkout",
           file=sys.stderr)
