@@ -43,8 +43,10 @@ class WorkspaceError(Exception):
 
 
 def _last_line(r: subprocess.CompletedProcess) -> str:
-    lines = (r.stderr or r.stdout or "").strip().splitlines()
-    return lines[-1] if lines else f"exit {r.returncode}"
+    """What a failed git or DVC command said: its ERROR line when it has one (DVC ends with a support hint)."""
+    lines = [ln for ln in (r.stderr or r.stdout or "").strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("ERROR", "error", "fatal"))]
+    return (errors or lines)[-1] if lines else f"exit {r.returncode}"
 
 
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -197,3 +197,34 @@ def test_a_new_workspace_starts_from_the_projects_dvc_state(project):
     wsp.write_params(ws2, project / "params.yaml", {})  # back to the project's params: a's run is in the run-cache
     assert wsp.stale_stages(ws2.root) == {"a"}
     assert wsp.repro(ws2.root, "a", env, lines.append).status == "restored"
+
+
+def test_experiments_saved_at_once_from_two_workspaces_keep_their_own_state(project):
+    """Two flow runs that end together save their experiments at once. `dvc exp save` goes through git refs all
+    worktrees share (refs/stash, refs/exps/exec/*) under a lock of each worktree's own, so two unserialised saves fail
+    ("failed to lock file .git/refs/stash.lock") or take each other's state (one worktree ends with the other's
+    files); save_experiment runs one at a time per project. Each round: both saves succeed, each commit and each
+    worktree hold their own params and records, and the project is untouched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spaces = [wsp.open_workspace(project, project / "runs" / name) for name in ("a", "b")]
+    for round_ in range(3):
+        for i, ws in enumerate(spaces):
+            lr = 0.01 * (round_ + 1) + i
+            wsp.write_params(ws, project / "params.yaml", {"train.lr": lr})
+            (ws.root / "metrics").mkdir(exist_ok=True)
+            (ws.root / "metrics" / "a.json").write_text(f'{{"lr": {lr}}}')
+            (ws.root / "out").write_text(f"{lr}\n")  # stage a's output, as if it ran (the save commits it)
+        names = [f"{ws.root.name}-{round_}" for ws in spaces]
+        with ThreadPoolExecutor(2) as pool:
+            commits = list(pool.map(lambda a: wsp.save_experiment(*a, "test"), zip(spaces, names)))
+        for i, (ws, commit) in enumerate(zip(spaces, commits)):
+            lr = 0.01 * (round_ + 1) + i
+            assert commit, names[i]
+            assert yaml.safe_load((ws.root / "params.yaml").read_text())["train"]["lr"] == lr
+            assert (ws.root / "metrics" / "a.json").read_text() == f'{{"lr": {lr}}}'
+            saved = _run(project, "git", "show", f"{commit}:params.yaml")
+            assert yaml.safe_load(saved)["train"]["lr"] == lr
+            assert _run(project, "git", "show", f"{commit}:metrics/a.json") == f'{{"lr": {lr}}}'
+    assert (project / "params.yaml").read_text() == PARAMS and not (project / "dvc.lock").exists()
+    assert _run(project, "git", "status", "--porcelain", "--untracked-files=no") == ""
