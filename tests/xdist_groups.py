@@ -15,12 +15,17 @@ SHARED_FIXTURES = {
     "measured": "memory-flat",  # tests/test_memory_flat.py: the stages measured at N and 4 N images
 }
 
+# Tests that use a shared fixture but get a worker of their own, with their own copy of the fixture: the two longest
+# deployment tests (~8 min each on 2 Intel cores) on one worker were the suite's critical path; a second Prefect
+# server and `flows.serve` cost ~100 s of setup beside them.
+OWN_GROUP = {"test_experiments_rerun_only_what_their_params_change": "prefect-deployments-experiments"}
+
 
 def pytest_itemcollected(item):
     """Join the groups above as each test is collected, before xdist reads the groups from the marks."""
     for fixture, group in SHARED_FIXTURES.items():
         if fixture in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(group))
+            item.add_marker(pytest.mark.xdist_group(OWN_GROUP.get(item.originalname, group)))
 
 
 def pytest_collection_modifyitems(config, items):
