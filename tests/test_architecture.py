@@ -132,21 +132,28 @@ def test_no_function_is_longer_than_80_lines():
     assert len(lengths) > 300
 
 
+def _small_session(tmp_path, conftest: str, name: str, test: str, *args: str,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """A pytest session in a subprocess, in ``tmp_path``: a conftest (with tests/ importable) and one test file."""
+    (tmp_path / "conftest.py").write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n{conftest}\n")
+    (tmp_path / name).write_text(test)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, name], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_xdist_runs_the_tests_of_a_shared_fixture_on_one_worker(tmp_path):
     """`make test` runs the suite on xdist workers with --dist loadgroup; the tests that share an expensive fixture
     (conftest.SHARED_FIXTURES) join a group so one worker sets it up once. pytest 9.2 broke xdist 3.8's grouping
     silently (pyproject.toml pins pytest 9.1.1): a small session in a subprocess proves it holds."""
-    (tmp_path / "conftest.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom xdist_groups import pytest_itemcollected  # noqa\n" % str(REPO / "tests"))
-    (tmp_path / "test_group.py").write_text(
+    r = _small_session(
+        tmp_path, "from xdist_groups import pytest_itemcollected  # noqa", "test_group.py",
         "import os, pytest\n"
         "@pytest.fixture(scope='module')\ndef served():\n    return os.environ['PYTEST_XDIST_WORKER']\n"
         "@pytest.mark.parametrize('i', range(6))\ndef test_shared(served, i):\n"
         "    assert served == os.environ['PYTEST_XDIST_WORKER']\n"
         "    open(f'seen-{i}', 'w').write(served)\n"
-        "@pytest.mark.parametrize('i', range(6))\ndef test_other(i):\n    pass\n")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "3", "--dist", "loadgroup", "-p", "no:cacheprovider",
-                        "test_group.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        "@pytest.mark.parametrize('i', range(6))\ndef test_other(i):\n    pass\n",
+        "-n", "3", "--dist", "loadgroup")
     assert r.returncode == 0, r.stdout[-2000:]
     workers = {(tmp_path / f"seen-{i}").read_text() for i in range(6)}
     assert len(workers) == 1, workers  # the six tests of the shared fixture ran on one worker
@@ -155,17 +162,14 @@ def test_xdist_runs_the_tests_of_a_shared_fixture_on_one_worker(tmp_path):
 def test_a_process_left_running_fails_the_session_and_is_killed(tmp_path):
     """The session-wide leak check (tests/process_leaks.py) can fail: a small session whose test starts a process in
     a session of its own and leaves it running exits "tests failed", names the process, and kills it."""
-    (tmp_path / "conftest.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\npytest_plugins = ['process_leaks']\n" % str(REPO / "tests"))
-    (tmp_path / "test_leak.py").write_text(
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_TEST_SESSION"}  # its own session marker, not ours
+    r = _small_session(
+        tmp_path, "pytest_plugins = ['process_leaks']", "test_leak.py",
         "import subprocess\n"
         "def test_leaves_a_sleeper():\n"
         "    p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
-        "    open('pid', 'w').write(str(p.pid))\n")
-    env = {k: v for k, v in os.environ.items() if k != "DDPM_TEST_SESSION"}  # its own session marker, not ours
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_leak.py"],
-                       cwd=tmp_path, env={**env, "DDPM_TEST_LEAK_GRACE_S": "1"}, capture_output=True, text=True,
-                       timeout=300)
+        "    open('pid', 'w').write(str(p.pid))\n",
+        env={**env, "DDPM_TEST_LEAK_GRACE_S": "1"})
     pid = int((tmp_path / "pid").read_text())
     assert r.returncode == 1, r.stdout[-2000:]
     assert "1 passed" in r.stdout and "processes left running" in r.stdout and f"pid {pid} " in r.stdout
