@@ -547,26 +547,32 @@ def state_api_available() -> bool:
         return False
 
 
-def trainer_class(state_api: bool):
-    """Ray Train's ``TorchTrainer``; without a State API, one that leaves out its placement-group cleaner.
+def trainer_class(state_api: bool, datasets: bool):
+    """Ray Train's ``TorchTrainer``, less the default callbacks that would start actors with nothing to do here.
 
-    The cleaner is a detached actor that asks the State API every second whether the train controller is still
-    alive, to remove the workers' placement group if it died. Without the API it cannot know, never cleans up, and
-    logs "Failed to query Ray Train Controller actor state" on every check (157 lines in one demo), so it is left out
-    there: a local Ray ends with the stage and takes its placement groups with it.
+    - Without a State API, its placement-group cleaner: a detached actor that asks the State API every second whether
+      the train controller is still alive, to remove the workers' placement group if it died. Without the API it
+      cannot know, never cleans up, and logs "Failed to query Ray Train Controller actor state" on every check (157
+      lines in one demo); a local Ray ends with the stage and takes its placement groups with it.
+    - Without Ray Datasets (``train.loader`` other than ray-data), its datasets callback: it starts a dataset-manager
+      actor for the trainer's datasets even when there are none, a process of its own (Ray, pyarrow, ~2 CPU-seconds
+      to start) on every fit; the workers then have no dataset shards, which only ``get_dataset_shard`` would read.
     """
     from ray.train.torch import TorchTrainer
 
-    if state_api:
+    if state_api and datasets:
         return TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class TrainerWithoutCleaner(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+    left_out = tuple(kind for kind, keep in ((PlacementGroupCleanerCallback, state_api), (DatasetsCallback, datasets))
+                     if not keep)
 
-    return TrainerWithoutCleaner
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
+
+    return Trainer
 
 
 def make_trainer(job: TrainJob, plan: WorkerPlan):
@@ -579,7 +585,7 @@ def make_trainer(job: TrainJob, plan: WorkerPlan):
     # NCCL refuses two ranks on one GPU: workers that share one (gpus_per_worker < 1) all-reduce over gloo.
     backend = "nccl" if plan.use_gpu and plan.gpus == 1 else "gloo"
     datasets = {"train": ray_dataset(job.split)} if cfg.train.loader == "ray-data" else {}
-    trainer = trainer_class(state_api_available())(
+    trainer = trainer_class(state_api_available(), bool(datasets))(
         train_loop_per_worker,
         train_loop_config={"job": replace(job, threads=plan.threads, ray_data=bool(datasets))},
         datasets=datasets or None,

@@ -12,7 +12,7 @@ import pytest
 from conftest import ACROSS_BATCHES_UINT8_FRACTION, ACROSS_BATCHES_UINT8_LEVELS
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from tasks import fetch, sample, train
-from tasks.lib import sampling
+from tasks.lib import cluster, sampling
 from tasks.lib.samples import load_samples, shard_paths
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,17 @@ def test_train_two_workers_resume_and_sample_shards(tiny_config, tmp_path, ray_l
     assert all(np.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
     state = load_checkpoint(ckpts / "ckpt_00000006.pt")
     assert state["step"] == 6 and state["config"]["model"]["image_size"] == 8
+    # The actors of the fit, as Ray's actor table lists them: without Ray Datasets no dataset manager, and on the Ray
+    # the stage started no preemption watcher (processes with nothing to do: tasks/train.py trainer_class,
+    # tasks/lib/cluster.py); the preemption switch was set for Ray's processes only, not left in this one.
+    import os
+
+    import ray
+
+    actors = [a["ActorClassName"] for a in ray._private.state.actors().values()]
+    assert actors.count("RayTrainWorker") == 2 and "TrainController" in actors, actors
+    assert not {"DatasetManager", "PreemptionWatcher"} & set(actors), actors
+    assert cluster.PREEMPTION_WATCHER_ENV not in os.environ
 
     # More steps: the rerun resumes at 6 and continues the same log rather than restarting it.
     cfg9 = _cfg(tiny_config, tmp_path, **{"train.num_workers": 2, "train.steps": 9, "train.checkpoint_every": 3,

@@ -130,19 +130,25 @@ def test_training_progress_without_a_terminal_is_periodic_lines_not_one_per_upda
     assert len(read_loss_log(tmp_path / "loss.tsv", 40)) == 40  # every step logged to the file all the same
 
 
-def test_the_placement_group_cleaner_is_left_out_only_without_a_state_api():
+def test_callbacks_that_would_start_idle_actors_are_left_out():
+    """The placement-group cleaner goes without a State API, the datasets callback (its dataset-manager actor)
+    without Ray Datasets; every other default callback stays."""
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from tasks.train import trainer_class
 
-    assert trainer_class(True) is TorchTrainer
-    quiet = trainer_class(False)
-    assert issubclass(quiet, TorchTrainer)
-    trainer = quiet(lambda: None, scaling_config=__import__("ray.train", fromlist=["ScalingConfig"]).ScalingConfig(
-        num_workers=1))
-    kinds = [type(c) for c in trainer._create_default_callbacks()]
-    assert PlacementGroupCleanerCallback not in kinds and kinds  # the other default callbacks stay
-    full = TorchTrainer(lambda: None, scaling_config=__import__("ray.train", fromlist=["ScalingConfig"]).ScalingConfig(
-        num_workers=1))
-    assert PlacementGroupCleanerCallback in [type(c) for c in full._create_default_callbacks()]
+    def kinds(cls) -> set[type]:
+        return {type(c) for c in cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+                ._create_default_callbacks()}
+
+    assert trainer_class(True, True) is TorchTrainer
+    full = kinds(TorchTrainer)
+    assert {PlacementGroupCleanerCallback, DatasetsCallback} < full
+    for state_api, datasets in ((False, True), (True, False), (False, False)):
+        cls = trainer_class(state_api, datasets)
+        assert issubclass(cls, TorchTrainer)
+        gone = ({PlacementGroupCleanerCallback} if not state_api else set()) | ({DatasetsCallback} if not datasets else set())
+        assert kinds(cls) == full - gone, (state_api, datasets)

@@ -7,6 +7,8 @@ from typing import Optional
 
 from .errors import StageError
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch (ray.train.v2 constants)
+
 
 def ensure_ray(cfg) -> str:
     """Connect to ``RAY_ADDRESS`` (or ``ray.address``) if set, else start a local Ray sized to this machine.
@@ -26,16 +28,26 @@ def ensure_ray(cfg) -> str:
             source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
             raise StageError(_join_error(f"{source} {address}", e)) from None
         return f"joined Ray cluster at {address}"
-    ray.init(
-        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-        log_to_driver=True,
-        configure_logging=False,
-        # Ray 2.60 still advertises the machine's address and binds its internal gRPC ports on all interfaces
-        # (protected by its token authentication, on by default); the dashboard is off. docs/reliability.md.
-        _node_ip_address="127.0.0.1",
-    )
+    # A Ray started here has no node that a cloud could preempt: Ray Train's preemption watcher (an actor per worker
+    # group, polling for draining nodes to log them; its start also logs an error line about its restart policy)
+    # would be a process with nothing to watch. Ray's processes take the environment they start with; this process
+    # keeps its own (a cluster it joins later keeps Ray's default), and a value the user set is left as it is.
+    unset = PREEMPTION_WATCHER_ENV not in os.environ
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    try:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+            log_to_driver=True,
+            configure_logging=False,
+            # Ray 2.60 still advertises the machine's address and binds its internal gRPC ports on all interfaces
+            # (protected by its token authentication, on by default); the dashboard is off. docs/reliability.md.
+            _node_ip_address="127.0.0.1",
+        )
+    finally:
+        if unset:
+            os.environ.pop(PREEMPTION_WATCHER_ENV, None)
     return (f"started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs at "
             f"{ray.get_runtime_context().gcs_address}")
 
