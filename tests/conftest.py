@@ -188,7 +188,9 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     uri = f"http://127.0.0.1:{free_port()}"
     log = open(root / "server.log", "w")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # as `make mlflow-ui` runs it: MLflow's job runner off (8 more processes, for server-side jobs nothing here uses)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
