@@ -1,7 +1,7 @@
 """The ``train-eval`` Prefect flow (flows/): its deployment against a real Prefect server on loopback, served by
 ``python -m flows.serve`` and launched with ``prefect deployment run … --watch``; a failing stage, skipping on the
-rerun, a flow run that leaves DVC's state as `dvc repro` would, deployment runs as DVC experiments, the command line;
-and what needs no server (prefect.yaml's entrypoints, the stage table)."""
+rerun, a flow run that leaves DVC's state as `dvc repro` would (and DVC carrying on from it), deployment runs as DVC
+experiments, the command line; and what needs no server (prefect.yaml's entrypoints, the stage table)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -278,19 +280,17 @@ def _exp_rows(work: Path, env: dict) -> dict[str, dict[str, str]]:
 
 @pytest.mark.slow
 def test_a_flow_run_leaves_dvc_as_dvc_repro_would(prefect_api, tmp_path, tiny_params):
-    """`python -m flows.train_eval` (what `make demo` runs) in a fresh clone: afterwards DVC knows every output
-    (`dvc status` clean, `dvc repro` runs nothing, `dvc push` sends them), and a second flow run computes nothing."""
-    from test_dvc_pipeline import _dvc, _ran
+    """`python -m flows.train_eval` (what `make demo` runs) in a fresh clone runs every stage through DVC: afterwards
+    DVC knows every output (`dvc status` clean, `dvc repro` runs nothing), a second flow run computes nothing, and
+    DVC carries on from the flow's state as from its own: an edit of the library or of a param makes stale exactly
+    the stages that read it, `dvc repro` reruns those in order, and `dvc push` / `dvc pull` version the outputs."""
+    from dvcproject import dvc, ran
 
-    work = clone_project(tmp_path / "proj", params=tiny_params)
+    tiny = tiny_params
+    work = clone_project(tmp_path / "proj", params=tiny)
     env = {**prefect_api["env"], **GIT_ENV}
     first = _flow_cli(work, env)
     assert _stage_statuses(first.stdout) == {name: "ran" for name in STAGE_NAMES}, first.stdout
-    assert "Data and pipelines are up to date." in _dvc(work, "status").stdout
-    assert _ran(_dvc(work, "repro").stdout) == []
-    _dvc(work, "push")
-    pushed = [p for p in (work / ".dvc-remote").rglob("*") if p.is_file()]
-    assert len(pushed) >= 10
     record = json.loads((work / "metrics" / "run.json").read_text())
     assert f"Prefect flow run: {record['prefect_flow_run_id']}" in first.stdout
     # Independent stages ran at the same time: train_classifier beside train, as Prefect recorded them.
@@ -301,10 +301,74 @@ def test_a_flow_run_leaves_dvc_as_dvc_repro_would(prefect_api, tmp_path, tiny_pa
     assert runs["sample"].start_time >= train.end_time  # ... and a stage only after what it reads
     assert record["dvc_experiment"] is None and record["workspace"] == str(work)  # the project: `dvc repro`'s state
 
-    # A second flow run reads the same project state: nothing to do, every stage cached (what it does after an edit
-    # is DVC's own repro, shown stage by stage in test_dvc_pipeline.py; the flow reports DVC's decision per stage).
+    # What the stages wrote (figures and sampler_table are off in the tiny params: they ran and recorded only that).
+    ev = json.loads((work / "metrics/eval.json").read_text())
+    assert ev["num_generated"] == tiny["sample"]["num_samples"]
+    assert ev["fid"] > 0 and np.isfinite(ev["fid"]) and ev["floor"]["fid"] >= 0
+    assert ev["fid"] > ev["floor"]["fid"]  # a 6-step model is worse than real data
+    assert json.loads((work / "metrics/classifier.json").read_text())["accuracy"] > 0.5
+    assert (work / "samples/grid.png").stat().st_size > 0
+    assert (work / "checkpoints/ckpt_00000006.pt").is_file() and (work / "dvc.lock").is_file()
+    for resolved in ("data/dataset/config.json", "models/classifier.config.json", "checkpoints/config.json",
+                     "samples/config.json", "metrics/eval.config.json"):  # each stage's resolved config beside it
+        assert json.loads((work / resolved).read_text())["train"]["steps"] == tiny["train"]["steps"], resolved
+    loss_rows = (work / "metrics/train_loss.tsv").read_text().splitlines()
+    assert loss_rows[0].split("\t")[:2] == ["step", "loss"] and len(loss_rows) == 1 + tiny["train"]["steps"]
+
+    assert "Data and pipelines are up to date." in dvc(work, "status").stdout
+    assert ran(dvc(work, "repro").stdout) == []
+    # A second flow run reads the same project state: nothing to do, every stage cached.
     second = _flow_cli(work, env)
     assert _stage_statuses(second.stdout) == {name: "cached" for name in STAGE_NAMES}, second.stdout
+
+    # Each library file in turn: editing it makes stale exactly the stages whose deps cover it, which include every
+    # stage whose code imports it (tests/test_stage_deps.py), and nothing else.
+    from test_stage_deps import code_closure, covered
+
+    stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
+    from dvc.repo import Repo  # `dvc status` in this process: one DVC start-up, not one per file
+
+    with Repo(str(work)) as repo:
+        for f in sorted((work / "ddpm").glob("*.py")):
+            rel, original = f"ddpm/{f.name}", f.read_bytes()
+            f.write_bytes(original + b"\n# an edit\n")
+            try:
+                stale = {k.rpartition(":")[2] for k in repo.status()}
+            finally:
+                f.write_bytes(original)
+            assert stale == {n for n, st in stages.items() if covered(rel, st["deps"])}, rel
+            assert {n for n in stages if rel in code_closure(n)} <= stale, rel
+    assert json.loads(dvc(work, "status", "--json").stdout) == {}
+
+    # Editing the library (a comment in ddpm/diffusion.py, where p_sample and ddim_step live) makes every stage that
+    # runs the model stale; `dvc repro` reruns them in order: train finds its checkpoint complete and keeps it, the
+    # samples are drawn again (their key covers the sampling code) and so everything after them reruns.
+    shard = (work / "samples" / "shard_00000.npz").read_bytes()
+    with open(work / "ddpm" / "diffusion.py", "a") as f:
+        f.write("\n# an edit\n")
+    status = json.loads(dvc(work, "status", "--json").stdout)
+    assert {k.rpartition(":")[2] for k in status} == {"train", "sample", "figures", "sampler_table"}, status
+    edited = ran(dvc(work, "repro").stdout)
+    assert edited[:3] == ["train", "sample", "evaluate"], edited
+    assert sorted(edited[3:]) == ["figures", "sampler_table"], edited
+    assert (work / "samples" / "shard_00000.npz").read_bytes() != shard  # drawn again under the new code's key
+    assert (work / "checkpoints/ckpt_00000006.pt").is_file()
+
+    # A changed param makes stale the stage that reads it, and no other: what reads its outputs follows when they
+    # change (as the repro above showed for the samples).
+    changed = json.loads(json.dumps(tiny))
+    changed["train"]["lr"] = 5e-4
+    (work / "params.yaml").write_text(yaml.safe_dump(changed))
+    assert {k.rpartition(":")[2] for k in json.loads(dvc(work, "status", "--json").stdout)} == {"train"}
+
+    # Outputs are versioned: push to the default local remote, drop the cache and workspace copy, pull back.
+    dvc(work, "push")
+    assert len([p for p in (work / ".dvc-remote").rglob("*") if p.is_file()]) >= 10
+    grid = (work / "samples/grid.png").read_bytes()
+    shutil.rmtree(work / "samples")
+    shutil.rmtree(work / ".dvc" / "cache")
+    dvc(work, "pull")
+    assert (work / "samples/grid.png").read_bytes() == grid
 
 
 @pytest.mark.slow

@@ -166,9 +166,9 @@ def test_flow_with_cifar10_preset_fails_before_any_stage_without_inception_weigh
 
 @pytest.mark.slow
 def test_dvc_repro_with_cifar10_preset_fails_before_fetch_without_inception_weights(tmp_path):
-    from test_dvc_pipeline import GIT_ENV, _clone
+    from conftest import GIT_ENV, clone_project
 
-    dest = _clone(REPO, tmp_path / "proj")
+    dest = clone_project(tmp_path / "proj")
     shutil.copy(_cifar10_project(tmp_path), dest / "params.yaml")
     env = {**_env(), **GIT_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=dest, capture_output=True,

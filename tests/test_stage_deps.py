@@ -1,8 +1,8 @@
 """dvc.yaml's code deps are complete by construction: every project module a stage's command can import, at the
 top or inside a function, directly or through another module, lies under one of that stage's deps. Editing any
 of them makes the stage stale under `dvc status`, and so under the flow, which runs each stage through DVC
-(tests/test_dvc_pipeline.py edits every ddpm/ file in a clone; tests/test_flow.py edits ddpm/diffusion.py under
-the flow)."""
+(tests/test_flow.py::test_a_flow_run_leaves_dvc_as_dvc_repro_would edits every ddpm/ file in a clone after a
+flow run, then ddpm/diffusion.py for a `dvc repro`)."""
 
 from __future__ import annotations
 
