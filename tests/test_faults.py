@@ -94,12 +94,10 @@ def _sigkill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
 def _registered(storage: Path) -> list[int]:
     """The steps of the checkpoints in Ray Train's record of the (one) run in ``storage``: an upload is there only once
     Ray Train registered it, and only a registered one is resumed from after a worker restart."""
-    from ray.train.v2._internal.exceptions import RayTrainError
-
     runs = [p.name for p in storage.glob("train-*")]
     try:
         return [k.step for k in run_checkpoints(str(storage), runs[0])] if len(runs) == 1 else []
-    except (ValueError, RayTrainError):  # the record read while Ray rewrites it (in place: empty for a moment): again
+    except ValueError:  # the record read while Ray rewrites it (in place: empty for a moment): a StorageError; again
         return []
 
 

@@ -152,3 +152,22 @@ def test_callbacks_that_would_start_idle_actors_are_left_out():
         assert issubclass(cls, TorchTrainer)
         gone = ({PlacementGroupCleanerCallback} if not state_api else set()) | ({DatasetsCallback} if not datasets else set())
         assert kinds(cls) == full - gone, (state_api, datasets)
+
+
+def test_a_ray_train_record_cut_short_is_one_line_naming_the_folder_to_remove(tmp_path):
+    """Ray Train rewrites its record of a run in place at every checkpoint: a kill mid-write leaves it empty or cut
+    short, and Ray Train can neither read it nor start the run again. The stage says so in one line."""
+    from tasks.lib.storage import StorageError, run_checkpoints
+
+    run = tmp_path / "ray" / "train-0123456789ab"
+    run.mkdir(parents=True)
+    assert run_checkpoints(str(tmp_path / "ray"), run.name) == []  # no record yet: nothing kept, train from scratch
+    for cut in ("", '{"ray_version": "2.'):
+        (run / "checkpoint_manager_snapshot.json").write_text(cut)
+        with pytest.raises(StorageError) as e:
+            run_checkpoints(str(tmp_path / "ray"), run.name)
+        msg = str(e.value)
+        assert msg.startswith(f"ray.storage: {tmp_path / 'ray'}: Ray Train's record of the run {run.name} cannot be "
+                              "read (") and "\n" not in msg, msg
+        assert msg.endswith(f"remove {run} to resume from the newest checkpoint in --checkpoints instead (or to "
+                            "train from scratch)"), msg

@@ -187,10 +187,15 @@ def run_checkpoints(value: str, name: str) -> list[RunCheckpoint]:
     run that does not exist yet or kept none. Read from Ray Train's own record of the run
     (``ray.train.Result.from_path``), so an upload that a killed process left unregistered is not among them."""
     from ray.train import Result
+    from ray.train.v2._internal.exceptions import RayTrainError
 
     run = f"{storage_path(value).rstrip('/')}/{name}"
     try:
         result = Result.from_path(run)
+    except RayTrainError as e:  # its record (rewritten in place at every checkpoint) cut short by a kill mid-write
+        raise StorageError(value, f"Ray Train's record of the run {name} cannot be read ({_first_line(e)}); a process "
+                                  f"killed while Ray wrote it leaves it so: remove {run} to resume from the newest "
+                                  "checkpoint in --checkpoints instead (or to train from scratch)") from None
     except RuntimeError:  # "Experiment folder … doesn't exist" / no checkpoint manager snapshot yet
         return []
     except OSError as e:
