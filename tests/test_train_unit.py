@@ -150,7 +150,8 @@ def test_callbacks_that_would_start_idle_actors_are_left_out():
     for state_api, datasets in ((False, True), (True, False), (False, False)):
         cls = trainer_class(state_api, datasets)
         assert issubclass(cls, TorchTrainer)
-        gone = ({PlacementGroupCleanerCallback} if not state_api else set()) | ({DatasetsCallback} if not datasets else set())
+        gone = {kind for kind, kept in ((PlacementGroupCleanerCallback, state_api), (DatasetsCallback, datasets))
+                if not kept}
         assert kinds(cls) == full - gone, (state_api, datasets)
 
 

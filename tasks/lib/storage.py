@@ -194,9 +194,9 @@ def run_checkpoints(value: str, name: str) -> list[RunCheckpoint]:
         result = Result.from_path(run)
     except RayTrainError as e:  # its record (rewritten in place at every checkpoint) cut short by a kill mid-write
         raise StorageError(value, f"Ray Train's record of the run {name} cannot be read ({_first_line(e)}); a process "
-                                  "killed while Ray wrote it leaves it so, and Ray Train cannot continue the run either: "
-                                  f"remove {run} to resume from the newest checkpoint in --checkpoints instead (or to "
-                                  "train from scratch)") from None
+                                  "killed while Ray wrote it leaves it so, and Ray Train cannot continue the run "
+                                  f"either: remove {run} to resume from the newest checkpoint in --checkpoints instead "
+                                  "(or to train from scratch)") from None
     except RuntimeError:  # "Experiment folder … doesn't exist" / no checkpoint manager snapshot yet
         return []
     except OSError as e:
