@@ -209,8 +209,8 @@ def test_experiments_saved_at_once_from_two_workspaces_keep_their_own_state(proj
 
     spaces = [wsp.open_workspace(project, project / "runs" / name) for name in ("a", "b")]
     for round_ in range(3):
-        for i, ws in enumerate(spaces):
-            lr = 0.01 * (round_ + 1) + i
+        lrs = [0.01 * (round_ + 1) + i for i in range(len(spaces))]
+        for ws, lr in zip(spaces, lrs):
             wsp.write_params(ws, project / "params.yaml", {"train.lr": lr})
             (ws.root / "metrics").mkdir(exist_ok=True)
             (ws.root / "metrics" / "a.json").write_text(f'{{"lr": {lr}}}')
@@ -218,9 +218,8 @@ def test_experiments_saved_at_once_from_two_workspaces_keep_their_own_state(proj
         names = [f"{ws.root.name}-{round_}" for ws in spaces]
         with ThreadPoolExecutor(2) as pool:
             commits = list(pool.map(lambda a: wsp.save_experiment(*a, "test"), zip(spaces, names)))
-        for i, (ws, commit) in enumerate(zip(spaces, commits)):
-            lr = 0.01 * (round_ + 1) + i
-            assert commit, names[i]
+        for ws, commit, lr, name in zip(spaces, commits, lrs, names):
+            assert commit, name
             assert yaml.safe_load((ws.root / "params.yaml").read_text())["train"]["lr"] == lr
             assert (ws.root / "metrics" / "a.json").read_text() == f'{{"lr": {lr}}}'
             saved = _run(project, "git", "show", f"{commit}:params.yaml")
