@@ -25,7 +25,10 @@ class CheckpointError(RuntimeError):
 
     def __init__(self, path: os.PathLike | str, reason: str):
         super().__init__(f"{path}: {reason}")
-        self.path = Path(path)
+        self.path, self.reason = Path(path), reason
+
+    def __reduce__(self):  # rebuilt from both arguments: Ray pickles a worker's error to its driver
+        return type(self), (self.path, self.reason)
 
 
 def atomic_write_bytes(path: os.PathLike | str, write) -> None:

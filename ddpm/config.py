@@ -67,7 +67,10 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
+
+    def __reduce__(self):  # rebuilt from both arguments: Ray pickles a worker's error to its driver
+        return type(self), (self.key, self.message)
 
 
 class Section(BaseModel):

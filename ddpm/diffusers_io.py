@@ -28,7 +28,10 @@ class DiffusersFormatError(ValueError):
 
     def __init__(self, path: Any, message: str):
         super().__init__(f"{path}: {message}" if path is not None else message)
-        self.path = path
+        self.path, self.message = path, message
+
+    def __reduce__(self):  # rebuilt from its arguments, like the other errors of this library
+        return type(self), (self.path, self.message)
 
 
 class UnsupportedLayout(DiffusersFormatError):
@@ -36,7 +39,10 @@ class UnsupportedLayout(DiffusersFormatError):
 
     def __init__(self, key: str, message: str, path: Any = None):
         super().__init__(path, f"{key}: {message}")
-        self.key = key
+        self.key, self.reason = key, message
+
+    def __reduce__(self):
+        return type(self), (self.key, self.reason, self.path)
 
 
 # -- the UNet ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ class UNetConfigError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # rebuilt from both arguments: Ray pickles a worker's error to its driver
+        return type(self), (self.field, self.message)
 
 
 @dataclass(frozen=True)

@@ -409,3 +409,32 @@ def test_file_system_errors_are_one_line_too(capfd):
     assert exc.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: /sys/ddpm-reliability-test.json: ")
     assert "choose a folder you can write to" in err[0] or "writable" in err[0]
+
+
+def test_the_errors_a_worker_raises_reach_the_driver_as_they_were():
+    """Ray pickles an error raised in a worker (a Ray Train worker, a sampling task) to send it to the driver. Each of
+    the project's errors comes back as the same class with the same line and fields, not as Ray's TypeError about a
+    missing argument (seen from a restarted Ray Train worker that met a torn checkpoint)."""
+    from ddpm.checkpoint import CheckpointError
+    from ddpm.config import ConfigError
+    from ddpm.diffusers_io import DiffusersFormatError, UnsupportedLayout
+    from ddpm.unet import UNetConfigError
+    from tasks.lib.errors import DataError, StageError
+    from tasks.lib.storage import StorageError
+
+    errors = [
+        (CheckpointError("/run/ckpt_00000012.pt", "unreadable"), {"path": Path("/run/ckpt_00000012.pt")}),
+        (ConfigError("train.lr", "must be > 0"), {"key": "train.lr"}),
+        (StorageError("s3://b/ray", "no such bucket"), {"key": "ray.storage"}),
+        (UNetConfigError("ch_mult", "empty"), {"field": "ch_mult"}),
+        (DiffusersFormatError("model/config.json", "not JSON"), {"path": "model/config.json"}),
+        (UnsupportedLayout("act_fn", "only silu", "model/config.json"), {"key": "act_fn", "path": "model/config.json"}),
+        (DiffusersFormatError(None, "no model"), {"path": None}),
+        (StageError("data/x.parquet: missing"), {}),
+        (DataError("data/x.parquet: missing"), {}),
+    ]
+    for error, fields in errors:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error), (error, back)
+        assert {k: getattr(back, k) for k in fields} == fields, error
+    assert str(errors[2][0]) == "ray.storage: s3://b/ray: no such bucket"

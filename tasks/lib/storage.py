@@ -43,6 +43,10 @@ class StorageError(ConfigError):
 
     def __init__(self, value: str, problem: str):
         super().__init__(KEY, f"{value}: {problem}")
+        self.value, self.problem = value, problem
+
+    def __reduce__(self):  # raised in Ray Train's workers too: rebuilt from its own arguments
+        return type(self), (self.value, self.problem)
 
 
 def is_uri(value: os.PathLike | str) -> bool:
