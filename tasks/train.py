@@ -59,8 +59,8 @@ from .lib.files import absolute, check_writable, read_json, sha256_file, write_j
 from .lib.inputs import check_for_dvc_stage
 from .lib.runkey import run_key, run_name
 from .lib.shards import SplitReader, TrainStream, is_url, open_dataset, ray_dataset, ray_epoch, ship_split
-from .lib.storage import CHECKPOINT_DIR, RunCheckpoint, check as check_storage, check_shared, run_checkpoints, \
-    storage_path
+from .lib.storage import CHECKPOINT_DIR, RunCheckpoint, check as check_storage, check_shared, checkpoint_folder, \
+    run_checkpoints, storage_path
 from .lib.workers import WorkerPlan, check_local_gpus, plan_workers
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s"]
@@ -231,12 +231,12 @@ class RayCheckpoints:
         found = None
         reported = ray.train.get_checkpoint()
         if reported is not None:
-            with reported.as_directory() as folder:  # the folder itself on a file system; a download from a bucket
+            with checkpoint_folder(reported) as folder:  # the folder itself on a file system; a download from a bucket
                 newest = list_checkpoints(folder)[-1:]
                 if not newest:
                     raise StageError(f"{reported.path}: a checkpoint folder of Ray Train without a ckpt_*.pt file")
                 step, path = newest[0]
-                found = Resume(load_checkpoint(path), read_loss_log(Path(folder) / LOSS_LOG, step),
+                found = Resume(load_checkpoint(path), read_loss_log(folder / LOSS_LOG, step),
                                f"{path.name}, kept by Ray Train")
         seed = ray.get(self.job.seed) if self.job.seed is not None else None
         return seed if seed is not None and (found is None or seed.step > found.step) else found

@@ -236,7 +236,8 @@ def test_a_worker_killed_mid_run_is_restarted_from_the_newest_checkpoint(cluster
     # driver resumed from Ray Train's run in the bucket, then the restarted worker group from a checkpoint this run
     # made (Ray's newest when the worker died).
     resumed = [int(s) for s in re.findall(r"resuming from step (\d+) \(ckpt_\d+\.pt, kept by Ray Train\)", r.stdout)]
-    assert len(resumed) == 2 and resumed[0] == FIRST_STEPS, (resumed, r.stdout[-3000:])
+    assert len(resumed) == 2 and resumed[0] == FIRST_STEPS, \
+        f"{resumed}: the stage's output is in {nodes.head.folder / 'resumed-train.log'}"
     assert FIRST_STEPS + EVERY <= resumed[1] < STEPS, resumed
     summary = json.loads((out / "train.json").read_text())
     assert summary["steps"] == STEPS and summary["resumed_from_step"] == FIRST_STEPS

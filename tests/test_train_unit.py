@@ -172,3 +172,33 @@ def test_a_ray_train_record_cut_short_is_one_line_naming_the_folder_to_remove(tm
                               "read (") and "\n" not in msg, msg
         assert msg.endswith(f"remove {run} to resume from the newest checkpoint in --checkpoints instead (or to "
                             "train from scratch)"), msg
+
+
+def test_each_process_resumes_from_its_own_download_of_a_checkpoint_in_a_bucket(tmp_path):
+    """The ranks of a restarted worker group on one node resume from the same checkpoint at the same time. Ray's
+    ``as_directory()`` shares one download folder between them and downloads again over a file another rank reads;
+    ``checkpoint_folder`` gives each its own download, left intact while another one is made, and removed after."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from tasks.lib.storage import checkpoint_folder
+
+    (tmp_path / "bucket" / "checkpoint_00000012").mkdir(parents=True)
+    data = bytes(range(256)) * 4096
+    (tmp_path / "bucket" / "checkpoint_00000012" / "ckpt_00000012.pt").write_bytes(data)
+    bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())  # not a local path
+    reported = Checkpoint("checkpoint_00000012", filesystem=bucket)
+    with checkpoint_folder(reported) as first:
+        file = first / "ckpt_00000012.pt"
+        before = file.stat()
+        with checkpoint_folder(reported) as second:
+            assert second != first and (second / "ckpt_00000012.pt").read_bytes() == data
+        after = file.stat()
+        assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, len(data))
+        assert file.read_bytes() == data and not second.exists()
+    assert not first.exists()
+    # a checkpoint on a local or shared file system is read where it is: no copy, nothing removed
+    local = Checkpoint.from_directory(str(tmp_path / "bucket" / "checkpoint_00000012"))
+    with checkpoint_folder(local) as folder:
+        assert folder == tmp_path / "bucket" / "checkpoint_00000012"
+    assert (folder / "ckpt_00000012.pt").read_bytes() == data

@@ -19,11 +19,13 @@ through pyarrow's file systems, for a local path and a bucket alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from tasks.lib.config import STORAGE_ACCEPTED as ACCEPTED, STORAGE_BUCKETED as BUCKETED, ConfigError
@@ -184,6 +186,25 @@ class RunCheckpoint:
     def read_text(self, name: str) -> str:
         with self.filesystem.open_input_stream(self.file(name)) as src:
             return src.read().decode()
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint: Any) -> Iterator[Path]:
+    """A Ray Train checkpoint (``ray.train.Checkpoint``) as a local folder that only this process reads: the folder
+    itself on a local (or shared) file system, otherwise a private download, removed on exit.
+
+    Not ``Checkpoint.as_directory()``: it downloads into one folder per checkpoint and node, shared by the node's
+    processes, and a process that arrives after another's download has finished downloads it again over the files
+    the other is reading (rewritten in place). The ranks of a restarted worker group on one node all resume from the
+    same checkpoint, so one of them read a checkpoint torn that way (tests/test_isolated_stages.py, on a loaded CPU).
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ddpm-resume-") as tmp:
+        yield Path(checkpoint.to_directory(tmp))
 
 
 def run_checkpoints(value: str, name: str) -> list[RunCheckpoint]:
