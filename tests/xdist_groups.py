@@ -9,24 +9,23 @@ from __future__ import annotations
 import pytest
 
 SHARED_FIXTURES = {
-    "served": "prefect-deployments",  # tests/test_flow.py: a Prefect server + `flows.serve` in one project clone
+    "prefect_api": "prefect-deployments",  # tests/test_flow.py: a Prefect server (+ `flows.serve`: "served")
     "mlflow_server": "mlflow-server",  # tests/test_tracking.py, tests/test_browser.py
     "two_pipelines": "two-pipelines",  # tests/test_faults.py: two train -> sample pipelines run together
     "measured": "memory-flat",  # tests/test_memory_flat.py: the stages measured at N and 4 N images
 }
 
-# Tests that use a shared fixture but get a worker of their own, with their own copy of the fixture: the two longest
-# deployment tests (~8 min each on 2 Intel cores) on one worker are a 20-minute chain; a second Prefect server and
-# `flows.serve` cost ~100 s of setup beside them. On 2 cores the suite is CPU-bound and the wall time did not change
-# (24:55 -> 24:43 on Intel); with more cores the chain is what would bound it.
-OWN_GROUP = {"test_experiments_rerun_only_what_their_params_change": "prefect-deployments-experiments"}
+# One group per fixture, with no second copy of one on another worker: on 2 cores the suite is CPU-bound, and a
+# second Prefect server, `flows.serve` and project clone only added CPU. (tests/test_flow.py on one worker, alone on
+# 2 Intel cores: 8:18, 553 busy CPU-s.)
 
 
 def pytest_itemcollected(item):
     """Join the groups above as each test is collected, before xdist reads the groups from the marks."""
     for fixture, group in SHARED_FIXTURES.items():
         if fixture in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(OWN_GROUP.get(item.originalname, group)))
+            item.add_marker(pytest.mark.xdist_group(group))
+            break
 
 
 def pytest_collection_modifyitems(config, items):
