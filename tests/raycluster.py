@@ -269,6 +269,25 @@ class Stage:
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
+def registered_steps(storage: str) -> list[int]:
+    """The steps of the checkpoints in Ray Train's record of the (one) run in ``storage`` (a folder, or a bucket URI
+    whose endpoint and credentials are in this process's environment), read as the train stage reads them
+    (tasks/lib/storage.py: ``run_checkpoints``): an upload is there only once Ray Train registered it, and only a
+    registered one is resumed from. Ray rewrites the record in place at every checkpoint: one read mid-write (a
+    ``StorageError``) is "none yet", as before the first checkpoint."""
+    from pyarrow import fs
+
+    from tasks.lib.storage import run_checkpoints
+
+    filesystem, path = fs.FileSystem.from_uri(storage)
+    runs = [i.base_name for i in filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+            if i.base_name.startswith("train-")]
+    try:
+        return [k.step for k in run_checkpoints(storage, runs[0])] if len(runs) == 1 else []
+    except ValueError:
+        return []
+
+
 def gcs_tables(address: str, env: dict, cwd: Path) -> dict:
     """The cluster's jobs, actors and nodes (see GCS_TABLES)."""
     r = subprocess.run([sys.executable, "-c", GCS_TABLES, address], cwd=cwd, env=env, capture_output=True,

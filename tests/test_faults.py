@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from ddpm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from raycluster import registered_steps
 from tasks.lib.config import from_dict
 from tasks import fetch, train
 from tasks.lib.errors import StageError
@@ -91,16 +92,6 @@ def _sigkill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def _registered(storage: Path) -> list[int]:
-    """The steps of the checkpoints in Ray Train's record of the (one) run in ``storage``: an upload is there only once
-    Ray Train registered it, and only a registered one is resumed from after a worker restart."""
-    runs = [p.name for p in storage.glob("train-*")]
-    try:
-        return [k.step for k in run_checkpoints(str(storage), runs[0])] if len(runs) == 1 else []
-    except ValueError:  # the record read while Ray rewrites it (in place: empty for a moment): a StorageError; again
-        return []
-
-
 def _loss_steps(path: Path) -> list[int]:
     with open(path, newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")]
@@ -136,9 +127,9 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
     try:
         # Fault 1: the Ray Train worker process, killed by pid once Ray Train has registered the first checkpoint (an
         # upload it has not registered yet is not resumed from: the new worker would start again from step 0).
-        _wait(lambda: _registered(tmp_path / "ray"), 240, "Ray Train's record of the first checkpoint", proc)
+        _wait(lambda: registered_steps(str(tmp_path / "ray")), 240, "Ray Train's record of the first checkpoint", proc)
         worker = _wait(lambda: _ray_train_workers(proc.pid), 30, "the Ray Train worker", proc)[0]
-        steps_at_kill = max(_registered(tmp_path / "ray"))
+        steps_at_kill = max(registered_steps(str(tmp_path / "ray")))
         worker.kill()
 
         # Security: the Ray dashboard's HTTP server, if this stage's Ray runs one at all, is on loopback only.
@@ -156,7 +147,7 @@ def test_worker_kill_then_driver_kill_resume_without_losing_steps(tmp_path, tiny
         _wait(lambda: [w for w in _ray_train_workers(proc.pid) if w.pid != worker.pid], 120, "a new worker", proc)
         # Registered, not only uploaded: on a busy machine Ray's record of the run lags its uploads by a few
         # checkpoints, and the rerun resumes from the record.
-        _wait(lambda: max(_registered(tmp_path / "ray"), default=0) >= steps_at_kill + 6, 240,
+        _wait(lambda: max(registered_steps(str(tmp_path / "ray")), default=0) >= steps_at_kill + 6, 240,
               "Ray Train's record of progress after the restart", proc)
 
         # Fault 2: SIGKILL the driver mid-run.

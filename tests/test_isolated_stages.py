@@ -34,7 +34,7 @@ import yaml
 
 from conftest import TINY
 from ddpm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from raycluster import RAY_CLUSTERS, Stage, gcs_tables, two_node_cluster
+from raycluster import RAY_CLUSTERS, Stage, gcs_tables, registered_steps, two_node_cluster
 from tasks.lib.samples import load_samples, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,25 +165,6 @@ def _wait(predicate, stage: Stage, what: str, timeout: float = 240.0):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _kept_steps(storage: str, s3_server) -> list[int]:
-    """The steps of the checkpoints Ray Train's record of the (one) run in ``storage`` lists (tasks/lib/storage.py,
-    what the stage itself reads): an upload is there only once Ray Train registered it."""
-    from pyarrow import fs
-
-    from tasks.lib.storage import run_checkpoints
-
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in s3_server.env().items():
-            env.setenv(name, value)
-        filesystem, path = fs.FileSystem.from_uri(storage)
-        runs = [i.base_name for i in filesystem.get_file_info(fs.FileSelector(path))
-                if i.base_name.startswith("train-")]
-        try:
-            return [k.step for k in run_checkpoints(storage, runs[0])] if len(runs) == 1 else []
-        except ValueError:  # the record read while Ray rewrites it (a StorageError, cut short): polled again
-            return []
-
-
 @pytest.fixture(scope="module")
 def resumed_training(cluster, first_training, s3_server):
     """The same run continued to STEPS by a new driver; one Ray Train worker killed once Ray Train registered this
@@ -196,8 +177,11 @@ def resumed_training(cluster, first_training, s3_server):
     try:
         workers = _wait(lambda: [a for a in _train_workers(nodes, stage.pid) if a["state"] == ALIVE][:2] or None,
                         stage, "the Ray Train workers")
-        _wait(lambda: max(_kept_steps(f"{bucket.url}/ray", s3_server), default=0) >= FIRST_STEPS + EVERY, stage,
-              f"Ray Train's record of the checkpoint of step {FIRST_STEPS + EVERY}")
+        with pytest.MonkeyPatch.context() as env:  # the bucket's endpoint and credentials, for this process's reads
+            for name, value in s3_server.env().items():
+                env.setenv(name, value)
+            _wait(lambda: max(registered_steps(f"{bucket.url}/ray"), default=0) >= FIRST_STEPS + EVERY, stage,
+                  f"Ray Train's record of the checkpoint of step {FIRST_STEPS + EVERY}")
         os.kill(workers[-1]["pid"], signal.SIGKILL)
     except BaseException:
         stage.proc.kill()
