@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 SHARED_FIXTURES = {
-    "prefect_api": "prefect-deployments",  # tests/test_flow.py: a Prefect server (+ `flows.serve`: "served")
+    "prefect_api": "prefect-deployments",  # tests/test_flow.py: a Prefect server, for the flow run in a clone
+    "served": "prefect-deployments",  # tests/test_flow.py: the same server + `flows.serve` in one project clone
     "mlflow_server": "mlflow-server",  # tests/test_tracking.py, tests/test_browser.py
     "two_pipelines": "two-pipelines",  # tests/test_faults.py: two train -> sample pipelines run together
     "measured": "memory-flat",  # tests/test_memory_flat.py: the stages measured at N and 4 N images
