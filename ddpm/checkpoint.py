@@ -10,9 +10,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -124,6 +125,8 @@ def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -131,6 +134,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -144,6 +149,8 @@ def save_checkpoint(path: os.PathLike | str, state: dict[str, Any]) -> None:
 
     The config is the resolved model/diffusion config, so a sampler can rebuild the network from the file alone.
     """
+    import torch
+
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {', '.join(missing)}")
@@ -152,6 +159,8 @@ def save_checkpoint(path: os.PathLike | str, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: os.PathLike | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without executing pickled code; raise :class:`CheckpointError` naming a bad file."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint file")

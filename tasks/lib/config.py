@@ -35,7 +35,7 @@ from ddpm.config import (  # noqa: F401  (the library's sections, re-exported: o
     report,
     result,
 )
-from ddpm.unet import UNetConfig, UNetConfigError
+from ddpm.unet_config import UNetConfig, UNetConfigError
 
 
 SOLVER_NAMES = tuple(n for n in get_args(SamplerName) if n not in ("ddpm", "ddim"))
