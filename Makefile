@@ -62,9 +62,11 @@ mlflow-ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--workers 1 --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db --default-artifact-root $(MLFLOW_STORE)/mlruns
 
-# The suite on TEST_WORKERS processes (pytest-xdist): most end-to-end tests wait on servers and subprocesses, so more
-# workers than cores pays. Tests sharing an expensive fixture stay on one worker (tests/conftest.py SHARED_FIXTURES).
-TEST_WORKERS ?= 4
+# The suite on TEST_WORKERS processes (pytest-xdist). Tests sharing an expensive fixture stay on one worker
+# (tests/xdist_groups.py). On 2 cores (Intel Xeon) the whole suite took 18.5-21 min with 3 workers, 20 min with 2 (the
+# cores idle while both wait on servers) and 21.5-24.5 min with 4: more stages and Rays at once contend for the 2
+# cores and each takes more CPU (2,530-2,940 busy CPU-s for the suite, against 2,180-2,450 with 3).
+TEST_WORKERS ?= 3
 
 test: install browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
