@@ -17,9 +17,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Every process the tests start (stages, Ray's workers, servers) inherits this. An OpenMP thread that finishes its
 # share of an op spins for the next one by default, a core's worth of CPU taken from the other tests. The tiny
 # networks' ops are short and Python runs between them, so the second thread of a Ray Train worker spins most of
-# the time. Passive threads sleep and compute the same numbers. The train stage of the tiny config, alone on 2 Intel Xeon
-# cores: 24.0 -> 21.2 CPU-s; with two busy loops beside it: 52.9 -> 41.6 CPU-s. Read when libgomp loads, so before
-# torch is imported below.
+# the time. Passive threads sleep and compute the same numbers. The train stage of the tiny config, alone on 2 Intel
+# Xeon cores: 24.0 -> 21.2 CPU-s; with two busy loops beside it: 52.9 -> 41.6 CPU-s. Read when libgomp loads, so
+# before torch is imported below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
