@@ -107,6 +107,38 @@ def test_interrupted_and_resumed_training_equals_the_uninterrupted_run(tiny_conf
         f"{lr_at(s, tiny_config(over)):.6g}" for s in range(6)]
 
 
+def test_a_changed_learning_rate_sets_the_checkpoints_aside_and_trains_from_scratch(tiny_config, tiny_trained,
+                                                                                      tmp_path, capsys):
+    """A checkpoint folder of another run key (here train.lr) is emptied before training, which then starts at step
+    0 and says why. Ray Train's run is named after the key too, so under Ray its record of the old run (in the same
+    ray.storage) is not resumed either."""
+    import shutil
+
+    from ddpm.checkpoint import list_checkpoints, load_checkpoint
+    from tasks.lib.files import read_json
+    from tasks.lib.runkey import run_name
+    from tasks.train import run_local
+
+    ckpts = tmp_path / "ckpt"
+    shutil.copytree(tiny_trained / "checkpoints", ckpts)  # 6 steps at train.lr 1e-3, with their run_key.json
+    old_key = read_json(ckpts / "run_key.json")
+    assert list_checkpoints(ckpts)[-1][0] == 6
+    capsys.readouterr()
+    run_local(tiny_config({"train.lr": 5e-4, "train.steps": 3}), tiny_trained / "dataset", ckpts, tmp_path / "l.tsv",
+              threads=1)
+    out = capsys.readouterr().out
+    assert f"checkpoints in {ckpts} were made with other params (train differ); training from scratch" in out, out
+    assert "resuming" not in out
+    assert [s for s, _ in list_checkpoints(ckpts)] == [3]
+    state = load_checkpoint(ckpts / "ckpt_00000003.pt")
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}  # three fresh Adam steps
+    assert state["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    new_key = read_json(ckpts / "run_key.json")
+    assert {k for k in new_key if new_key[k] != old_key[k]} == {"train"} and new_key["train"]["lr"] == 5e-4
+    assert {k for k in new_key["train"] if new_key["train"][k] != old_key["train"].get(k)} == {"lr"}
+    assert run_name(new_key) != run_name(old_key)
+
+
 def test_training_progress_without_a_terminal_is_periodic_lines_not_one_per_update(tiny_config, tiny_trained,
                                                                                    tmp_path, capfd):
     """In a Ray worker stderr is no terminal and every redraw of the bar is forwarded as a line: the bar then
