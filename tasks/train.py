@@ -471,13 +471,18 @@ def run_local(cfg: Config, data_dir, ckpt_dir, log_path, threads: Optional[int] 
     ``train.loader`` says), its checkpoints in ``ckpt_dir``. Returns the job it ran."""
     job = replace(prepare(cfg, data_dir, ckpt_dir, log_path, callbacks), threads=threads or torch.get_num_threads())
     begin(job, ([0] + [s for s, _ in list_checkpoints(job.checkpoints)])[-1])
+    loop_here(job, device)
+    return job
+
+
+def loop_here(job: TrainJob, device: str = "cpu") -> None:
+    """The loop in this process (checkpoints in ``job.checkpoints``), the callbacks told how the fit ended."""
     try:
         train_loop(job, device=device)
     except BaseException:
         job.callbacks.on_fit_end(False)
         raise
     job.callbacks.on_fit_end(True)
-    return job
 
 
 def local_resume(job: TrainJob, after_step: int) -> Optional[Resume]:
@@ -732,6 +737,8 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     seed = local_resume(job, kept[-1].step if kept else 0)
     start_step = seed.step if seed else kept[-1].step if kept else 0  # where the workers resume
     begin(job, start_step)
+    if start_step >= cfg.train.steps:
+        return already_trained(job, kept, start_step, metrics_path)
 
     t0 = time.perf_counter()
     how = ensure_ray(cfg)
@@ -754,6 +761,24 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     summary = {**summarize(job, start_step),
                "num_workers": plan.workers, "use_gpu": plan.use_gpu, "gpus_per_worker": plan.gpus, "backend": backend,
                "ray": how, "ray_startup_s": round(t_ray, 2), "fit_wall_s": round(t_fit, 2)}
+    if metrics_path:
+        write_json(metrics_path, summary)
+    return summary
+
+
+ALREADY_TRAINED = "not started: already trained"  # train.json's "ray" when nothing was left to train
+
+
+def already_trained(job: TrainJob, kept: list[RunCheckpoint], start_step: int,
+                    metrics_path: Optional[os.PathLike]) -> dict[str, Any]:
+    """Nothing to train: the newest checkpoint, the folder's or Ray Train's (``kept``), reaches ``train.steps``, as
+    in a rerun after an edit of the library or of a later stage's params. On Ray Train the loop would only resume
+    and stop, after a Ray start and a worker group's (tens of seconds on a laptop); it does that here instead, so the
+    callbacks hear the same start and end, and no Ray is started. Ray's newer checkpoints are copied in first."""
+    collect_checkpoints(job, kept)
+    loop_here(job)
+    summary = {**summarize(job, start_step), "num_workers": 0, "use_gpu": False, "gpus_per_worker": 0.0,
+               "backend": None, "ray": ALREADY_TRAINED, "ray_startup_s": 0.0, "fit_wall_s": 0.0}
     if metrics_path:
         write_json(metrics_path, summary)
     return summary
@@ -813,6 +838,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if summary.get("pretrained"):
         print(f"imported {summary['pretrained']} ({summary['parameters']:,} parameters), not trained -> "
               f"{summary['checkpoint']}")
+        return summary
+    if summary["ray"] == ALREADY_TRAINED:
+        print(f"nothing to train: step {summary['steps']} reached before this run (loss {summary['final_loss']}); "
+              f"Ray not started -> {summary['checkpoint']}")
         return summary
     print(f"trained to step {summary['steps']}: loss {summary['final_loss']}, {summary['images_per_s']} images/s, "
           f"Ray start-up {summary['ray_startup_s']} s, fit {summary['fit_wall_s']} s -> {summary['checkpoint']}")

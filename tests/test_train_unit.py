@@ -139,6 +139,62 @@ def test_a_changed_learning_rate_sets_the_checkpoints_aside_and_trains_from_scra
     assert run_name(new_key) != run_name(old_key)
 
 
+def test_nothing_left_to_train_starts_no_ray(tiny_config, tiny_trained, tmp_path, capsys, monkeypatch):
+    """The train stage when its checkpoint already reaches train.steps (`dvc repro` after an edit of the library): the
+    loop resumes and stops in the stage's own process, with no Ray started, and the trackers hear it as from a Ray
+    worker: here the MLflow run it opens gets the loss curve of the training that made the checkpoint (trained with
+    tracking off) and is ended FINISHED."""
+    import json
+    import shutil
+
+    import ray
+    from mlflow import MlflowClient
+
+    from ddpm.checkpoint import list_checkpoints
+    from tasks import train
+    from tasks.lib.summary import train_row
+
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    ckpts = tmp_path / "ckpt"
+    shutil.copytree(tiny_trained / "checkpoints", ckpts)
+    log = tmp_path / "loss.tsv"
+    shutil.copy(tiny_trained / "train_loss.tsv", log)
+    before = {p.name: p.stat().st_mtime_ns for _, p in list_checkpoints(ckpts)}
+    db = tmp_path / "mlflow.db"
+    cfg = tiny_config({"tracking.enabled": True, "tracking.uri": f"sqlite:///{db}", "tracking.experiment": "done",
+                       "tracking.system_metrics": False, "tracking.grid_every": 0,
+                       "ray.storage": str(tmp_path / "ray")})
+    assert not ray.is_initialized()
+    capsys.readouterr()
+    summary = train.main(["--params", _write_params(tmp_path, cfg), "--data", str(tiny_trained / "dataset"),
+                          "--checkpoints", str(ckpts), "--log", str(log), "--metrics", str(tmp_path / "train.json")])
+    out = capsys.readouterr().out
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()
+    assert "already trained: the checkpoint of step 6 reaches train.steps=6" in out
+    assert f"nothing to train: step 6 reached before this run (loss {summary['final_loss']}); Ray not started" in out
+    assert {p.name: p.stat().st_mtime_ns for _, p in list_checkpoints(ckpts)} == before  # nothing rewritten
+    assert json.loads((tmp_path / "train.json").read_text()) == summary
+    assert (summary["steps"], summary["resumed_from_step"], summary["num_workers"]) == (6, 6, 0)
+    assert summary["ray"] == train.ALREADY_TRAINED and summary["ray_startup_s"] == summary["fit_wall_s"] == 0.0
+    assert train_row(summary, tmp_path).text.startswith("6 steps, all trained before this run (Ray not started), "
+                                                        f"final loss {summary['final_loss']:.4g}")
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("done").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
+    assert not client.search_logged_models([run.info.experiment_id])  # no model: this run trained nothing
+
+
+def _write_params(folder, cfg) -> str:
+    import yaml
+
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return str(path)
+
+
 def test_training_progress_without_a_terminal_is_periodic_lines_not_one_per_update(tiny_config, tiny_trained,
                                                                                    tmp_path, capfd):
     """In a Ray worker stderr is no terminal and every redraw of the bar is forwarded as a line: the bar then
