@@ -386,21 +386,24 @@ def test_image_folder_empty_and_missing(tiny_config, tmp_path):
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
-def _cli(cfg, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(cfg, tmp_path: Path, *args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg.to_dict()))  # a resolved config is a valid params file
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "tasks.fetch", "--params", str(params), *args],
+        [sys.executable, *python, "-m", "tasks.fetch", "--params", str(params), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
 
 
 def test_cli_fetches_digits(tiny_config, tmp_path):
-    r = _cli(config(tiny_config), tmp_path, "--out", str(tmp_path / "ds"))
+    r = _cli(config(tiny_config), tmp_path, "--out", str(tmp_path / "ds"), python=("-X", "importtime"))
     assert r.returncode == 0, r.stderr
     assert "fetch: digits 1437 train + 360 holdout images [1, 8, 8], 10 classes" in r.stdout
     assert load_dataset(tmp_path / "ds").meta["count"] == {"train": 1437, "holdout": 360}
+    # Images at the params' size need no resizing, and the stage does not import torch for it (~2 CPU-s a fetch).
+    imported = {line.rpartition("|")[2].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "numpy" in imported and "torch" not in imported
 
 
 def test_cli_missing_mnist_exits_2_and_keeps_previous_outputs(tiny_config, tmp_path):

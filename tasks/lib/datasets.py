@@ -552,10 +552,10 @@ def resize_and_crop(images, size: int):
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, C, H, W] -> uint8 [N, C, size, size] (see :func:`resize_and_crop`), in bounded chunks."""
+    if images.shape[-2:] == (size, size):
+        return images  # before torch is imported: a fetch at the data's own size needs none (~2 CPU-s)
     import torch
 
-    if images.shape[-2:] == (size, size):
-        return images
     out = np.empty((len(images), images.shape[1], size, size), dtype=np.uint8)
     for start in range(0, len(images), _RESIZE_CHUNK):
         chunk = torch.from_numpy(images[start : start + _RESIZE_CHUNK])
