@@ -4,6 +4,7 @@ REST API; the default local SQLite store without any server; and the small pure 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -158,6 +159,25 @@ def test_grid_image_is_an_rgb_grid():
     assert strip[8:136, 8 + 3 * 136:136 + 3 * 136].min() == 200 and strip[8:136, 8:136].max() == 0
     assert grid_image(images[:4], aspect=4).shape[:2] == (34 + 2, 4 * 34 + 2)  # 4 images: one row
 
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 17])
+def test_grid_image_lays_out_what_torchvisions_make_grid_does(n):
+    """grid_image is numpy (no torchvision import in the flow's process); its pixels are make_grid's, gray and RGB,
+    square and strip, with and without a minimum width."""
+    import torch
+    from torchvision.utils import make_grid
+
+    rng = np.random.default_rng(n)
+    for channels, (h, w) in ((1, (8, 8)), (3, (32, 32)), (1, (5, 7))):
+        images = rng.integers(0, 256, (n, channels, h, w), dtype=np.uint8)
+        for min_side, aspect in ((0, 1.0), (512, 1.0), (tracking.CARD_WIDTH, tracking.CARD_ASPECT)):
+            ours = grid_image(images, min_side=min_side, aspect=aspect)
+            ncol = math.ceil(math.sqrt(n)) if aspect == 1.0 else math.ceil(n / max(1, round(math.sqrt(n / aspect))))
+            scale = max(1, math.ceil(32 / w), math.ceil(min_side / (ncol * w)) if min_side else 1)
+            big = torch.from_numpy(images).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+            theirs = make_grid(big, nrow=ncol, padding=max(2, scale // 2) if min_side else 2, pad_value=255)
+            np.testing.assert_array_equal(ours, theirs.permute(1, 2, 0).numpy(), err_msg=f"{channels, h, w, min_side}")
 
 # -- end to end (real Ray, real MLflow server) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
