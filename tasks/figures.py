@@ -48,12 +48,12 @@ from .lib.callbacks import after_stage
 from .lib.cli import run_cli, stage_parser
 from .lib.errors import DataError, StageError
 from .lib.files import write_json
-from .lib.images import to_model_range, to_uint8
+from .lib.images import grid_image, to_model_range, to_uint8
 from .lib.inputs import check_for_dvc_stage
 from .lib.shards import open_dataset
 from .lib.workers import local_device
 
-PAD = 2  # pixels between panels (torchvision make_grid padding)
+PAD = 2  # pixels between panels: grid_image's gutter (tasks/lib/images.py)
 MIN_CELL = 32  # small images are upscaled (nearest) to at least this side so that 8x8 digits stay legible
 
 
@@ -68,15 +68,7 @@ def panel_grid(images: np.ndarray, ncol: int) -> np.ndarray:
 
     The size is exact: ``rows * (cell + PAD) + PAD`` by ``ncol * (cell + PAD) + PAD`` with cell = :func:`cell_size`.
     """
-    from torchvision.utils import make_grid
-
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    scale = max(1, math.ceil(MIN_CELL / x.shape[-1]))
-    x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    grid = make_grid(x, nrow=ncol, padding=PAD, pad_value=255)
-    return grid.permute(1, 2, 0).contiguous().numpy()
+    return grid_image(images, min_cell=MIN_CELL, ncol=ncol)  # its gutter without min_side: PAD
 
 
 def grid_shape(rows: int, cols: int, side: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -21,20 +22,24 @@ def to_uint8(x) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8).cpu().numpy()
 
 
-def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0, aspect: float = 1.0) -> np.ndarray:
+def grid_image(images: np.ndarray, min_cell: int = 32, min_side: int = 0, aspect: float = 1.0,
+               ncol: Optional[int] = None) -> np.ndarray:
     """uint8 images [N, C, H, W] -> one uint8 [H', W', 3] grid, upscaled by nearest neighbour so that each cell is at
     least ``min_cell`` px and the grid at least ``min_side`` px wide (8x8 digits stay legible; MLflow shows its
     images at their size), with a white gutter that grows with the scale.
 
     ``aspect`` is the grid's width over its height in cells: 1 is square-ish (ceil(sqrt(N)) columns), 4 a strip
-    (16 images: 2 rows of 8), the shape that fits under the run name in MLflow's image cards.
+    (16 images: 2 rows of 8), the shape that fits under the run name in MLflow's image cards. ``ncol`` fixes the
+    number of columns instead.
 
     The layout of torchvision's ``make_grid`` (a gutter around every cell, empty cells blank, gray as three equal
     channels, one image alone without a gutter), in numpy: importing torchvision costs ~2 CPU-s (it loads
     torch._dynamo), and the flow's process, which logs the grids and has no torch, would pay ~4 for a picture."""
     x = np.ascontiguousarray(images)
     n, c, h, w = x.shape
-    if aspect == 1.0:
+    if ncol is not None:
+        ncol = max(1, ncol)
+    elif aspect == 1.0:
         ncol = max(1, math.ceil(math.sqrt(n)))
     else:
         nrow = max(1, round(math.sqrt(n / aspect)))
