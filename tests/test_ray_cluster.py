@@ -1,13 +1,12 @@
 """The train and sample command lines against an existing Ray cluster, joined through ``RAY_ADDRESS``.
 
-The test starts a one-node cluster the way a user does (``ray start --head``), with its own temp dir, ports and
-auth token, runs ``python -m tasks.fetch``, ``tasks.train`` and ``tasks.sample`` with ``RAY_ADDRESS`` set, and
-then asks the cluster's GCS which drivers and actors it ran: the stage processes (by PID) must be among its jobs,
-and Ray Train's workers and the sample stage's actors must belong to those jobs. A stage that started a local
-Ray of its own would leave no trace there, and the test would fail.
-
-A second test builds a two-node cluster on this machine (a head and a node joined with ``ray start --address``,
-1 CPU each) and checks, in the GCS's actor table, that the train stage's two Ray Train workers ran one per node.
+The test builds a two-node cluster on this machine the way a user does (``ray start --head``, then a node joined
+with ``ray start --address``; 1 CPU each, its own temp dirs, ports and auth token), runs ``python -m tasks.fetch``,
+``tasks.train`` (two Ray Train workers) and ``tasks.sample`` with ``RAY_ADDRESS`` set, and then asks the cluster's
+GCS which drivers and actors it ran: the stage processes (by PID) must be among its jobs, Ray Train's workers and the
+sample stage's actors must belong to those jobs, and the two training workers ran one per node. A stage that
+started a local Ray of its own would leave no trace there, and the test would fail. A train stage without the
+cluster's token is refused in one line.
 
 The clusters are started and stopped by tests/raycluster.py.
 """
@@ -28,82 +27,13 @@ from raycluster import RAY_CLUSTERS, RayHead, RayWorkerNode, Stage, gcs_tables, 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(RAY_CLUSTERS)]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A starting :class:`RayHead` (call ``wait_ready()`` before joining it), stopped at the end of the test."""
-    head = RayHead(tmp_path)
-    try:
-        yield head
-    finally:
-        head.stop()
-
-
-def test_train_and_sample_run_on_an_existing_cluster(ray_head, tmp_path, tiny_params, repo_root):
-    params = tmp_path / "params.yaml"
-    tiny_params["ray"]["storage"] = str(tmp_path / "ray_results")  # one node: its disk is the shared storage
-    tiny_params["train"]["steps"] = 4
-    params.write_text(yaml.safe_dump(tiny_params))
-    data, ckpts, samples = tmp_path / "data", tmp_path / "ckpt", tmp_path / "samples"
-    p = ["--params", str(params)]
-
-    # fetch needs no Ray: it runs while the head starts, and without RAY_ADDRESS.
-    fetch = Stage("fetch", [*p, "--out", str(data)], ray_head.base_env, repo_root)
-    r = fetch.result()
-    assert r.returncode == 0, r.stderr[-3000:]
-    ray_head.wait_ready()
-    address, env = ray_head.address, ray_head.env
-
-    # Without the cluster's token (RAY_AUTH_MODE unset: Ray sends none to an explicit address) joining is refused:
-    # one line saying what to export, exit code 2, no traceback. It runs beside the real training.
-    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    denied = Stage("train", [*p, "--data", str(data), "--checkpoints", str(tmp_path / "ckpt_denied"),
-                             "--log", str(tmp_path / "loss_denied.tsv"), "--metrics", str(tmp_path / "denied.json")],
-                   no_token, repo_root)
-    train = Stage("train", [*p, "--data", str(data), "--checkpoints", str(ckpts), "--log", str(tmp_path / "loss.tsv"),
-                            "--metrics", str(tmp_path / "train.json")], env, repo_root)
-    r = train.result()
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "train.json").read_text())
-    assert summary["steps"] == 4 and summary["num_workers"] == 1
-    assert summary["ray"] == f"joined Ray cluster at {address}"
-    assert (ckpts / "ckpt_00000004.pt").is_file()
-    r = denied.result()
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: RAY_ADDRESS {address}: ") and "RAY_AUTH_MODE=token" in last, last
-    assert not (tmp_path / "denied.json").exists()
-
-    sample = Stage("sample", [*p, "--checkpoints", str(ckpts), "--out", str(samples)], env, repo_root)
-    r = sample.result()
-    assert r.returncode == 0, r.stderr[-3000:]
-    images, seeds = load_samples(samples)
-    assert images.shape == (24, 1, 8, 8) and images.dtype == np.uint8
-    assert seeds.tolist() == list(range(24))
-
-    # The cluster ran both stages: each stage process is one of its drivers, finished by now, and the work ran
-    # in actors of that driver's job (Ray Train's worker, the sample stage's ShardSampler). The refused process
-    # never became a driver.
-    tables = gcs_tables(address, env, repo_root)
-    jobs = {j["driver_pid"]: j for j in tables["jobs"]}
-    assert train.pid in jobs and sample.pid in jobs, (train.pid, sample.pid, tables["jobs"])
-    assert denied.pid not in jobs
-    train_job, sample_job = jobs[train.pid], jobs[sample.pid]
-    assert "tasks.train" in train_job["entrypoint"] and "tasks.sample" in sample_job["entrypoint"]
-    assert train_job["is_dead"] and sample_job["is_dead"]
-    classes_of = lambda job: {a["class_name"] for a in tables["actors"] if a["job_id"] == job["job_id"]}  # noqa: E731
-    assert "ShardSampler" in classes_of(sample_job), tables["actors"]
-    assert any("TrainWorker" in c for c in classes_of(train_job)), tables["actors"]
-
-
-def test_train_spreads_its_workers_over_two_nodes(tmp_path, tiny_params, repo_root):
-    """Two nodes of one cluster on this machine, 1 CPU each: the train stage joins through RAY_ADDRESS, and its two
-    Ray Train workers (1 CPU each) run one per node, each reading its part of the epoch from the same shards."""
+def test_train_and_sample_run_on_an_existing_two_node_cluster(tmp_path, tiny_params, repo_root):
     steps = 6
     params = tmp_path / "params.yaml"
     tiny_params["ray"]["storage"] = str(tmp_path / "ray_results")  # both nodes are on this machine: its disk is shared
+    tiny_params["train"].update(steps=steps, checkpoint_every=steps, num_workers=2, use_gpu=False)
     params.write_text(yaml.safe_dump(tiny_params))
-    data, ckpts, metrics = tmp_path / "data", tmp_path / "ckpt", tmp_path / "train.json"
+    data, ckpts, samples, metrics = tmp_path / "data", tmp_path / "ckpt", tmp_path / "samples", tmp_path / "train.json"
     p = ["--params", str(params)]
 
     # Disjoint worker-port ranges: each raylet hands its workers ports from its own pool, and two raylets of this
@@ -124,27 +54,49 @@ def test_train_spreads_its_workers_over_two_nodes(tmp_path, tiny_params, repo_ro
         node_id = next(n["node_id"] for n in nodes if n["temp_dir"] == node.temp_dir)
         assert head_id != node_id, nodes
 
+        # Without the cluster's token (RAY_AUTH_MODE unset: Ray sends none to an explicit address) joining is
+        # refused: one line saying what to export, exit code 2, no traceback. It runs beside the real training.
+        no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        denied = Stage("train", [*p, "--data", str(data), "--checkpoints", str(tmp_path / "ckpt_denied"), "--log",
+                                 str(tmp_path / "loss_denied.tsv"), "--metrics", str(tmp_path / "denied.json")],
+                       no_token, repo_root)
         train = Stage("train", [*p, "--data", str(data), "--checkpoints", str(ckpts),
-                                "--log", str(tmp_path / "loss.tsv"), "--metrics", str(metrics),
-                                "--set", "train.num_workers=2", "--set", "train.use_gpu=false",
-                                "--set", f"train.steps={steps}", "--set", f"train.checkpoint_every={steps}"],
-                      env, repo_root)
+                                "--log", str(tmp_path / "loss.tsv"), "--metrics", str(metrics)], env, repo_root)
         r = train.result()
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads(metrics.read_text())
         assert summary["steps"] == steps and summary["num_workers"] == 2 and summary["use_gpu"] is False, summary
         assert summary["ray"] == f"joined Ray cluster at {address}"
         assert isinstance(summary["final_loss"], float) and np.isfinite(summary["final_loss"]), summary
-        assert (ckpts / f"ckpt_{steps:08d}.pt").is_file()
-        assert summary["checkpoint"] == str(ckpts / f"ckpt_{steps:08d}.pt")
+        newest = ckpts / f"ckpt_{steps:08d}.pt"
+        assert summary["checkpoint"] == str(newest) and newest.is_file()
+        r = denied.result()
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: RAY_ADDRESS {address}: ") and "RAY_AUTH_MODE=token" in last, last
+        assert not (tmp_path / "denied.json").exists()
 
-        # The GCS's actor table: the train stage's job ran exactly two Ray Train workers (no restarts), one on each
-        # node, in two processes.
+        sample = Stage("sample", [*p, "--checkpoints", str(ckpts), "--out", str(samples)], env, repo_root)
+        r = sample.result()
+        assert r.returncode == 0, r.stderr[-3000:]
+        images, seeds = load_samples(samples)
+        assert images.shape == (24, 1, 8, 8) and images.dtype == np.uint8
+        assert seeds.tolist() == list(range(24))
+
+        # The cluster ran both stages: each stage process is one of its drivers, finished by now, and the work ran in
+        # actors of that driver's job: the train stage's two Ray Train workers (no restarts), one on each node, in
+        # two processes; the sample stage's ShardSampler. The refused process never became a driver.
         tables = gcs_tables(address, env, repo_root)
         jobs = {j["driver_pid"]: j for j in tables["jobs"]}
-        assert train.pid in jobs, (train.pid, tables["jobs"])
+        assert train.pid in jobs and sample.pid in jobs, (train.pid, sample.pid, tables["jobs"])
+        assert denied.pid not in jobs
+        train_job, sample_job = jobs[train.pid], jobs[sample.pid]
+        assert "tasks.train" in train_job["entrypoint"] and "tasks.sample" in sample_job["entrypoint"]
+        assert train_job["is_dead"] and sample_job["is_dead"]
+        assert "ShardSampler" in {a["class_name"] for a in tables["actors"] if a["job_id"] == sample_job["job_id"]}
         workers = [a for a in tables["actors"]
-                   if a["job_id"] == jobs[train.pid]["job_id"] and "TrainWorker" in a["class_name"]]
+                   if a["job_id"] == train_job["job_id"] and "TrainWorker" in a["class_name"]]
         print("train workers (pid, node):", [(a["pid"], a["node_id"][:8]) for a in workers],
               f"head {head_id[:8]}, second node {node_id[:8]}")
         assert len(workers) == 2, tables["actors"]
