@@ -766,9 +766,6 @@ def run(cfg: Config, data_dir, ckpt_dir, log_path, metrics_path: Optional[os.Pat
     return summary
 
 
-ALREADY_TRAINED = "not started: already trained"  # train.json's "ray" when nothing was left to train
-
-
 def already_trained(job: TrainJob, kept: list[RunCheckpoint], start_step: int,
                     metrics_path: Optional[os.PathLike]) -> dict[str, Any]:
     """Nothing to train: the newest checkpoint, the folder's or Ray Train's (``kept``), reaches ``train.steps``, as
@@ -777,8 +774,9 @@ def already_trained(job: TrainJob, kept: list[RunCheckpoint], start_step: int,
     callbacks hear the same start and end, and no Ray is started. Ray's newer checkpoints are copied in first."""
     collect_checkpoints(job, kept)
     loop_here(job)
-    summary = {**summarize(job, start_step), "num_workers": 0, "use_gpu": False, "gpus_per_worker": 0.0,
-               "backend": None, "ray": ALREADY_TRAINED, "ray_startup_s": 0.0, "fit_wall_s": 0.0}
+    summary = {**summarize(job, start_step), "already_trained": True, "num_workers": 0, "use_gpu": False,
+               "gpus_per_worker": 0.0, "backend": None, "ray": "not started: already trained", "ray_startup_s": 0.0,
+               "fit_wall_s": 0.0}
     if metrics_path:
         write_json(metrics_path, summary)
     return summary
@@ -839,7 +837,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"imported {summary['pretrained']} ({summary['parameters']:,} parameters), not trained -> "
               f"{summary['checkpoint']}")
         return summary
-    if summary["ray"] == ALREADY_TRAINED:
+    if summary.get("already_trained"):
         print(f"nothing to train: step {summary['steps']} reached before this run (loss {summary['final_loss']}); "
               f"Ray not started -> {summary['checkpoint']}")
         return summary

@@ -160,7 +160,6 @@ def test_grid_image_is_an_rgb_grid():
     assert grid_image(images[:4], aspect=4).shape[:2] == (34 + 2, 4 * 34 + 2)  # 4 images: one row
 
 
-
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 17])
 def test_grid_image_lays_out_what_torchvisions_make_grid_does(n):
     """grid_image is numpy (no torchvision import in the flow's process); its pixels are make_grid's, gray and RGB,
@@ -178,6 +177,7 @@ def test_grid_image_lays_out_what_torchvisions_make_grid_does(n):
             big = torch.from_numpy(images).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
             theirs = make_grid(big, nrow=ncol, padding=max(2, scale // 2) if min_side else 2, pad_value=255)
             np.testing.assert_array_equal(ours, theirs.permute(1, 2, 0).numpy(), err_msg=f"{channels, h, w, min_side}")
+
 
 # -- end to end (real Ray, real MLflow server) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -148,6 +148,7 @@ def test_nothing_left_to_train_starts_no_ray(tiny_config, tiny_trained, tmp_path
     import shutil
 
     import ray
+    import yaml
     from mlflow import MlflowClient
 
     from ddpm.checkpoint import list_checkpoints
@@ -167,7 +168,9 @@ def test_nothing_left_to_train_starts_no_ray(tiny_config, tiny_trained, tmp_path
                        "ray.storage": str(tmp_path / "ray")})
     ray_before = ray.is_initialized()  # False unless a test run earlier in this process left one running
     capsys.readouterr()
-    summary = train.main(["--params", _write_params(tmp_path, cfg), "--data", str(tiny_trained / "dataset"),
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    summary = train.main(["--params", str(params), "--data", str(tiny_trained / "dataset"),
                           "--checkpoints", str(ckpts), "--log", str(log), "--metrics", str(tmp_path / "train.json")])
     out = capsys.readouterr().out
     assert ray.is_initialized() == ray_before and not (tmp_path / "ray").exists()  # no Ray started, none joined
@@ -176,7 +179,8 @@ def test_nothing_left_to_train_starts_no_ray(tiny_config, tiny_trained, tmp_path
     assert {p.name: p.stat().st_mtime_ns for _, p in list_checkpoints(ckpts)} == before  # nothing rewritten
     assert json.loads((tmp_path / "train.json").read_text()) == summary
     assert (summary["steps"], summary["resumed_from_step"], summary["num_workers"]) == (6, 6, 0)
-    assert summary["ray"] == train.ALREADY_TRAINED and summary["ray_startup_s"] == summary["fit_wall_s"] == 0.0
+    assert summary["already_trained"] is True and summary["ray"] == "not started: already trained"
+    assert summary["ray_startup_s"] == summary["fit_wall_s"] == 0.0
     assert train_row(summary, tmp_path).text.startswith("6 steps, all trained before this run (Ray not started), "
                                                         f"final loss {summary['final_loss']:.4g}")
 
@@ -185,14 +189,6 @@ def test_nothing_left_to_train_starts_no_ray(tiny_config, tiny_trained, tmp_path
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
     assert not client.search_logged_models([run.info.experiment_id])  # no model: this run trained nothing
-
-
-def _write_params(folder, cfg) -> str:
-    import yaml
-
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return str(path)
 
 
 def test_training_progress_without_a_terminal_is_periodic_lines_not_one_per_update(tiny_config, tiny_trained,

@@ -65,7 +65,7 @@ def train_row(tr: dict[str, Any], root: Path) -> Optional[Row]:
         return Row("train", "training", f"none: the published model {tr['pretrained']} "
                                         f"({f'{n:,}' if isinstance(n, int) else '–'} parameters) imported as "
                                         f"checkpoint {ckpt}", ckpt)
-    if tr.get("num_workers") == 0 and tr.get("resumed_from_step") == tr.get("steps"):  # train.py already_trained
+    if tr.get("already_trained"):  # nothing was left to train: no Ray started (tasks/train.py already_trained)
         return Row("train", "training", f"{tr.get('steps')} steps, all trained before this run (Ray not started), "
                                         f"final loss {fmt(tr.get('final_loss'))}; checkpoint {ckpt}", ckpt)
     resumed = f", resumed from step {tr['resumed_from_step']}" if tr.get("resumed_from_step") else ""
