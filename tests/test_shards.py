@@ -167,6 +167,38 @@ def test_parallel_ingest_writes_the_same_dataset(tiny_config, tmp_path):
     assert metas[0]["num_classes"] == 2 and metas[0]["classes"] == ["cat", "dog"]
 
 
+def test_ingest_starts_no_more_decode_processes_than_chunks(tiny_config, tmp_path):
+    """Two workers asked: a split of two chunks is decoded in two processes, a split of one chunk in this one, with
+    the same pixels as a single-process ingest of the same files."""
+    import psutil
+
+    from tasks.lib.datasets import INGEST_CHUNK, ingest, plan_image_folder
+
+    root = tmp_path / "imgs"
+    _image_folder(root, n_per_class=INGEST_CHUNK // 2 + 40)  # the training split spans two chunks, the holdout one
+    cfg = tiny_config({"data.dataset": "image-folder", "data.root": str(root), "data.image_size": 8})
+    plan = plan_image_folder(cfg.data)
+    assert len(plan.train) > INGEST_CHUNK >= len(plan.holdout)
+    me = psutil.Process()
+
+    def decoded(which, workers):
+        """The images, and the processes started while they were decoded (multiprocessing's forkserver outlives
+        its pool: not counted again)."""
+        images, children, before = [], set(), {p.pid for p in me.children(recursive=True)}
+
+        def sink(chunk, labels):
+            images.append(chunk)
+            children.update(p.pid for p in me.children(recursive=True) if p.pid not in before)
+
+        assert ingest(plan, which, 8, 3, workers, sink) == []
+        return np.concatenate(images), children
+
+    train, train_children = decoded(plan.train, 2)
+    holdout, holdout_children = decoded(plan.holdout, 2)
+    assert len(train_children) >= 2 and holdout_children == set()
+    assert np.array_equal(train, decoded(plan.train, 1)[0]) and len(holdout) == len(plan.holdout)
+
+
 def test_accumulated_moments_equal_the_whole_array_statistics():
     rng = np.random.default_rng(0)
     f = rng.normal(50.0, 3.0, (5000, 16)) @ rng.normal(size=(16, 16))  # a large mean, correlated features

@@ -493,7 +493,9 @@ def ingest(plan: FolderPlan, which: np.ndarray, size: int, channels: int, worker
            desc: str = "decode") -> list[str]:
     """Decode ``plan.paths[which]`` in ``workers`` processes, in chunks, and pass each chunk's readable images and
     labels to ``sink(images, labels)`` in order; return the relative paths of the unreadable ones. At most
-    2 x ``workers`` chunks are in flight, so memory does not grow with the folder."""
+    2 x ``workers`` chunks are in flight, so memory does not grow with the folder. Never more processes than
+    chunks: a split of one chunk is decoded in this process (a decode process's start, with its torch import,
+    costs more than a chunk's work)."""
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
@@ -501,6 +503,7 @@ def ingest(plan: FolderPlan, which: np.ndarray, size: int, channels: int, worker
     from tqdm import tqdm
 
     chunks = [which[i:i + INGEST_CHUNK] for i in range(0, len(which), INGEST_CHUNK)]
+    workers = min(workers, len(chunks))
     bad: list[str] = []
     bar = tqdm(total=len(which), desc=desc, unit="img", disable=None)
 
