@@ -181,14 +181,25 @@ def test_ingest_starts_no_more_decode_processes_than_chunks(tiny_config, tmp_pat
     assert len(plan.train) > INGEST_CHUNK >= len(plan.holdout)
     me = psutil.Process()
 
+    def pool_processes() -> set[int]:
+        """multiprocessing's processes under this one (not a server or Ray that another test left to this worker)."""
+        found = set()
+        for p in me.children(recursive=True):
+            try:
+                if "multiprocessing" in " ".join(p.cmdline()):
+                    found.add(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
     def decoded(which, workers):
-        """The images, and the processes started while they were decoded (multiprocessing's forkserver outlives
-        its pool: not counted again)."""
-        images, children, before = [], set(), {p.pid for p in me.children(recursive=True)}
+        """The images, and the decode processes started while they were decoded (multiprocessing's forkserver
+        outlives its pool: not counted again)."""
+        images, children, before = [], set(), pool_processes()
 
         def sink(chunk, labels):
             images.append(chunk)
-            children.update(p.pid for p in me.children(recursive=True) if p.pid not in before)
+            children.update(pool_processes() - before)
 
         assert ingest(plan, which, 8, 3, workers, sink) == []
         return np.concatenate(images), children
