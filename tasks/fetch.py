@@ -70,14 +70,14 @@ def _write_image_folder(cfg: Config, staging: Path) -> dict[str, Any]:
     d = cfg.data
     plan = datasets.plan_image_folder(d)
     c, size, _ = d.shape
-    workers = d.ingest_workers or os.cpu_count() or 1
     written, bad = {}, []
-    for name in shards.SPLITS:
-        w = shards.SplitWriter(staging / name, d.shape, d.shard_images)
-        bad += datasets.ingest(plan, getattr(plan, name), size, c, workers, w.add, desc=f"decode {name}")
-        if bad and d.bad_images == "error":
-            break  # the staging folder is discarded; nothing of the previous output was touched
-        written[name] = w.close()
+    with datasets.Decoder(plan, size, c, d.ingest_workers or os.cpu_count() or 1) as decoder:
+        for name in shards.SPLITS:
+            w = shards.SplitWriter(staging / name, d.shape, d.shard_images)
+            bad += decoder.ingest(getattr(plan, name), w.add, desc=f"decode {name}")
+            if bad and d.bad_images == "error":
+                break  # the staging folder is discarded; nothing of the previous output was touched
+            written[name] = w.close()
     if bad:
         what = datasets.unreadable(bad, plan.root)
         if d.bad_images == "error":

@@ -167,47 +167,49 @@ def test_parallel_ingest_writes_the_same_dataset(tiny_config, tmp_path):
     assert metas[0]["num_classes"] == 2 and metas[0]["classes"] == ["cat", "dog"]
 
 
-def test_ingest_starts_no_more_decode_processes_than_chunks(tiny_config, tmp_path):
-    """Two workers asked: a split of two chunks is decoded in two processes, a split of one chunk in this one, with
-    the same pixels as a single-process ingest of the same files."""
+def test_one_set_of_decode_processes_serves_both_splits_and_none_starts_for_one_chunk(tiny_config, tmp_path):
+    """Two workers asked: a folder whose training split spans two chunks is decoded by two processes, started once
+    for both splits; a folder of one chunk per split starts none. The pixels are a single-process decode's."""
     import psutil
 
-    from tasks.lib.datasets import INGEST_CHUNK, ingest, plan_image_folder
+    from tasks.lib.datasets import INGEST_CHUNK, Decoder, plan_image_folder
 
-    root = tmp_path / "imgs"
-    _image_folder(root, n_per_class=INGEST_CHUNK // 2 + 40)  # the training split spans two chunks, the holdout one
-    cfg = tiny_config({"data.dataset": "image-folder", "data.root": str(root), "data.image_size": 8})
-    plan = plan_image_folder(cfg.data)
-    assert len(plan.train) > INGEST_CHUNK >= len(plan.holdout)
     me = psutil.Process()
 
     def pool_processes() -> set[int]:
-        """multiprocessing's processes under this one (not a server or Ray that another test left to this worker)."""
+        """The decode processes under this one: forked by multiprocessing's forkserver, so their command line is
+        its own (not the forkserver itself, nor a server or Ray that another test left to this xdist worker)."""
         found = set()
         for p in me.children(recursive=True):
             try:
-                if "multiprocessing" in " ".join(p.cmdline()):
+                if "forkserver" in " ".join(p.cmdline()) and "forkserver" in " ".join(p.parent().cmdline()):
                     found.add(p.pid)
-            except psutil.Error:
+            except (psutil.Error, AttributeError):  # gone, or a parent already gone
                 pass
         return found
 
-    def decoded(which, workers):
-        """The images, and the decode processes started while they were decoded (multiprocessing's forkserver
-        outlives its pool: not counted again)."""
-        images, children, before = [], set(), pool_processes()
+    def decoded(n_per_class: int, workers: int):
+        """{split: images} and {split: the decode processes started by then} for a fresh folder (multiprocessing's
+        forkserver outlives a pool: one started earlier is not counted)."""
+        root = tmp_path / f"imgs{n_per_class}_{workers}"
+        _image_folder(root, n_per_class=n_per_class)
+        plan = plan_image_folder(tiny_config({"data.dataset": "image-folder", "data.root": str(root),
+                                              "data.image_size": 8}).data)
+        before, images, started = pool_processes(), {}, {}
+        with Decoder(plan, 8, 3, workers) as decoder:
+            for name in ("train", "holdout"):
+                got = []
+                assert decoder.ingest(getattr(plan, name), lambda chunk, labels: got.append(chunk)) == []
+                images[name], started[name] = np.concatenate(got), pool_processes() - before
+        return plan, images, started
 
-        def sink(chunk, labels):
-            images.append(chunk)
-            children.update(pool_processes() - before)
-
-        assert ingest(plan, which, 8, 3, workers, sink) == []
-        return np.concatenate(images), children
-
-    train, train_children = decoded(plan.train, 2)
-    holdout, holdout_children = decoded(plan.holdout, 2)
-    assert len(train_children) >= 2 and holdout_children == set()
-    assert np.array_equal(train, decoded(plan.train, 1)[0]) and len(holdout) == len(plan.holdout)
+    plan, two, started = decoded(INGEST_CHUNK // 2 + 40, 2)  # 20% held out: training split 2 chunks, holdout 1
+    assert len(plan.train) > INGEST_CHUNK >= len(plan.holdout)
+    assert len(started["train"]) == 2 and started["holdout"] == started["train"], started
+    _, one, _ = decoded(INGEST_CHUNK // 2 + 40, 1)
+    assert all(np.array_equal(two[k], one[k]) for k in two)
+    plan, _, started = decoded(20, 2)  # one chunk per split: decoded here
+    assert len(plan.train) + len(plan.holdout) == 40 and started == {"train": set(), "holdout": set()}
 
 
 def test_accumulated_moments_equal_the_whole_array_statistics():

@@ -489,54 +489,77 @@ def plan_image_folder(data: DataConfig) -> FolderPlan:
     return FolderPlan(root, paths, labels, classes, train, holdout, how)
 
 
-def ingest(plan: FolderPlan, which: np.ndarray, size: int, channels: int, workers: int, sink,
-           desc: str = "decode") -> list[str]:
-    """Decode ``plan.paths[which]`` in ``workers`` processes, in chunks, and pass each chunk's readable images and
-    labels to ``sink(images, labels)`` in order; return the relative paths of the unreadable ones. At most
-    2 x ``workers`` chunks are in flight, so memory does not grow with the folder. Never more processes than
-    chunks: a split of one chunk is decoded in this process (a decode process's start, with its torch import,
-    costs more than a chunk's work)."""
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing as mp
+class Decoder:
+    """Decodes an image folder's chunks for every split of one fetch, in ``workers`` processes started once (a
+    decode process's start, with its torch and torchvision imports, costs more than a chunk's work): never more
+    processes than the largest split has chunks, and none when that is one (the chunks are decoded in this process).
 
-    from tqdm import tqdm
+    ``with Decoder(plan, size, channels, workers) as d: bad = d.ingest(plan.train, sink)``
+    """
 
-    chunks = [which[i:i + INGEST_CHUNK] for i in range(0, len(which), INGEST_CHUNK)]
-    workers = min(workers, len(chunks))
-    bad: list[str] = []
-    bar = tqdm(total=len(which), desc=desc, unit="img", disable=None)
+    def __init__(self, plan: FolderPlan, size: int, channels: int, workers: int):
+        self.plan, self.size, self.channels = plan, size, channels
+        most = max(len(plan.train), len(plan.holdout))
+        self.workers = max(1, min(workers, -(-most // INGEST_CHUNK)))
+        self.pool = None
 
-    def consume(idx, result):
-        images, bad_pos = result
-        keep = np.ones(len(idx), dtype=bool)
-        keep[bad_pos] = False
-        bad.extend(plan.paths[int(idx[i])] for i in bad_pos)
-        if len(images):
-            sink(images, plan.labels[idx[keep]])
-        bar.update(len(idx))
+    def __enter__(self) -> "Decoder":
+        if self.workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing as mp
 
-    try:
-        if workers <= 1:
-            for idx in chunks:
-                consume(idx, decode_chunk(str(plan.root), [plan.paths[int(i)] for i in idx], size, channels))
-            return bad
-        # forkserver: no copy of this process's threads or torch state in the children
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"),
-                                 initializer=_one_thread) as pool:
+            # forkserver: no copy of this process's threads or torch state in the children
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("forkserver"),
+                                            initializer=_one_thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+    def ingest(self, which: np.ndarray, sink, desc: str = "decode") -> list[str]:
+        """Decode ``plan.paths[which]`` in chunks and pass each chunk's readable images and labels to
+        ``sink(images, labels)`` in order; return the relative paths of the unreadable ones. At most 2 x ``workers``
+        chunks are in flight, so memory does not grow with the folder."""
+        from collections import deque
+
+        from tqdm import tqdm
+
+        plan = self.plan
+        chunks = [which[i:i + INGEST_CHUNK] for i in range(0, len(which), INGEST_CHUNK)]
+        bad: list[str] = []
+        bar = tqdm(total=len(which), desc=desc, unit="img", disable=None)
+
+        def task(idx):
+            return str(plan.root), [plan.paths[int(i)] for i in idx], self.size, self.channels
+
+        def consume(idx, result):
+            images, bad_pos = result
+            keep = np.ones(len(idx), dtype=bool)
+            keep[bad_pos] = False
+            bad.extend(plan.paths[int(idx[i])] for i in bad_pos)
+            if len(images):
+                sink(images, plan.labels[idx[keep]])
+            bar.update(len(idx))
+
+        try:
+            if self.pool is None:
+                for idx in chunks:
+                    consume(idx, decode_chunk(*task(idx)))
+                return bad
             pending: deque = deque()
             for idx in chunks:
-                pending.append((idx, pool.submit(decode_chunk, str(plan.root),
-                                                 [plan.paths[int(i)] for i in idx], size, channels)))
-                if len(pending) >= 2 * workers:
+                pending.append((idx, self.pool.submit(decode_chunk, *task(idx))))
+                if len(pending) >= 2 * self.workers:
                     i0, fut = pending.popleft()
                     consume(i0, fut.result())
             while pending:
                 i0, fut = pending.popleft()
                 consume(i0, fut.result())
-        return bad
-    finally:
-        bar.close()
+            return bad
+        finally:
+            bar.close()
 
 
 # -- transforms -----------------------------------------------------------------------------------------------------
