@@ -268,7 +268,7 @@ def test_ray_data_loader_trains_and_resumes_under_ray_train(tiny_config, tmp_pat
 
     params.write_text(yaml.safe_dump(cfg.to_dict()))
     fetch.run(cfg, tmp_path / "ds")
-    # 1437 images, batch 64 per worker: 11 steps an epoch, so step 8 is mid-epoch and step 12 in the next one
+    # the 2-worker run: 1437 images, batch 64 per worker, 11 steps an epoch: step 8 is mid-epoch, step 12 the next
     run_local(cfg, tmp_path / "ds", tmp_path / "ck", tmp_path / "loss.tsv", threads=1)
     r = subprocess.run([sys.executable, "-m", "tasks.train", "--params", str(params), "--data", str(tmp_path / "ds"),
                         "--checkpoints", str(tmp_path / "ck"), "--log", str(tmp_path / "loss.tsv"),
