@@ -63,7 +63,7 @@ mlflow-ui: install
 		--workers 1 --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db --default-artifact-root $(MLFLOW_STORE)/mlruns
 
 # The suite on TEST_WORKERS processes (pytest-xdist). Tests sharing an expensive fixture stay on one worker
-# (tests/xdist_groups.py). On 2 cores (Intel Xeon, 2026-12-07) the whole suite took 12:56 with 3 workers and 13:19 with
+# (tests/xdist_groups.py). On 2 cores (Intel Xeon, 2026-12-07) `make test` took 12:56 with 3 workers and 13:23 with
 # 2, which leave the cores idle while both wait on servers (1,512 and 1,405 busy CPU-s). With 4, more stages and Rays
 # at once contend for the 2 cores and each takes more CPU: an earlier, heavier suite took 21.5-24.5 min with 4 against
 # 18.5-21 with 3.
